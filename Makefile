@@ -13,7 +13,7 @@ FUZZTIME  ?= 5s
 
 export PATH := $(CURDIR)/$(TOOLS_BIN):$(PATH)
 
-.PHONY: help build test unit lint tools demo fuzz clean
+.PHONY: help build test lint tools demo fuzz clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -37,3 +37,13 @@ $(TOOLS_STAMP): hack/tools/go.mod hack/tools/go.sum
 		github.com/containernetworking/plugins/plugins/meta/portmap
 	cd hack/tools && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o ../../$(TOOLS_BIN)/kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 	touch $@
+
+test: tools build ## run every test: unit, fuzz seeds, and the root/namespace integration tests
+	TWILL_REQUIRE_ALL=1 $(GO) test -count=1 -timeout 30m $(TESTFLAGS) ./...
+
+lint: ## gofmt and go vet
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+clean: ## remove built programs (keeps bin/tools unless you delete it)
+	rm -f $(BIN)/twilld $(BIN)/twillctl $(BIN)/twill
