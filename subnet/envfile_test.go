@@ -1,0 +1,77 @@
+package subnet
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestEnvRenderParse(t *testing.T) {
+	e := NewEnv(netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.244.7.0/24"), 1450, true)
+	want := "TWILL_NETWORK=10.244.0.0/16\nTWILL_SUBNET=10.244.7.1/24\nTWILL_MTU=1450\nTWILL_IPMASQ=true\n"
+	if got := string(e.Render()); got != want {
+		t.Fatalf("Render:\n%s\nwant:\n%s", got, want)
+	}
+	back, err := ParseEnv(e.Render())
+	if err != nil || back != e {
+		t.Fatalf("ParseEnv = %+v, %v; want %+v", back, err, e)
+	}
+}
+
+func TestParseEnvErrors(t *testing.T) {
+	good := "TWILL_NETWORK=10.244.0.0/16\nTWILL_SUBNET=10.244.7.1/24\nTWILL_MTU=1450\nTWILL_IPMASQ=false\n"
+	tests := []struct{ name, in, want string }{
+		{"missing var", strings.Replace(good, "TWILL_MTU=1450\n", "", 1), "TWILL_MTU is missing"},
+		{"not key=value", good + "garbage\n", `"garbage" is not KEY=VALUE`},
+		{"twice", good + "TWILL_MTU=1400\n", "TWILL_MTU set twice"},
+		{"bad mtu", strings.Replace(good, "1450", "big", 1), `TWILL_MTU="big"`},
+		{"mtu range", strings.Replace(good, "1450", "100", 1), "out of range"},
+		{"bad bool", strings.Replace(good, "false", "maybe", 1), `TWILL_IPMASQ="maybe"`},
+		{"subnet outside network", strings.Replace(good, "10.244.7.1/24", "10.9.7.1/24", 1), "lies outside TWILL_NETWORK"},
+		{"subnet wider than network", strings.Replace(good, "10.244.7.1/24", "10.244.7.1/8", 1), "lies outside"},
+		{"unknown twill var", good + "TWILL_FOO=1\n", "unknown variable TWILL_FOO"},
+		{"network host bits", strings.Replace(good, "10.244.0.0/16", "10.244.0.1/16", 1), "not an IPv4 network address"},
+		{"empty", "", "TWILL_NETWORK is missing"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ParseEnv([]byte(tt.in))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want %q", err, tt.want)
+			}
+		})
+	}
+	// Comments, blank lines and foreign variables are fine.
+	if _, err := ParseEnv([]byte("# written by twilld\n\nFOO=bar\n" + good)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestWriteEnvAtomicAndMode(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "run", "twill", "subnet.env")
+	e := NewEnv(netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.244.7.0/24"), 1450, true)
+	if err := WriteEnv(path, e); err != nil {
+		t.Fatal(err)
+	}
+	e.MTU = 1400
+	if err := WriteEnv(path, e); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o644 {
+		t.Fatalf("mode = %v, want 0644", st.Mode().Perm())
+	}
+	got, err := ReadEnv(path)
+	if err != nil || got != e {
+		t.Fatalf("ReadEnv = %+v, %v", got, err)
+	}
+	entries, _ := os.ReadDir(filepath.Dir(path))
+	if len(entries) != 1 {
+		t.Fatalf("temp files left behind: %v", entries)
+	}
+}

@@ -1,0 +1,180 @@
+package etcd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/twillnet/twill/subnet"
+)
+
+// Manager holds one node's lease and follows its peers: it acquires a subnet,
+// keeps the etcd lease alive, notices when the lease is lost (expired while
+// etcd was unreachable, or deleted by an operator) and acquires one again,
+// preferring the same subnet, all without the daemon restarting.
+type Manager struct {
+	reg   *Registry
+	req   AcquireRequest
+	cache *LeaseCache
+	log   *slog.Logger
+
+	mu      sync.Mutex
+	own     *Acquired
+	changed chan struct{}
+}
+
+// NewManager returns a manager that will acquire a lease as req describes.
+func NewManager(reg *Registry, req AcquireRequest) *Manager {
+	return &Manager{reg: reg, req: req, cache: NewLeaseCache(), log: reg.log, changed: make(chan struct{}, 1)}
+}
+
+// Acquire takes the node's first lease, retrying while etcd is unreachable.
+// Errors that retrying cannot fix (no free subnet) are returned at once.
+func (m *Manager) Acquire(ctx context.Context) (*Acquired, error) {
+	bo := newBackoff(200*time.Millisecond, 10*time.Second)
+	for {
+		a, err := m.reg.Acquire(ctx, m.req)
+		if err == nil {
+			m.setOwn(a)
+			return a, nil
+		}
+		if errors.Is(err, subnet.ErrNoFreeSubnet) || ctx.Err() != nil {
+			return nil, err
+		}
+		m.log.Warn("acquire lease failed; retrying", "err", err)
+		if err := bo.wait(ctx); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// Own returns the lease the node holds now.
+func (m *Manager) Own() *Acquired {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.own
+}
+
+func (m *Manager) setOwn(a *Acquired) {
+	m.mu.Lock()
+	m.own = a
+	m.req.Previous = a.Subnet
+	m.mu.Unlock()
+	m.notify()
+}
+
+// Changed signals, coalesced, that the own lease or the peers changed.
+func (m *Manager) Changed() <-chan struct{} { return m.changed }
+
+func (m *Manager) notify() {
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
+}
+
+// Peers returns every lease but the node's own, and whether the peer list has
+// been read from etcd at least once.
+func (m *Manager) Peers() ([]subnet.Lease, bool) {
+	all, synced := m.cache.Snapshot()
+	own := m.Own()
+	peers := all[:0]
+	for _, l := range all {
+		if own != nil && l.Subnet == own.Subnet {
+			continue
+		}
+		peers = append(peers, l)
+	}
+	return peers, synced
+}
+
+// Run follows the peers and keeps the own lease until ctx ends. Acquire must
+// have succeeded first.
+func (m *Manager) Run(ctx context.Context) error {
+	if m.Own() == nil {
+		return errors.New("lease manager: Run before Acquire")
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		m.reg.Watch(ctx, m.cache)
+	}()
+	defer wg.Wait()
+	for ctx.Err() == nil {
+		lost := m.hold(ctx)
+		if ctx.Err() != nil {
+			break
+		}
+		old := m.Own()
+		m.log.Warn("lease lost; acquiring again", "subnet", old.Subnet, "reason", lost)
+		a, err := m.Acquire(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			// No free subnet: keep trying; a peer may leave.
+			m.log.Error("cannot acquire a lease", "err", err)
+			bo := newBackoff(5*time.Second, 5*time.Second)
+			if bo.wait(ctx) != nil {
+				break
+			}
+			continue
+		}
+		if a.Subnet != old.Subnet {
+			m.log.Warn("lease re-acquired on a different subnet; pods on the old subnet must be recreated", "old", old.Subnet, "new", a.Subnet)
+		} else {
+			m.log.Info("lease re-acquired", "subnet", a.Subnet)
+		}
+	}
+	return ctx.Err()
+}
+
+// hold keeps the current lease alive and returns why it was lost, or nil when
+// ctx ended.
+func (m *Manager) hold(ctx context.Context) error {
+	own := m.Own()
+	kctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ka, err := m.reg.KeepAlive(kctx, own)
+	if err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case _, ok := <-ka:
+			if !ok {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return fmt.Errorf("etcd lease %x expired or was revoked", int64(own.EtcdLease))
+			}
+		case <-m.cache.Changed():
+			m.notify()
+			if m.cache.Revision() < own.Revision {
+				continue
+			}
+			l, ok := m.cache.Get(own.Subnet)
+			if !ok {
+				return errors.New("lease key deleted")
+			}
+			if l.Attrs.PublicIP != own.Attrs.PublicIP {
+				return fmt.Errorf("lease key now names public IP %s", l.Attrs.PublicIP)
+			}
+		}
+	}
+}
+
+// Release deletes the own lease.
+func (m *Manager) Release(ctx context.Context) error {
+	own := m.Own()
+	if own == nil {
+		return nil
+	}
+	return m.reg.Release(ctx, own)
+}

@@ -1,0 +1,211 @@
+package etcd
+
+import (
+	"context"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/twillnet/twill/internal/embedetcd"
+	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/subnet"
+)
+
+// runManager acquires and runs a manager until the test ends.
+func runManager(t *testing.T, reg *Registry, req AcquireRequest) *Manager {
+	t.Helper()
+	m := NewManager(reg, req)
+	ctx, cancel := context.WithCancel(context.Background())
+	if _, err := m.Acquire(ctx); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); m.Run(ctx) }()
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	return m
+}
+
+func peerSet(m *Manager) map[netip.Prefix]netip.Addr {
+	peers, _ := m.Peers()
+	out := map[netip.Prefix]netip.Addr{}
+	for _, p := range peers {
+		out[p.Subnet] = p.Attrs.PublicIP
+	}
+	return out
+}
+
+func TestDeletedLeaseIsReacquired(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	m := runManager(t, f.reg, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.1"), TTL: time.Minute})
+	first := m.Own()
+	if err := f.reg.DeleteLease(ctx, first.Subnet); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the lease to be re-acquired", 15*time.Second, func() bool {
+		own := m.Own()
+		if own == first {
+			return false
+		}
+		l, err := f.reg.Lease(ctx, own.Subnet)
+		return err == nil && l.EtcdLease == own.EtcdLease
+	})
+	if got := m.Own().Subnet; got != first.Subnet {
+		t.Fatalf("re-acquired %s, want the same free subnet %s", got, first.Subnet)
+	}
+}
+
+func TestExpiredLeaseIsReacquired(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	m := runManager(t, f.reg, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.1"), TTL: 30 * time.Second})
+	first := m.Own()
+	// Revoking the etcd lease is what expiry does: the key goes and keep-alive ends.
+	if _, err := f.cli.Revoke(ctx, first.EtcdLease); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the lease to be re-acquired", 15*time.Second, func() bool {
+		own := m.Own()
+		if own == first {
+			return false
+		}
+		_, err := f.reg.Lease(ctx, own.Subnet)
+		return err == nil
+	})
+	if got := m.Own().Subnet; got != first.Subnet {
+		t.Fatalf("re-acquired %s, want %s", got, first.Subnet)
+	}
+}
+
+func TestManagersSeeEachOther(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	a := runManager(t, f.reg, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.1"), TTL: time.Minute})
+	b := runManager(t, NewRegistry(testenv.EtcdClient(t, f.endpoint), DefaultPrefix, nil), AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.2"), TTL: time.Minute})
+	waitFor(t, "a to see b", 10*time.Second, func() bool { return peerSet(a)[b.Own().Subnet] == netip.MustParseAddr("198.18.0.2") })
+	waitFor(t, "b to see a", 10*time.Second, func() bool { return peerSet(b)[a.Own().Subnet] == netip.MustParseAddr("198.18.0.1") })
+	if len(peerSet(a)) != 1 {
+		t.Fatalf("a's peers = %v, want only b", peerSet(a))
+	}
+	// A burst of changes reaches a consumer as few signals, and the content comes from the cache.
+	for i := 0; i < 100; i++ {
+		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(100 + i), 0}), 24)
+		if _, err := f.cli.Put(ctx, f.reg.SubnetKey(p), `{"PublicIP":"198.18.9.9","BackendType":"alloc"}`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "a to see 101 peers", 10*time.Second, func() bool { return len(peerSet(a)) == 101 })
+	if err := f.reg.DeleteLease(ctx, b.Own().Subnet); err != nil {
+		t.Fatal(err)
+	}
+	// b re-acquires; a sees b's lease go and come back.
+	waitFor(t, "b's lease back in a's view", 15*time.Second, func() bool {
+		return peerSet(a)[b.Own().Subnet] == netip.MustParseAddr("198.18.0.2")
+	})
+}
+
+// The watch survives etcd going away: it resumes from the last revision when
+// etcd comes back, so changes made meanwhile are seen exactly once.
+func TestWatchResumesAfterEtcdRestart(t *testing.T) {
+	dir := t.TempDir()
+	ctx := ctxT(t)
+	srv, err := embedetcd.Start(ctx, embedetcd.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := srv.Endpoint
+	u := ep[len("http://127.0.0.1:"):]
+	var clientPort int
+	for _, c := range u {
+		clientPort = clientPort*10 + int(c-'0')
+	}
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			srv.Close()
+		}
+	})
+	cli := testenv.EtcdClient(t, ep)
+	reg := NewRegistry(cli, DefaultPrefix, testLog(t))
+	put := func(i int) {
+		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i), 0}), 24)
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		if _, err := cli.Put(pctx, reg.SubnetKey(p), `{"PublicIP":"198.18.0.1","BackendType":"alloc"}`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cache := NewLeaseCache()
+	wctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { reg.Watch(wctx, cache); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	put(1)
+	waitFor(t, "first lease", 10*time.Second, func() bool { l, _ := cache.Snapshot(); return len(l) == 1 })
+
+	srv.Close()
+	stopped = true
+	srv, err = embedetcd.Start(ctx, embedetcd.Options{Dir: dir, ClientPort: clientPort})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped = false
+	put(2)
+	put(3)
+	if _, err := cli.Delete(ctx, reg.SubnetKey(netip.MustParsePrefix("10.244.1.0/24"))); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "changes after restart", 20*time.Second, func() bool {
+		_, ok1 := cache.Get(netip.MustParsePrefix("10.244.1.0/24"))
+		_, ok2 := cache.Get(netip.MustParsePrefix("10.244.2.0/24"))
+		_, ok3 := cache.Get(netip.MustParsePrefix("10.244.3.0/24"))
+		return !ok1 && ok2 && ok3
+	})
+}
+
+// A watch whose revision was compacted away lists again instead of missing changes.
+func TestWatchRelistsAfterCompaction(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	cache := NewLeaseCache()
+	run := func() (stop func()) {
+		wctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { f.reg.Watch(wctx, cache); close(done) }()
+		return func() { cancel(); <-done }
+	}
+	stop := run()
+	a := subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.1"), BackendType: "alloc"}
+	if _, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: a, TTL: time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "one lease", 10*time.Second, func() bool { l, _ := cache.Snapshot(); return len(l) == 1 })
+	stop()
+	// While nobody watches: a new lease, the old one gone, history compacted.
+	leases, _, _ := f.reg.Leases(ctx)
+	if err := f.reg.DeleteLease(ctx, leases[0].Subnet); err != nil {
+		t.Fatal(err)
+	}
+	b, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.2"), TTL: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := f.cli.Get(ctx, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.cli.Compact(ctx, resp.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
+		t.Fatal(err)
+	}
+	stop = run()
+	defer stop()
+	waitFor(t, "cache to match etcd after compaction", 10*time.Second, func() bool {
+		l, _ := cache.Snapshot()
+		return len(l) == 1 && l[0].Subnet == b.Subnet
+	})
+}

@@ -1,0 +1,314 @@
+package etcd
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/twillnet/twill/subnet"
+)
+
+// ErrNoConfig means the network config key does not exist yet.
+var ErrNoConfig = errors.New("no network config")
+
+// ErrLeaseNotFound means there is no lease for the subnet.
+var ErrLeaseNotFound = errors.New("lease not found")
+
+// Registry reads and writes one network's keys.
+type Registry struct {
+	cli    *clientv3.Client
+	prefix string
+	log    *slog.Logger
+}
+
+// NewRegistry returns a registry for the network under prefix.
+func NewRegistry(cli *clientv3.Client, prefix string, log *slog.Logger) *Registry {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Registry{cli: cli, prefix: strings.TrimRight(prefix, "/"), log: log}
+}
+
+// ConfigKey is the key of the network config.
+func (r *Registry) ConfigKey() string { return r.prefix + "/config" }
+
+// SubnetsPrefix is the key prefix of all leases, with a trailing slash.
+func (r *Registry) SubnetsPrefix() string { return r.prefix + "/subnets/" }
+
+// SubnetKey is the key of the lease on p.
+func (r *Registry) SubnetKey(p netip.Prefix) string { return r.SubnetsPrefix() + subnet.KeyName(p) }
+
+// Config reads and validates the network config. It returns ErrNoConfig when
+// the key is absent and the validation error when the stored config is bad.
+func (r *Registry) Config(ctx context.Context) (*subnet.Config, error) {
+	resp, err := r.cli.Get(ctx, r.ConfigKey())
+	if err != nil {
+		return nil, fmt.Errorf("read network config %s from etcd: %w", r.ConfigKey(), err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, fmt.Errorf("%w at %s", ErrNoConfig, r.ConfigKey())
+	}
+	cfg, err := subnet.ParseConfig(resp.Kvs[0].Value)
+	if err != nil {
+		return nil, fmt.Errorf("etcd key %s: %w", r.ConfigKey(), err)
+	}
+	return cfg, nil
+}
+
+// RawConfig returns the stored config bytes as they are.
+func (r *Registry) RawConfig(ctx context.Context) ([]byte, error) {
+	resp, err := r.cli.Get(ctx, r.ConfigKey())
+	if err != nil {
+		return nil, fmt.Errorf("read network config %s from etcd: %w", r.ConfigKey(), err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, fmt.Errorf("%w at %s", ErrNoConfig, r.ConfigKey())
+	}
+	return resp.Kvs[0].Value, nil
+}
+
+// SetConfig validates data and stores it. Nothing is written when it is invalid.
+func (r *Registry) SetConfig(ctx context.Context, data []byte) (*subnet.Config, error) {
+	cfg, err := subnet.ParseConfig(data)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := r.cli.Put(ctx, r.ConfigKey(), string(data)); err != nil {
+		return nil, fmt.Errorf("write network config %s to etcd: %w", r.ConfigKey(), err)
+	}
+	return cfg, nil
+}
+
+// StoredLease is a lease as read from etcd.
+type StoredLease struct {
+	subnet.Lease
+	Key         string
+	EtcdLease   clientv3.LeaseID
+	ModRevision int64
+}
+
+// Leases lists every well-formed lease and the revision of the listing. A
+// malformed key or value is skipped with a warning naming the key: one bad
+// entry never hides the others.
+func (r *Registry) Leases(ctx context.Context) ([]StoredLease, int64, error) {
+	leases, _, rev, err := r.list(ctx)
+	return leases, rev, err
+}
+
+// list also returns every subnet whose key exists, malformed value or not:
+// such a subnet is not free, since a create-if-absent on it cannot succeed.
+func (r *Registry) list(ctx context.Context) ([]StoredLease, map[netip.Prefix]bool, int64, error) {
+	resp, err := r.cli.Get(ctx, r.SubnetsPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return nil, nil, 0, fmt.Errorf("list leases under %s: %w", r.SubnetsPrefix(), err)
+	}
+	out := make([]StoredLease, 0, len(resp.Kvs))
+	occupied := make(map[netip.Prefix]bool, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		if p, err := subnet.ParseKeyName(strings.TrimPrefix(string(kv.Key), r.SubnetsPrefix())); err == nil {
+			occupied[p] = true
+		}
+		l, err := r.decode(kv.Key, kv.Value)
+		if err != nil {
+			r.log.Warn("skipping malformed lease", "key", string(kv.Key), "err", err)
+			continue
+		}
+		l.EtcdLease, l.ModRevision = clientv3.LeaseID(kv.Lease), kv.ModRevision
+		out = append(out, l)
+	}
+	return out, occupied, resp.Header.Revision, nil
+}
+
+// Lease reads the lease on p, with its expiry.
+func (r *Registry) Lease(ctx context.Context, p netip.Prefix) (*StoredLease, error) {
+	resp, err := r.cli.Get(ctx, r.SubnetKey(p))
+	if err != nil {
+		return nil, fmt.Errorf("read lease %s: %w", p, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, fmt.Errorf("%w: %s", ErrLeaseNotFound, p)
+	}
+	kv := resp.Kvs[0]
+	l, err := r.decode(kv.Key, kv.Value)
+	if err != nil {
+		return nil, err
+	}
+	l.EtcdLease, l.ModRevision = clientv3.LeaseID(kv.Lease), kv.ModRevision
+	if l.EtcdLease != clientv3.NoLease {
+		ttl, err := r.cli.TimeToLive(ctx, l.EtcdLease)
+		if err == nil && ttl.TTL > 0 {
+			l.Expires = time.Now().Add(time.Duration(ttl.TTL) * time.Second)
+		}
+	}
+	return &l, nil
+}
+
+// DeleteLease removes the lease on p. Its node notices and re-acquires a subnet.
+func (r *Registry) DeleteLease(ctx context.Context, p netip.Prefix) error {
+	resp, err := r.cli.Delete(ctx, r.SubnetKey(p))
+	if err != nil {
+		return fmt.Errorf("delete lease %s: %w", p, err)
+	}
+	if resp.Deleted == 0 {
+		return fmt.Errorf("%w: %s", ErrLeaseNotFound, p)
+	}
+	return nil
+}
+
+func (r *Registry) decode(key, value []byte) (StoredLease, error) {
+	name, ok := strings.CutPrefix(string(key), r.SubnetsPrefix())
+	if !ok {
+		return StoredLease{}, fmt.Errorf("key %q is outside %s", key, r.SubnetsPrefix())
+	}
+	p, err := subnet.ParseKeyName(name)
+	if err != nil {
+		return StoredLease{}, err
+	}
+	attrs, err := subnet.ParseLeaseAttrs(value)
+	if err != nil {
+		return StoredLease{}, err
+	}
+	return StoredLease{Lease: subnet.Lease{Subnet: p, Attrs: attrs}, Key: string(key)}, nil
+}
+
+// AcquireRequest says what a node wants.
+type AcquireRequest struct {
+	Config *subnet.Config
+	Attrs  subnet.LeaseAttrs
+	TTL    time.Duration
+	// Previous is the subnet this node had before (from its env file), tried
+	// when no lease carries its public IP.
+	Previous netip.Prefix
+}
+
+// Acquired is a lease held by this node.
+type Acquired struct {
+	Subnet    netip.Prefix
+	EtcdLease clientv3.LeaseID
+	Reused    bool // the node's earlier subnet was kept
+	// Revision is the etcd revision that wrote the lease.
+	Revision int64
+	Attrs    subnet.LeaseAttrs
+}
+
+// Lease returns the acquired lease in the shared form.
+func (a *Acquired) Lease() subnet.Lease { return subnet.Lease{Subnet: a.Subnet, Attrs: a.Attrs} }
+
+// Acquire takes a subnet for the node: the lease that already carries its
+// public IP, else its previous subnet if free, else a free one. Every write is
+// a transaction that fails if someone else changed the key since it was read,
+// and a lost race is retried with a fresh listing.
+func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, error) {
+	value, err := json.Marshal(req.Attrs)
+	if err != nil {
+		return nil, err
+	}
+	ttlSec := int64((req.TTL + time.Second - 1) / time.Second)
+	if ttlSec < 1 {
+		ttlSec = 1
+	}
+	for attempt := 1; ; attempt++ {
+		leases, taken, _, err := r.list(ctx)
+		if err != nil {
+			return nil, err
+		}
+		var mine *StoredLease
+		for i, l := range leases {
+			if l.Attrs.PublicIP == req.Attrs.PublicIP && req.Config.Contains(l.Subnet) && mine == nil {
+				mine = &leases[i]
+			}
+		}
+		grant, err := r.cli.Grant(ctx, ttlSec)
+		if err != nil {
+			return nil, fmt.Errorf("grant etcd lease (TTL %ds): %w", ttlSec, err)
+		}
+		var (
+			target netip.Prefix
+			cmp    clientv3.Cmp
+			reused bool
+		)
+		switch {
+		case mine != nil:
+			// Our own lease from an earlier run: take it over unless it changed under us.
+			target, reused = mine.Subnet, true
+			cmp = clientv3.Compare(clientv3.ModRevision(mine.Key), "=", mine.ModRevision)
+		case req.Previous.IsValid() && req.Config.Contains(req.Previous) && !taken[req.Previous]:
+			target, reused = req.Previous, true
+			cmp = clientv3.Compare(clientv3.CreateRevision(r.SubnetKey(target)), "=", 0)
+		default:
+			target, err = subnet.PickFree(req.Config, taken, nil)
+			if err != nil {
+				r.revoke(grant.ID)
+				return nil, err
+			}
+			cmp = clientv3.Compare(clientv3.CreateRevision(r.SubnetKey(target)), "=", 0)
+		}
+		resp, err := r.cli.Txn(ctx).If(cmp).Then(clientv3.OpPut(r.SubnetKey(target), string(value), clientv3.WithLease(grant.ID))).Commit()
+		if err != nil {
+			r.revoke(grant.ID)
+			return nil, fmt.Errorf("write lease %s: %w", target, err)
+		}
+		if resp.Succeeded {
+			if mine != nil && mine.EtcdLease != clientv3.NoLease && mine.EtcdLease != grant.ID {
+				// The key moved to the new etcd lease; the old one holds nothing now.
+				r.revoke(mine.EtcdLease)
+			}
+			return &Acquired{Subnet: target, EtcdLease: grant.ID, Reused: reused, Revision: resp.Header.Revision, Attrs: req.Attrs}, nil
+		}
+		r.revoke(grant.ID)
+		r.log.Debug("lost the race for a subnet, retrying", "subnet", target, "attempt", attempt)
+		if attempt >= 50 {
+			return nil, fmt.Errorf("acquire a subnet: lost the race %d times in a row", attempt)
+		}
+		// A short random pause spreads nodes that keep colliding.
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(time.Duration(rand.IntN(20*attempt)) * time.Millisecond):
+		}
+	}
+}
+
+// Release deletes the node's lease (for a node leaving the cluster).
+func (r *Registry) Release(ctx context.Context, a *Acquired) error {
+	if _, err := r.cli.Revoke(ctx, a.EtcdLease); err != nil {
+		return fmt.Errorf("release lease %s: %w", a.Subnet, err)
+	}
+	return nil
+}
+
+// KeepAlive keeps the etcd lease of a alive until ctx ends. The returned
+// channel is closed when keep-alive stops: the lease expired or was revoked,
+// or ctx ended.
+func (r *Registry) KeepAlive(ctx context.Context, a *Acquired) (<-chan *clientv3.LeaseKeepAliveResponse, error) {
+	ch, err := r.cli.KeepAlive(ctx, a.EtcdLease)
+	if err != nil {
+		return nil, fmt.Errorf("keep lease %s alive: %w", a.Subnet, err)
+	}
+	return ch, nil
+}
+
+// LeaseAlive reports whether the etcd lease still exists with our key on it.
+func (r *Registry) LeaseAlive(ctx context.Context, a *Acquired) (bool, error) {
+	resp, err := r.cli.Get(ctx, r.SubnetKey(a.Subnet))
+	if err != nil {
+		return false, err
+	}
+	return len(resp.Kvs) == 1 && clientv3.LeaseID(resp.Kvs[0].Lease) == a.EtcdLease, nil
+}
+
+func (r *Registry) revoke(id clientv3.LeaseID) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := r.cli.Revoke(ctx, id); err != nil {
+		r.log.Debug("revoke unused etcd lease", "id", id, "err", err)
+	}
+}

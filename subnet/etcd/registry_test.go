@@ -1,0 +1,234 @@
+package etcd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/subnet"
+)
+
+const testConfig = `{"Network":"10.244.0.0/16","Backend":{"Type":"alloc"}}`
+
+func testLog(t *testing.T) *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+type fixture struct {
+	endpoint string
+	cli      *clientv3.Client
+	reg      *Registry
+	cfg      *subnet.Config
+}
+
+func newFixture(t *testing.T, config string) *fixture {
+	t.Helper()
+	ep := testenv.Etcd(t)
+	cli := testenv.EtcdClient(t, ep)
+	reg := NewRegistry(cli, DefaultPrefix, testLog(t))
+	cfg, err := reg.SetConfig(context.Background(), []byte(config))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fixture{endpoint: ep, cli: cli, reg: reg, cfg: cfg}
+}
+
+func attrs(ip string) subnet.LeaseAttrs {
+	return subnet.LeaseAttrs{PublicIP: netip.MustParseAddr(ip), BackendType: "alloc"}
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestConfigRoundTripInEtcd(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	got, err := f.reg.Config(ctx)
+	if err != nil || got.Network != netip.MustParsePrefix("10.244.0.0/16") {
+		t.Fatalf("Config = %+v, %v", got, err)
+	}
+	// An invalid config is refused and the stored one is untouched.
+	if _, err := f.reg.SetConfig(ctx, []byte(`{"Network":"10.244.0.0/33"}`)); err == nil {
+		t.Fatal("invalid config accepted")
+	}
+	raw, err := f.reg.RawConfig(ctx)
+	if err != nil || string(raw) != testConfig {
+		t.Fatalf("stored config changed: %q, %v", raw, err)
+	}
+	empty := NewRegistry(f.cli, "/other", nil)
+	if _, err := empty.Config(ctx); !errors.Is(err, ErrNoConfig) {
+		t.Fatalf("err = %v, want ErrNoConfig", err)
+	}
+}
+
+func TestFiftyConcurrentAcquiresAreDistinct(t *testing.T) {
+	f := newFixture(t, `{"Network":"10.244.0.0/16","SubnetMin":"10.244.0.0","SubnetMax":"10.244.63.0","Backend":{"Type":"alloc"}}`)
+	ctx := ctxT(t)
+	const n = 50
+	var wg sync.WaitGroup
+	got := make([]netip.Prefix, n)
+	errs := make([]error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Each node has its own client, as real nodes do.
+			cli := testenv.EtcdClient(t, f.endpoint)
+			reg := NewRegistry(cli, DefaultPrefix, nil)
+			a, err := reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs(fmt.Sprintf("198.18.1.%d", i+1)), TTL: time.Minute})
+			if err == nil {
+				got[i] = a.Subnet
+			}
+			errs[i] = err
+		}()
+	}
+	wg.Wait()
+	seen := map[netip.Prefix]int{}
+	for i, p := range got {
+		if errs[i] != nil {
+			t.Fatalf("node %d: %v", i, errs[i])
+		}
+		if prev, dup := seen[p]; dup {
+			t.Fatalf("nodes %d and %d both got %s", prev, i, p)
+		}
+		seen[p] = i
+		if !f.cfg.Contains(p) {
+			t.Fatalf("node %d got %s outside the range", i, p)
+		}
+	}
+	leases, _, err := f.reg.Leases(ctx)
+	if err != nil || len(leases) != n {
+		t.Fatalf("etcd holds %d leases (%v), want %d", len(leases), err, n)
+	}
+}
+
+func TestExhaustionIsAClearError(t *testing.T) {
+	f := newFixture(t, `{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.3.0","Backend":{"Type":"alloc"}}`)
+	ctx := ctxT(t)
+	for i := 1; i <= 3; i++ {
+		if _, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs(fmt.Sprintf("198.18.0.%d", i)), TTL: time.Minute}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.9"), TTL: time.Minute})
+	if !errors.Is(err, subnet.ErrNoFreeSubnet) {
+		t.Fatalf("err = %v, want ErrNoFreeSubnet", err)
+	}
+	t.Logf("exhaustion error: %v", err)
+}
+
+func TestRestartReusesSubnet(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	first, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.1"), TTL: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Same public IP: the lease is taken over, onto a new etcd lease.
+	again, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.1"), TTL: time.Minute})
+	if err != nil || again.Subnet != first.Subnet || !again.Reused {
+		t.Fatalf("restart got %+v, %v; want %s reused", again, err, first.Subnet)
+	}
+	if again.EtcdLease == first.EtcdLease {
+		t.Fatal("restart kept the old etcd lease")
+	}
+	// The old etcd lease was revoked without taking the key with it.
+	l, err := f.reg.Lease(ctx, first.Subnet)
+	if err != nil || l.EtcdLease != again.EtcdLease {
+		t.Fatalf("lease after takeover: %+v, %v", l, err)
+	}
+
+	// A node whose lease is gone but whose env file names a free subnet gets it back.
+	prev := netip.MustParsePrefix("10.244.200.0/24")
+	a, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.2"), TTL: time.Minute, Previous: prev})
+	if err != nil || a.Subnet != prev {
+		t.Fatalf("previous subnet: got %+v, %v", a, err)
+	}
+	// ...but not when another node holds it.
+	b, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.3"), TTL: time.Minute, Previous: prev})
+	if err != nil || b.Subnet == prev {
+		t.Fatalf("taken previous subnet: got %+v, %v", b, err)
+	}
+}
+
+func TestTTLExpiryFreesSubnet(t *testing.T) {
+	f := newFixture(t, `{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.5.0","Backend":{"Type":"alloc"}}`)
+	ctx := ctxT(t)
+	a, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.1"), TTL: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.2"), TTL: time.Minute}); !errors.Is(err, subnet.ErrNoFreeSubnet) {
+		t.Fatalf("second node while the first holds the only subnet: %v", err)
+	}
+	// Nobody keeps it alive: etcd drops the key when the TTL runs out.
+	waitFor(t, "lease to expire", 20*time.Second, func() bool {
+		_, err := f.reg.Lease(ctx, a.Subnet)
+		return errors.Is(err, ErrLeaseNotFound)
+	})
+	b, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.2"), TTL: time.Minute})
+	if err != nil || b.Subnet != a.Subnet {
+		t.Fatalf("after expiry: %+v, %v", b, err)
+	}
+}
+
+func TestMalformedLeasesAreSkipped(t *testing.T) {
+	f := newFixture(t, `{"Network":"10.244.0.0/16","SubnetMin":"10.244.0.0","SubnetMax":"10.244.63.0","Backend":{"Type":"alloc"}}`)
+	ctx := ctxT(t)
+	bad := map[string]string{
+		"not-a-subnet":   `{"PublicIP":"198.18.0.7","BackendType":"alloc"}`,
+		"10.244.9.0-24":  `{garbage`,
+		"10.244.10.0-24": `{"BackendType":"alloc"}`,
+		"10.244.11.5-24": `{"PublicIP":"198.18.0.8","BackendType":"alloc"}`,
+	}
+	for k, v := range bad {
+		if _, err := f.cli.Put(ctx, f.reg.SubnetsPrefix()+k, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	good, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.1"), TTL: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	leases, _, err := f.reg.Leases(ctx)
+	if err != nil || len(leases) != 1 || leases[0].Subnet != good.Subnet {
+		t.Fatalf("Leases = %+v, %v; want only %s", leases, err, good.Subnet)
+	}
+	// Allocation still works and never hands out a subnet whose key exists, even a malformed one.
+	for i := 0; i < 40; i++ {
+		a, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs(fmt.Sprintf("198.18.0.%d", 20+i)), TTL: time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a.Subnet == netip.MustParsePrefix("10.244.9.0/24") || a.Subnet == netip.MustParsePrefix("10.244.10.0/24") {
+			t.Fatalf("handed out %s whose key holds garbage", a.Subnet)
+		}
+	}
+}
