@@ -312,3 +312,6 @@ func (r *Registry) revoke(id clientv3.LeaseID) {
 		r.log.Debug("revoke unused etcd lease", "id", id, "err", err)
 	}
 }
+
+// Client is the etcd client the registry uses.
+func (r *Registry) Client() *clientv3.Client { return r.cli }

@@ -1,0 +1,90 @@
+// twilld is twill's node daemon: it leases the node's pod subnet, programs the
+// datapath to every peer and writes the subnet env file for the CNI plugin.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/twillnet/twill/internal/daemon"
+	"github.com/twillnet/twill/internal/version"
+	"github.com/twillnet/twill/subnet"
+	"github.com/twillnet/twill/subnet/etcd"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fmt.Fprintln(os.Stderr, "twilld:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("twilld", flag.ContinueOnError)
+	var (
+		c         daemon.Config
+		endpoints = fs.String("etcd-endpoints", "http://127.0.0.1:2379", "comma-separated etcd client URLs")
+		publicIP  = fs.String("public-ip", "", "IPv4 address peers use to reach this node (default: the interface's address)")
+		logLevel  = fs.String("log-level", "info", "debug, info, warn or error")
+		showVer   = fs.Bool("version", false, "print the version and exit")
+	)
+	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", etcd.DefaultPrefix, "etcd key prefix of the network")
+	fs.StringVar(&c.Etcd.CAFile, "etcd-cafile", "", "CA bundle to verify etcd's server certificate")
+	fs.StringVar(&c.Etcd.CertFile, "etcd-certfile", "", "client certificate for etcd")
+	fs.StringVar(&c.Etcd.KeyFile, "etcd-keyfile", "", "client key for etcd")
+	fs.StringVar(&c.Etcd.Username, "etcd-username", "", "etcd user name")
+	fs.StringVar(&c.Etcd.Password, "etcd-password", "", "etcd password (or ETCD_PASSWORD in the environment)")
+	fs.StringVar(&c.Iface, "iface", "", "interface (name or IPv4 address) for peer traffic (default: the default route's)")
+	fs.StringVar(&c.SubnetFile, "subnet-file", subnet.DefaultEnvFile, "where to write the subnet env file")
+	fs.BoolVar(&c.IPMasq, "ip-masq", false, "masquerade pod traffic leaving the cluster network")
+	fs.DurationVar(&c.LeaseTTL, "lease-ttl", 24*time.Hour, "TTL of the subnet lease; renewed while twilld runs")
+	fs.DurationVar(&c.ResyncInterval, "resync-interval", 10*time.Second, "how often the datapath is checked against the desired state")
+	fs.StringVar(&c.HTTPAddr, "http-addr", "127.0.0.1:9867", "address serving /healthz, /readyz and /metrics")
+	fs.BoolVar(&c.ReleaseOnExit, "release-on-exit", false, "release the lease on shutdown (for nodes being decommissioned)")
+	fs.StringVar(&c.NodeName, "node-name", os.Getenv("NODE_NAME"), "node name stored with the lease, for operators (default: $NODE_NAME or the host name)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	if *showVer {
+		fmt.Println("twilld", version.Version)
+		return nil
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+	c.Etcd.Endpoints = strings.Split(*endpoints, ",")
+	if c.Etcd.Password == "" {
+		c.Etcd.Password = os.Getenv("ETCD_PASSWORD")
+	}
+	if *publicIP != "" {
+		ip, err := netip.ParseAddr(*publicIP)
+		if err != nil || !ip.Is4() {
+			return fmt.Errorf("--public-ip: %q is not an IPv4 address", *publicIP)
+		}
+		c.PublicIP = ip
+	}
+	if c.NodeName == "" {
+		c.NodeName, _ = os.Hostname()
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	log.Info("starting twilld", "version", version.Version)
+	return daemon.Run(ctx, c, log)
+}

@@ -1,0 +1,267 @@
+// Package daemon is twilld: it leases the node's subnet, writes the subnet
+// env file, and keeps the datapath equal to the desired state.
+//
+// The shape is level-triggered. The lease manager feeds one cache of all
+// leases; whenever it signals a change (a burst of changes is one signal),
+// and on every resync tick, the daemon takes a snapshot and hands the whole
+// picture to the backend, which diffs it against the kernel. Nothing here
+// acts on the content of an individual event.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"google.golang.org/grpc/connectivity"
+
+	"github.com/twillnet/twill/backend"
+	"github.com/twillnet/twill/internal/iface"
+	"github.com/twillnet/twill/subnet"
+	"github.com/twillnet/twill/subnet/etcd"
+)
+
+// Config is everything twilld is told on its command line.
+type Config struct {
+	Etcd           etcd.ClientOptions
+	EtcdPrefix     string
+	Iface          string     // name or address; "" = the default route's interface
+	PublicIP       netip.Addr // what peers reach this node at; zero = the interface's address
+	SubnetFile     string
+	IPMasq         bool
+	LeaseTTL       time.Duration
+	ResyncInterval time.Duration
+	HTTPAddr       string
+	ReleaseOnExit  bool
+	NodeName       string
+}
+
+// Run runs twilld until ctx ends. On a clean stop the lease is kept (pods go
+// on running and a restart finds the same subnet) unless ReleaseOnExit is set.
+func Run(ctx context.Context, c Config, log *slog.Logger) error {
+	if c.LeaseTTL <= 0 || c.ResyncInterval <= 0 {
+		return errors.New("lease TTL and resync interval must be positive")
+	}
+	nl, err := netlink.NewHandle()
+	if err != nil {
+		return fmt.Errorf("open netlink: %w", err)
+	}
+	defer nl.Close()
+	ext, err := iface.Resolve(ctx, nl, c.Iface)
+	if err != nil {
+		return fmt.Errorf("find the external interface: %w", err)
+	}
+	publicIP := c.PublicIP
+	if !publicIP.IsValid() {
+		publicIP = ext.Addr
+	}
+	log.Info("using interface", "iface", ext.Name, "addr", ext.Addr, "public-ip", publicIP, "mtu", ext.MTU)
+
+	cli, err := etcd.NewClient(c.Etcd)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	reg := etcd.NewRegistry(cli, c.EtcdPrefix, log)
+
+	met := newMetrics()
+	hl := &health{notReady: "waiting for the network config"}
+	addr, stopHTTP, err := serveHTTP(ctx, c.HTTPAddr, hl, met)
+	if err != nil {
+		return err
+	}
+	defer stopHTTP()
+	log.Info("serving /healthz, /readyz and /metrics", "addr", addr.String())
+	go watchDatastore(ctx, cli.ActiveConnection().GetState, cli.ActiveConnection().WaitForStateChange, met)
+
+	cfg, err := waitForConfig(ctx, reg, hl, log)
+	if err != nil {
+		return err
+	}
+	be, err := backend.New(cfg.Backend, ext, nl, log)
+	if err != nil {
+		return err
+	}
+	data, mtu, err := be.Prepare(ctx)
+	if err != nil {
+		return fmt.Errorf("prepare the %s backend: %w", cfg.Backend.Type, err)
+	}
+
+	hl.set("acquiring a lease")
+	attrs := subnet.LeaseAttrs{PublicIP: publicIP, BackendType: cfg.Backend.Type, BackendData: data, NodeName: c.NodeName}
+	mgr := etcd.NewManager(reg, etcd.AcquireRequest{Config: cfg, Attrs: attrs, TTL: c.LeaseTTL, Previous: previousSubnet(c.SubnetFile, cfg, log)})
+	own, err := mgr.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("lease a subnet from etcd under %s: %w", c.EtcdPrefix, err)
+	}
+	met.leaseAcquired.Inc()
+	log.Info("lease acquired", "subnet", own.Subnet, "reused", own.Reused, "ttl", c.LeaseTTL)
+
+	d := &daemon{c: c, cfg: cfg, be: be, mgr: mgr, met: met, hl: hl, log: log, mtu: mtu}
+	if err := d.writeEnv(own.Subnet); err != nil {
+		return err
+	}
+
+	runCtx, cancel := context.WithCancel(ctx)
+	mgrDone := make(chan struct{})
+	go func() { defer close(mgrDone); mgr.Run(runCtx) }()
+	d.loop(runCtx)
+	cancel()
+	<-mgrDone
+
+	if c.ReleaseOnExit {
+		rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := mgr.Release(rctx); err != nil {
+			return err
+		}
+		log.Info("lease released", "subnet", mgr.Own().Subnet)
+	} else {
+		log.Info("stopping; the lease is kept", "subnet", mgr.Own().Subnet)
+	}
+	return nil
+}
+
+type daemon struct {
+	c   Config
+	cfg *subnet.Config
+	be  backend.Backend
+	mgr *etcd.Manager
+	met *metrics
+	hl  *health
+	log *slog.Logger
+	mtu int
+
+	envSubnet netip.Prefix // the subnet the env file names
+}
+
+// loop reconciles after every change signal and every resync tick.
+func (d *daemon) loop(ctx context.Context) {
+	tick := time.NewTicker(d.c.ResyncInterval)
+	defer tick.Stop()
+	for {
+		d.pass(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.mgr.Changed():
+		case <-tick.C:
+		}
+	}
+}
+
+// pass is one reconcile: the env file follows the own lease, the datapath
+// follows all leases.
+func (d *daemon) pass(ctx context.Context) {
+	own := d.mgr.Own()
+	if own.Subnet != d.envSubnet {
+		if err := d.writeEnv(own.Subnet); err != nil {
+			d.log.Error("write subnet env file", "err", err)
+		}
+		d.met.leaseAcquired.Inc()
+	}
+	peers, synced := d.mgr.Peers()
+	if !synced {
+		// Reconciling against an empty peer list would tear down every
+		// peer's entries until the first listing arrives.
+		return
+	}
+	start := time.Now()
+	err := d.be.Reconcile(ctx, own.Lease(), peers)
+	d.met.reconcileTime.Observe(time.Since(start).Seconds())
+	d.met.peers.Set(float64(len(peers)))
+	if err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		d.met.reconciles.WithLabelValues("error").Inc()
+		d.log.Error("reconcile datapath", "peers", len(peers), "err", err)
+		return
+	}
+	d.met.reconciles.WithLabelValues("ok").Inc()
+	d.log.Debug("reconciled", "peers", len(peers), "took", time.Since(start))
+}
+
+func (d *daemon) writeEnv(p netip.Prefix) error {
+	env := subnet.NewEnv(d.cfg.Network, p, d.mtu, d.c.IPMasq)
+	if err := subnet.WriteEnv(d.c.SubnetFile, env); err != nil {
+		return err
+	}
+	d.envSubnet = p
+	d.met.envFileWrites.Inc()
+	d.met.ready.Set(1)
+	d.hl.set("")
+	d.log.Info("wrote subnet env file", "path", d.c.SubnetFile, "subnet", env.Subnet, "mtu", env.MTU)
+	return nil
+}
+
+// waitForConfig reads the network config, waiting while it is absent or
+// invalid and saying why each time the reason changes.
+func waitForConfig(ctx context.Context, reg *etcd.Registry, hl *health, log *slog.Logger) (*subnet.Config, error) {
+	last := ""
+	delay := 500 * time.Millisecond
+	for {
+		cfg, err := reg.Config(ctx)
+		if err == nil {
+			log.Info("network config", "network", cfg.Network, "subnetLen", cfg.SubnetLen, "backend", cfg.Backend.Type)
+			return cfg, nil
+		}
+		var reason string
+		switch {
+		case errors.Is(err, etcd.ErrNoConfig):
+			reason = fmt.Sprintf("waiting for the network config at %s (set it with `twillctl config set`)", reg.ConfigKey())
+		default:
+			reason = err.Error()
+		}
+		hl.set(reason)
+		if reason != last {
+			log.Warn("not starting yet", "reason", reason)
+			last = reason
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+		delay = min(2*delay, 5*time.Second)
+	}
+}
+
+// previousSubnet is the subnet of an existing env file, if it fits the network.
+func previousSubnet(path string, cfg *subnet.Config, log *slog.Logger) netip.Prefix {
+	env, err := subnet.ReadEnv(path)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			log.Warn("ignoring unreadable subnet env file", "path", path, "err", err)
+		}
+		return netip.Prefix{}
+	}
+	p := env.Subnet.Masked()
+	if env.Network != cfg.Network || !cfg.Contains(p) {
+		return netip.Prefix{}
+	}
+	return p
+}
+
+// watchDatastore keeps twill_datastore_up equal to the state of the etcd
+// connection, with no requests of its own.
+func watchDatastore(ctx context.Context, state func() connectivity.State, wait func(context.Context, connectivity.State) bool, met *metrics) {
+	for {
+		s := state()
+		if s == connectivity.Ready {
+			met.datastoreUp.Set(1)
+		} else {
+			met.datastoreUp.Set(0)
+		}
+		if !wait(ctx, s) {
+			return
+		}
+	}
+}

@@ -1,0 +1,67 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// health is what /readyz reports: why the node is not ready, or nothing.
+type health struct {
+	mu       sync.Mutex
+	notReady string
+}
+
+func (h *health) set(reason string) {
+	h.mu.Lock()
+	h.notReady = reason
+	h.mu.Unlock()
+}
+
+func (h *health) reason() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.notReady
+}
+
+// serveHTTP serves /healthz, /readyz and /metrics on addr until ctx ends.
+// It returns once the listener is bound, so a bad address fails start-up.
+func serveHTTP(ctx context.Context, addr string, h *health, m *metrics) (net.Addr, func(), error) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if r := h.reason(); r != "" {
+			http.Error(w, "not ready: "+r, http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("listen for health and metrics on %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			_ = err // the listener was closed under us; shutdown follows
+		}
+	}()
+	stop := func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+		<-done
+	}
+	return ln.Addr(), stop, nil
+}
