@@ -24,6 +24,7 @@ import (
 type etcdFlags struct {
 	endpoints string
 	prefix    string
+	timeout   time.Duration
 	opts      etcd.ClientOptions
 }
 
@@ -34,6 +35,7 @@ func addEtcdFlags(fs *flag.FlagSet) *etcdFlags {
 		def = "http://127.0.0.1:2379"
 	}
 	fs.StringVar(&f.endpoints, "etcd-endpoints", def, "comma-separated etcd client URLs ($TWILL_ETCD_ENDPOINTS)")
+	fs.DurationVar(&f.timeout, "timeout", 5*time.Second, "how long to wait for etcd")
 	fs.StringVar(&f.prefix, "etcd-prefix", etcd.DefaultPrefix, "etcd key prefix of the network")
 	fs.StringVar(&f.opts.CAFile, "etcd-cafile", "", "CA bundle to verify etcd's server certificate")
 	fs.StringVar(&f.opts.CertFile, "etcd-certfile", "", "client certificate for etcd")
@@ -54,9 +56,17 @@ func (f *etcdFlags) connect(ctx context.Context, errOut io.Writer) (*etcd.Regist
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	rctx, cancel := context.WithTimeout(ctx, f.timeout)
 	closeAll := func() { cancel(); cli.Close() }
 	return etcd.NewRegistry(cli, f.prefix, logger(errOut)), closeAll, rctx, nil
+}
+
+// explain turns a timeout into the likely cause.
+func (f *etcdFlags) explain(err error) error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("no answer from etcd at %s within %s; is it running and reachable? (%w)", f.endpoints, f.timeout, err)
+	}
+	return err
 }
 
 func configGet(ctx context.Context, args []string, out, errOut io.Writer) error {
@@ -72,7 +82,7 @@ func configGet(ctx context.Context, args []string, out, errOut io.Writer) error 
 	defer done()
 	raw, err := reg.RawConfig(rctx)
 	if err != nil {
-		return err
+		return ef.explain(err)
 	}
 	out.Write(raw)
 	if len(raw) > 0 && raw[len(raw)-1] != '\n' {
@@ -115,7 +125,7 @@ func configSet(ctx context.Context, args []string, out, errOut io.Writer) error 
 	defer done()
 	cfg, err := reg.SetConfig(rctx, data)
 	if err != nil {
-		return err
+		return ef.explain(err)
 	}
 	fmt.Fprintf(out, "stored network config at %s: network %s, /%d subnets, backend %s\n", reg.ConfigKey(), cfg.Network, cfg.SubnetLen, cfg.Backend.Type)
 	return nil
@@ -162,7 +172,7 @@ func leasesList(ctx context.Context, args []string, out, errOut io.Writer) error
 	defer done()
 	leases, _, err := reg.Leases(rctx)
 	if err != nil {
-		return err
+		return ef.explain(err)
 	}
 	sort.Slice(leases, func(i, j int) bool { return leases[i].Subnet.Addr().Less(leases[j].Subnet.Addr()) })
 	views := make([]leaseView, len(leases))
@@ -196,7 +206,7 @@ func leasesShow(ctx context.Context, args []string, out, errOut io.Writer) error
 	defer done()
 	l, err := reg.Lease(rctx, p)
 	if err != nil {
-		return err
+		return ef.explain(err)
 	}
 	enc := json.NewEncoder(out)
 	enc.SetIndent("", "  ")
@@ -216,7 +226,7 @@ func leasesDelete(ctx context.Context, args []string, out, errOut io.Writer) err
 	}
 	defer done()
 	if err := reg.DeleteLease(rctx, p); err != nil {
-		return err
+		return ef.explain(err)
 	}
 	fmt.Fprintf(out, "deleted lease %s\n", p)
 	return nil
