@@ -30,6 +30,12 @@ func commands() []command {
 		{"leases list", "[-o table|json]", "list the leases of the network", leasesList},
 		{"leases show", "SUBNET", "show one lease", leasesShow},
 		{"leases delete", "SUBNET", "delete a lease (its node acquires one again)", leasesDelete},
+		{"lab up", "[--hosts N] [--pods-per-host M] [--backend vxlan|host-gw|alloc]", "build the lab: hosts in namespaces, etcd, twilld, pods", labUp},
+		{"lab status", "", "show the lab's leases and each host's route/FDB/neighbour counts", labStatus},
+		{"lab check", "", "ping every pod from every other pod", labCheck},
+		{"lab down", "[--keep-logs]", "remove everything the lab made", labDown},
+		{"lab run", "[lab up flags]", "lab up, status, check and down; exit code 0 when every pod reaches every other", labRun},
+		{"lab etcd", "--data-dir D --listen HOST:PORT", "(internal) the lab's etcd, embedded in twillctl", labEtcd},
 		{"version", "", "print the version", func(_ context.Context, _ []string, out, _ io.Writer) error {
 			fmt.Fprintln(out, "twillctl", version.Version)
 			return nil

@@ -1,0 +1,183 @@
+package ctl
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/twillnet/twill/internal/embedetcd"
+	"github.com/twillnet/twill/internal/lab"
+)
+
+const defaultLabDir = "/tmp/twill-lab"
+
+func labFlags(fs *flag.FlagSet) *string {
+	return fs.String("dir", defaultLabDir, "the lab's folder: state, logs, etcd data")
+}
+
+func labUpFlags(fs *flag.FlagSet) *lab.Options {
+	o := &lab.Options{}
+	self, _ := os.Executable()
+	binDir := filepath.Dir(self)
+	fs.IntVar(&o.Hosts, "hosts", 3, "number of hosts")
+	fs.IntVar(&o.PodsPerHost, "pods-per-host", 2, "pods on each host")
+	fs.StringVar(&o.Backend, "backend", "vxlan", "vxlan, host-gw or alloc")
+	fs.StringVar(&o.Prefix, "prefix", "twill-", "namespace name prefix")
+	fs.StringVar(&o.BinDir, "bin-dir", binDir, "folder with twilld, twillctl and the twill CNI plugin")
+	fs.StringVar(&o.CNIBinDir, "cni-bin-dir", filepath.Join(binDir, "cni"), "folder with the reference CNI plugins")
+	fs.BoolVar(&o.IPMasq, "ip-masq", true, "run twilld with --ip-masq")
+	fs.Func("network", "pod network (default 10.244.0.0/16)", func(s string) error {
+		p, err := netip.ParsePrefix(s)
+		o.Network = p
+		return err
+	})
+	o.Network = netip.MustParsePrefix("10.244.0.0/16")
+	return o
+}
+
+func labUp(ctx context.Context, args []string, out, errOut io.Writer) error {
+	fs := newFlagSet("lab up", errOut)
+	dir := labFlags(fs)
+	o := labUpFlags(fs)
+	if err := parseNoArgs(fs, args); err != nil {
+		return err
+	}
+	o.Dir = *dir
+	l := lab.New(*o, out, logger(errOut))
+	if err := l.Up(ctx); err != nil {
+		return fmt.Errorf("lab up: %w\n(logs in %s; `twillctl lab down --dir %s` removes what was made)", err, *dir, *dir)
+	}
+	fmt.Fprintf(out, "lab is up; `twillctl lab status --dir %s` shows it\n", *dir)
+	return nil
+}
+
+func labStatus(ctx context.Context, args []string, out, errOut io.Writer) error {
+	fs := newFlagSet("lab status", errOut)
+	dir := labFlags(fs)
+	if err := parseNoArgs(fs, args); err != nil {
+		return err
+	}
+	l, err := lab.Load(*dir, out, logger(errOut))
+	if err != nil {
+		return err
+	}
+	return l.Status(ctx, out)
+}
+
+func labCheck(ctx context.Context, args []string, out, errOut io.Writer) error {
+	fs := newFlagSet("lab check", errOut)
+	dir := labFlags(fs)
+	if err := parseNoArgs(fs, args); err != nil {
+		return err
+	}
+	l, err := lab.Load(*dir, out, logger(errOut))
+	if err != nil {
+		return err
+	}
+	return check(ctx, l, out)
+}
+
+func check(ctx context.Context, l *lab.Lab, out io.Writer) error {
+	fmt.Fprintf(out, "\nconnectivity: every pod pings every other pod\n")
+	m := l.Check(ctx)
+	m.Print(out)
+	total := len(m.Pods) * (len(m.Pods) - 1)
+	if f := m.Failures(); f > 0 {
+		fmt.Fprintf(out, "\nFAIL: %d of %d pairs cannot reach each other\n", f, total)
+		return fmt.Errorf("%d of %d pod pairs failed", f, total)
+	}
+	fmt.Fprintf(out, "\nPASS: all %d pod pairs reach each other\n", total)
+	return nil
+}
+
+func labDown(ctx context.Context, args []string, out, errOut io.Writer) error {
+	fs := newFlagSet("lab down", errOut)
+	dir := labFlags(fs)
+	keep := fs.Bool("keep-logs", false, "keep the lab's folder (logs, etcd data)")
+	if err := parseNoArgs(fs, args); err != nil {
+		return err
+	}
+	l, err := lab.Load(*dir, out, logger(errOut))
+	if err != nil {
+		return err
+	}
+	if err := l.Down(ctx, !*keep); err != nil {
+		return err
+	}
+	fmt.Fprintln(out, "lab removed")
+	return nil
+}
+
+// labRun is up, status, check and down; the exit code says whether every pod
+// reached every other. On failure the logs are kept.
+func labRun(ctx context.Context, args []string, out, errOut io.Writer) (err error) {
+	fs := newFlagSet("lab run", errOut)
+	dir := labFlags(fs)
+	o := labUpFlags(fs)
+	if err := parseNoArgs(fs, args); err != nil {
+		return err
+	}
+	o.Dir = *dir
+	l := lab.New(*o, out, logger(errOut))
+	start := time.Now()
+	defer func() {
+		// Tear down even when ctx was cancelled (Ctrl-C).
+		dctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		keep := err != nil
+		if derr := l.Down(dctx, !keep); derr != nil {
+			err = errors.Join(err, fmt.Errorf("lab down: %w", derr))
+		}
+		if keep {
+			fmt.Fprintf(out, "logs kept in %s\n", *dir)
+		} else {
+			fmt.Fprintf(out, "lab removed (%s in all)\n", time.Since(start).Round(100*time.Millisecond))
+		}
+	}()
+	if err := l.Up(ctx); err != nil {
+		return fmt.Errorf("lab up: %w", err)
+	}
+	fmt.Fprintln(out)
+	if err := l.Status(ctx, out); err != nil {
+		return err
+	}
+	return check(ctx, l, out)
+}
+
+// labEtcd serves the lab's etcd, embedded in twillctl, until stopped. `lab
+// up` starts it inside the underlay namespace.
+func labEtcd(ctx context.Context, args []string, out, errOut io.Writer) error {
+	fs := newFlagSet("lab etcd", errOut)
+	dataDir := fs.String("data-dir", "", "etcd data folder")
+	listen := fs.String("listen", "", "HOST:PORT for clients")
+	if err := parseNoArgs(fs, args); err != nil {
+		return err
+	}
+	host, port, err := net.SplitHostPort(*listen)
+	if err != nil {
+		return fmt.Errorf("lab etcd: --listen: %w", err)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil {
+		return fmt.Errorf("lab etcd: --listen: bad port %q", port)
+	}
+	srv, err := embedetcd.Start(ctx, embedetcd.Options{Dir: *dataDir, ClientHost: host, ClientPort: p, LogLevel: "warn"})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(errOut, "etcd serving at %s\n", srv.Endpoint)
+	select {
+	case <-ctx.Done():
+	case err = <-srv.Err():
+	}
+	srv.Close()
+	return err
+}

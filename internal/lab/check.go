@@ -1,0 +1,87 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"text/tabwriter"
+)
+
+// Matrix is the result of every pod pinging every other pod.
+type Matrix struct {
+	Pods []Pod
+	OK   map[[2]int]bool // [from, to] index into Pods
+}
+
+// Failures counts the pairs that failed.
+func (m *Matrix) Failures() int {
+	n := 0
+	for _, ok := range m.OK {
+		if !ok {
+			n++
+		}
+	}
+	return n
+}
+
+// Check pings from every pod to every other pod, a few at a time. Each ping
+// is one bounded request to an address inside the lab.
+func (l *Lab) Check(ctx context.Context) *Matrix {
+	m := &Matrix{Pods: l.Pods, OK: map[[2]int]bool{}}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 8)
+	for a := range l.Pods {
+		for b := range l.Pods {
+			if a == b {
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				sem <- struct{}{}
+				defer func() { <-sem }()
+				ok := Ping(ctx, l.Pods[a].NS, l.Pods[b].Addr.String())
+				mu.Lock()
+				m.OK[[2]int{a, b}] = ok
+				mu.Unlock()
+			}()
+		}
+	}
+	wg.Wait()
+	return m
+}
+
+// Ping sends up to three echo requests from a namespace and reports whether
+// one was answered.
+func Ping(ctx context.Context, netns, addr string) bool {
+	_, err := InNS(ctx, netns, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-w", "3", "-q", addr)
+	return err == nil
+}
+
+// Print writes the matrix as a table: rows ping from, columns are pinged.
+func (m *Matrix) Print(w io.Writer) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	head := []string{"FROM \\ TO"}
+	for _, p := range m.Pods {
+		head = append(head, fmt.Sprintf("%s %s", p.Name, p.Addr))
+	}
+	fmt.Fprintln(tw, strings.Join(head, "\t"))
+	for a, p := range m.Pods {
+		row := []string{fmt.Sprintf("%s %s", p.Name, p.Addr)}
+		for b := range m.Pods {
+			switch {
+			case a == b:
+				row = append(row, "-")
+			case m.OK[[2]int{a, b}]:
+				row = append(row, "PASS")
+			default:
+				row = append(row, "FAIL")
+			}
+		}
+		fmt.Fprintln(tw, strings.Join(row, "\t"))
+	}
+	tw.Flush()
+}

@@ -1,0 +1,344 @@
+package lab
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/twillnet/twill/internal/atomicfile"
+	"github.com/twillnet/twill/subnet"
+)
+
+// EtcdPort is where the lab's etcd listens, on WorldAddr in the underlay.
+const EtcdPort = 2379
+
+// Options describe a lab.
+type Options struct {
+	Dir         string // the lab's folder: state, logs, etcd data
+	Prefix      string // namespace name prefix
+	Hosts       int
+	PodsPerHost int
+	Backend     string // vxlan, host-gw or alloc
+	Network     netip.Prefix
+	BinDir      string // holds twilld, twillctl and twill
+	CNIBinDir   string // holds bridge, host-local, loopback, portmap
+	IPMasq      bool
+}
+
+// State is what `lab up` leaves in <dir>/lab.json for status, check and down.
+type State struct {
+	Options
+	Pods []Pod
+}
+
+// Pod is one pod the lab made.
+type Pod struct {
+	Name string     // container ID and namespace suffix, e.g. h1-p2
+	Host int        // host number
+	NS   string     // namespace name
+	Addr netip.Addr // the address host-local gave it
+}
+
+// Lab is a lab being built or torn down.
+type Lab struct {
+	State
+	log *slog.Logger
+	out io.Writer
+}
+
+// Topology returns the lab's namespaces.
+func (l *Lab) Topology() Topology { return Topology{Prefix: l.Prefix, Hosts: l.Hosts} }
+
+func (l *Lab) statePath() string { return filepath.Join(l.Dir, "lab.json") }
+
+// EtcdURL is the client URL of the lab's etcd, reachable from every host.
+func EtcdURL() string {
+	return "http://" + net.JoinHostPort(WorldAddr.String(), strconv.Itoa(EtcdPort))
+}
+
+// New prepares a lab with o; nothing is created yet.
+func New(o Options, out io.Writer, log *slog.Logger) *Lab {
+	return &Lab{State: State{Options: o}, out: out, log: log}
+}
+
+// Load reads the state a previous `lab up` left in dir.
+func Load(dir string, out io.Writer, log *slog.Logger) (*Lab, error) {
+	data, err := os.ReadFile(filepath.Join(dir, "lab.json"))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("no lab in %s (run `twillctl lab up` first)", dir)
+		}
+		return nil, err
+	}
+	var s State
+	if err := json.Unmarshal(data, &s); err != nil {
+		return nil, fmt.Errorf("lab state %s: %w", filepath.Join(dir, "lab.json"), err)
+	}
+	return &Lab{State: s, out: out, log: log}, nil
+}
+
+func (l *Lab) save() error {
+	data, err := json.MarshalIndent(l.State, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.Write(l.statePath(), data, 0o644)
+}
+
+func (l *Lab) say(format string, args ...any) { fmt.Fprintf(l.out, format+"\n", args...) }
+
+// Up builds the lab: namespaces, etcd, the network config, one twilld per
+// host, and the pods. On failure what was made is left for Down (and the logs
+// for reading).
+func (l *Lab) Up(ctx context.Context) error {
+	if err := l.preflight(ctx); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(l.Dir, 0o755); err != nil {
+		return err
+	}
+	if err := l.save(); err != nil {
+		return err
+	}
+	l.say("creating %d hosts on underlay %s (namespaces %su, %sh1..%d)", l.Hosts, Underlay, l.Prefix, l.Prefix, l.Hosts)
+	if err := l.Topology().Up(ctx); err != nil {
+		return err
+	}
+	l.say("starting etcd (embedded in twillctl) at %s in %s", EtcdURL(), l.Topology().UnderlayNS())
+	if err := l.startEtcd(ctx); err != nil {
+		return err
+	}
+	conf := fmt.Sprintf(`{"Network":%q,"Backend":{"Type":%q}}`, l.Network, l.Backend)
+	if _, err := l.Ctl(ctx, "config", "set", "--file", l.writeConf(conf)); err != nil {
+		return err
+	}
+	l.say("network config: %s", conf)
+	for i := 1; i <= l.Hosts; i++ {
+		if err := l.startDaemon(i); err != nil {
+			return err
+		}
+	}
+	for i := 1; i <= l.Hosts; i++ {
+		env, err := l.waitEnv(ctx, i)
+		if err != nil {
+			return err
+		}
+		l.say("h%d (%s): subnet %s, pod MTU %d", i, l.Topology().HostAddr(i), env.Subnet.Masked(), env.MTU)
+	}
+	for i := 1; i <= l.Hosts; i++ {
+		for j := 1; j <= l.PodsPerHost; j++ {
+			p, err := l.addPod(ctx, i, j)
+			if err != nil {
+				return err
+			}
+			l.Pods = append(l.Pods, p)
+			if err := l.save(); err != nil {
+				return err
+			}
+		}
+	}
+	l.say("%d pods up", len(l.Pods))
+	return nil
+}
+
+func (l *Lab) preflight(ctx context.Context) error {
+	if os.Geteuid() != 0 {
+		return errors.New("the lab needs root: it creates network namespaces")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		return errors.New("the lab needs iproute2's `ip` (apt-get install iproute2)")
+	}
+	for _, bin := range []string{filepath.Join(l.BinDir, "twilld"), filepath.Join(l.BinDir, "twill")} {
+		if _, err := os.Stat(bin); err != nil {
+			return fmt.Errorf("%s not found: run `make build` (or pass --bin-dir)", bin)
+		}
+	}
+	for _, p := range []string{"bridge", "host-local", "loopback", "portmap"} {
+		if _, err := os.Stat(filepath.Join(l.CNIBinDir, p)); err != nil {
+			return fmt.Errorf("CNI plugin %s not found in %s: run `make cni-plugins` (or pass --cni-bin-dir)", p, l.CNIBinDir)
+		}
+	}
+	exists, err := l.Topology().Exists(ctx)
+	if err != nil {
+		return err
+	}
+	if exists {
+		return fmt.Errorf("a lab with namespace prefix %q already exists: run `twillctl lab down` first", l.Prefix)
+	}
+	return nil
+}
+
+func (l *Lab) writeConf(conf string) string {
+	p := filepath.Join(l.Dir, "net-conf.json")
+	os.WriteFile(p, []byte(conf), 0o644)
+	return p
+}
+
+func (l *Lab) hostDir(i int) string { return filepath.Join(l.Dir, fmt.Sprintf("h%d", i)) }
+
+// EnvFile is host i's subnet env file.
+func (l *Lab) EnvFile(i int) string { return filepath.Join(l.hostDir(i), "subnet.env") }
+
+func (l *Lab) startEtcd(ctx context.Context) error {
+	self := filepath.Join(l.BinDir, "twillctl")
+	if err := l.spawn("etcd", l.Topology().UnderlayNS(), self, "lab", "etcd",
+		"--data-dir", filepath.Join(l.Dir, "etcd"), "--listen", net.JoinHostPort(WorldAddr.String(), strconv.Itoa(EtcdPort))); err != nil {
+		return err
+	}
+	return poll(ctx, 30*time.Second, "etcd to serve", func() error {
+		_, err := l.Ctl(ctx, "leases", "list")
+		return err
+	})
+}
+
+func (l *Lab) startDaemon(i int) error {
+	if err := os.MkdirAll(l.hostDir(i), 0o755); err != nil {
+		return err
+	}
+	args := []string{
+		"--etcd-endpoints", EtcdURL(),
+		"--subnet-file", l.EnvFile(i),
+		"--node-name", fmt.Sprintf("h%d", i),
+		"--http-addr", "127.0.0.1:9867",
+	}
+	if l.IPMasq {
+		args = append(args, "--ip-masq")
+	}
+	return l.spawn(fmt.Sprintf("h%d/twilld", i), l.Topology().HostNS(i), filepath.Join(l.BinDir, "twilld"), args...)
+}
+
+func (l *Lab) waitEnv(ctx context.Context, i int) (subnet.Env, error) {
+	var env subnet.Env
+	err := poll(ctx, 60*time.Second, fmt.Sprintf("h%d's subnet env file (see %s)", i, filepath.Join(l.hostDir(i), "twilld.log")), func() error {
+		var err error
+		env, err = subnet.ReadEnv(l.EnvFile(i))
+		return err
+	})
+	return env, err
+}
+
+// spawn starts a long-lived process in a namespace, detached from twillctl so
+// it outlives `lab up`. Its pid goes to <dir>/<name>.pid, its output to
+// <dir>/<name>.log.
+func (l *Lab) spawn(name, netns, bin string, args ...string) error {
+	logf, err := os.OpenFile(filepath.Join(l.Dir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := exec.Command("ip", append([]string{"netns", "exec", netns, bin}, args...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", name, err)
+	}
+	pid := cmd.Process.Pid
+	cmd.Process.Release()
+	return os.WriteFile(filepath.Join(l.Dir, name+".pid"), []byte(strconv.Itoa(pid)), 0o644)
+}
+
+// Ctl runs twillctl against the lab's etcd, from inside the underlay namespace.
+func (l *Lab) Ctl(ctx context.Context, args ...string) (string, error) {
+	return InNS(ctx, l.Topology().UnderlayNS(), filepath.Join(l.BinDir, "twillctl"), append(args, "--etcd-endpoints", EtcdURL())...)
+}
+
+// Down stops the lab's processes and deletes its namespaces. Logs stay in
+// the lab's folder unless removeDir is set.
+func (l *Lab) Down(ctx context.Context, removeDir bool) error {
+	var errs []error
+	pids, _ := filepath.Glob(filepath.Join(l.Dir, "*.pid"))
+	more, _ := filepath.Glob(filepath.Join(l.Dir, "*", "*.pid"))
+	for _, p := range append(more, pids...) { // daemons before etcd
+		if err := stopPid(ctx, p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	names, err := ListNS(ctx)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, n := range names {
+		if strings.HasPrefix(n, l.Prefix) {
+			if _, err := IP(ctx, "netns", "del", n); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if removeDir {
+		if err := os.RemoveAll(l.Dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// stopPid sends SIGTERM to the process named in a pid file, waits for it to
+// go, then removes the file. `ip netns exec` replaces itself with the
+// program, so the pid is the program's own.
+func stopPid(ctx context.Context, path string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil || pid <= 1 {
+		os.Remove(path)
+		return nil
+	}
+	if syscall.Kill(pid, syscall.SIGTERM) == nil {
+		err := poll(ctx, 15*time.Second, "process "+strconv.Itoa(pid)+" to exit", func() error {
+			if syscall.Kill(pid, 0) != nil || isZombie(pid) {
+				return nil
+			}
+			return errors.New("still running")
+		})
+		if err != nil {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	return os.Remove(path)
+}
+
+func isZombie(pid int) bool {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	// The state follows the command name in parentheses.
+	s := string(data)
+	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
+		return s[i+2] == 'Z'
+	}
+	return false
+}
+
+// poll retries f every 100ms until it succeeds, d passes or ctx ends.
+func poll(ctx context.Context, d time.Duration, what string, f func() error) error {
+	deadline := time.Now().Add(d)
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out after %s waiting for %s: %w", d, what, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,98 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+
+	"github.com/containernetworking/cni/libcni"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/ns"
+)
+
+// ConfList is the CNI chain the lab gives host i's pods: twill (delegating to
+// bridge + host-local) followed by portmap, as deploy/10-twill.conflist.
+func (l *Lab) ConfList(i int) ([]byte, error) {
+	conf := fmt.Sprintf(`{
+  "cniVersion": "1.1.0",
+  "name": "twill",
+  "plugins": [
+    {"type": "twill", "subnetFile": %q, "dataDir": %q, "ipam": {"dataDir": %q}},
+    {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
+  ]
+}`, l.EnvFile(i), filepath.Join(l.hostDir(i), "cni-state"), filepath.Join(l.hostDir(i), "ipam"))
+	return []byte(conf), nil
+}
+
+func (l *Lab) cni(i int) (*libcni.CNIConfig, *libcni.NetworkConfigList, error) {
+	data, err := l.ConfList(i)
+	if err != nil {
+		return nil, nil, err
+	}
+	list, err := libcni.ConfListFromBytes(data)
+	if err != nil {
+		return nil, nil, err
+	}
+	c := libcni.NewCNIConfigWithCacheDir([]string{l.BinDir, l.CNIBinDir}, filepath.Join(l.hostDir(i), "cni-cache"), nil)
+	return c, list, nil
+}
+
+// podNS is the namespace of pod j on host i.
+func (l *Lab) podNS(i, j int) string { return fmt.Sprintf("%sh%d-p%d", l.Prefix, i, j) }
+
+// addPod creates pod j on host i the way a container runtime does: a fresh
+// namespace, then ADD through the CNI chain, run from inside the host's
+// namespace so that the bridge and veth ends are made there.
+func (l *Lab) addPod(ctx context.Context, i, j int) (Pod, error) {
+	p := Pod{Name: fmt.Sprintf("h%d-p%d", i, j), Host: i, NS: l.podNS(i, j)}
+	if _, err := IP(ctx, "netns", "add", p.NS); err != nil {
+		return p, err
+	}
+	if _, err := IP(ctx, "-n", p.NS, "link", "set", "lo", "up"); err != nil {
+		return p, err
+	}
+	c, list, err := l.cni(i)
+	if err != nil {
+		return p, err
+	}
+	rt := &libcni.RuntimeConf{ContainerID: p.Name, NetNS: "/run/netns/" + p.NS, IfName: "eth0"}
+	var res *current.Result
+	err = ns.WithNetNSPath("/run/netns/"+l.Topology().HostNS(i), func(ns.NetNS) error {
+		r, err := c.AddNetworkList(ctx, list, rt)
+		if err != nil {
+			return err
+		}
+		res, err = current.NewResultFromResult(r)
+		return err
+	})
+	if err != nil {
+		return p, fmt.Errorf("CNI ADD of pod %s on h%d: %w", p.Name, i, err)
+	}
+	if len(res.IPs) == 0 {
+		return p, fmt.Errorf("CNI ADD of pod %s gave no address", p.Name)
+	}
+	addr, ok := netip.AddrFromSlice(res.IPs[0].Address.IP.To4())
+	if !ok {
+		return p, fmt.Errorf("CNI ADD of pod %s gave %s, not IPv4", p.Name, res.IPs[0].Address.IP)
+	}
+	p.Addr = addr
+	return p, nil
+}
+
+// delPod removes a pod through the CNI chain, then its namespace.
+func (l *Lab) delPod(ctx context.Context, p Pod) error {
+	c, list, err := l.cni(p.Host)
+	if err != nil {
+		return err
+	}
+	rt := &libcni.RuntimeConf{ContainerID: p.Name, NetNS: "/run/netns/" + p.NS, IfName: "eth0"}
+	err = ns.WithNetNSPath("/run/netns/"+l.Topology().HostNS(p.Host), func(ns.NetNS) error {
+		return c.DelNetworkList(ctx, list, rt)
+	})
+	if err != nil {
+		return fmt.Errorf("CNI DEL of pod %s: %w", p.Name, err)
+	}
+	_, err = IP(ctx, "netns", "del", p.NS)
+	return err
+}

@@ -1,0 +1,104 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/twillnet/twill/backend"
+	"github.com/twillnet/twill/internal/netlinkx"
+)
+
+// HostCounts is what twill programmed on one host.
+type HostCounts struct {
+	Routes, FDB, Neigh int
+	Device             string // the VXLAN device, if any
+}
+
+// Counts reads host i's twill routes (by twill's route protocol), and the FDB
+// and permanent neighbour entries on its VXLAN device.
+func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
+	var c HostCounts
+	handle, err := netns.GetFromName(l.Topology().HostNS(i))
+	if err != nil {
+		return c, fmt.Errorf("open namespace of h%d: %w", i, err)
+	}
+	defer handle.Close()
+	h, err := netlink.NewHandleAt(handle)
+	if err != nil {
+		return c, err
+	}
+	defer h.Close()
+	routes, err := netlinkx.Dump(ctx, "list routes", func() ([]netlink.Route, error) {
+		return h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: backend.RouteProtocol, Table: 254}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	})
+	if err != nil {
+		return c, err
+	}
+	c.Routes = len(routes)
+	links, err := netlinkx.LinkList(ctx, h)
+	if err != nil {
+		return c, err
+	}
+	for _, link := range links {
+		if _, ok := link.(*netlink.Vxlan); !ok || !strings.HasPrefix(link.Attrs().Name, "twill.") {
+			continue
+		}
+		c.Device = link.Attrs().Name
+		idx := link.Attrs().Index
+		fdb, err := netlinkx.Dump(ctx, "list fdb", func() ([]netlink.Neigh, error) { return h.NeighList(idx, syscall.AF_BRIDGE) })
+		if err != nil {
+			return c, err
+		}
+		for _, n := range fdb {
+			if n.IP != nil && !n.IP.IsUnspecified() {
+				c.FDB++
+			}
+		}
+		neigh, err := netlinkx.Dump(ctx, "list neighbours", func() ([]netlink.Neigh, error) { return h.NeighList(idx, netlink.FAMILY_V4) })
+		if err != nil {
+			return c, err
+		}
+		for _, n := range neigh {
+			if n.State&netlink.NUD_PERMANENT != 0 {
+				c.Neigh++
+			}
+		}
+	}
+	return c, nil
+}
+
+// Status prints the leases and each host's datapath entry counts.
+func (l *Lab) Status(ctx context.Context, w io.Writer) error {
+	out, err := l.Ctl(ctx, "leases", "list")
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "leases (etcd %s):\n%s\n", EtcdURL(), out)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "HOST\tNAMESPACE\tUNDERLAY\tDEVICE\tROUTES\tFDB\tNEIGHBOURS\tPODS")
+	for i := 1; i <= l.Hosts; i++ {
+		c, err := l.Counts(ctx, i)
+		if err != nil {
+			return err
+		}
+		pods := 0
+		for _, p := range l.Pods {
+			if p.Host == i {
+				pods++
+			}
+		}
+		dev := c.Device
+		if dev == "" {
+			dev = "-"
+		}
+		fmt.Fprintf(tw, "h%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\n", i, l.Topology().HostNS(i), l.Topology().HostAddr(i), dev, c.Routes, c.FDB, c.Neigh, pods)
+	}
+	return tw.Flush()
+}
