@@ -13,32 +13,46 @@ FUZZTIME  ?= 5s
 
 export PATH := $(CURDIR)/$(TOOLS_BIN):$(PATH)
 
-.PHONY: help build test lint tools demo fuzz clean
+.PHONY: help build test lint tools cni-plugins deps demo clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 build: ## build bin/twilld, bin/twillctl and bin/twill
 	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $(BIN)/ ./cmd/...
 
 # The tools are the real programs the tests run: etcd, etcdctl, kube-apiserver and the
 # reference CNI plugins. They come from hack/tools/go.mod so the product's go.mod stays
-# lean. The stamp makes `make tools` instant while hack/tools/go.sum is unchanged.
-TOOLS_STAMP := $(BIN)/.tools-stamp
-tools: $(TOOLS_STAMP) ## build etcd, etcdctl, kube-apiserver and the reference CNI plugins
-$(TOOLS_STAMP): hack/tools/go.mod hack/tools/go.sum
-	mkdir -p $(TOOLS_BIN) $(CNI_BIN)
-	cd hack/tools && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o ../../$(TOOLS_BIN)/etcd go.etcd.io/etcd/server/v3
-	cd hack/tools && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o ../../$(TOOLS_BIN)/etcdctl go.etcd.io/etcd/etcdctl/v3
-	cd hack/tools && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o ../../$(CNI_BIN)/ \
-		github.com/containernetworking/plugins/plugins/main/bridge \
-		github.com/containernetworking/plugins/plugins/ipam/host-local \
-		github.com/containernetworking/plugins/plugins/main/loopback \
-		github.com/containernetworking/plugins/plugins/meta/portmap
-	cd hack/tools && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o ../../$(TOOLS_BIN)/kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
-	touch $@
+# lean. Each is rebuilt only when hack/tools/go.mod or go.sum changes, so `make tools`
+# is instant when they are current.
+TOOLS_MOD := hack/tools/go.mod hack/tools/go.sum
+TOOLS_GO  := cd hack/tools && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD)
+CNI_PLUGINS := bridge host-local loopback portmap
 
-test: tools build ## run every test: unit, fuzz seeds, and the root/namespace integration tests
+tools: $(TOOLS_BIN)/etcd $(TOOLS_BIN)/etcdctl $(TOOLS_BIN)/kube-apiserver cni-plugins ## build etcd, etcdctl, kube-apiserver and the reference CNI plugins
+
+cni-plugins: $(addprefix $(CNI_BIN)/,$(CNI_PLUGINS)) ## build only the reference CNI plugins (what the lab needs)
+
+$(TOOLS_BIN)/etcd: $(TOOLS_MOD)
+	$(TOOLS_GO) -o ../../$@ go.etcd.io/etcd/server/v3
+$(TOOLS_BIN)/etcdctl: $(TOOLS_MOD)
+	$(TOOLS_GO) -o ../../$@ go.etcd.io/etcd/etcdctl/v3
+$(TOOLS_BIN)/kube-apiserver: $(TOOLS_MOD)
+	$(TOOLS_GO) -o ../../$@ k8s.io/kubernetes/cmd/kube-apiserver
+$(CNI_BIN)/bridge $(CNI_BIN)/loopback: $(CNI_BIN)/%: $(TOOLS_MOD)
+	$(TOOLS_GO) -o ../../$@ github.com/containernetworking/plugins/plugins/main/$*
+$(CNI_BIN)/host-local: $(TOOLS_MOD)
+	$(TOOLS_GO) -o ../../$@ github.com/containernetworking/plugins/plugins/ipam/host-local
+$(CNI_BIN)/portmap: $(TOOLS_MOD)
+	$(TOOLS_GO) -o ../../$@ github.com/containernetworking/plugins/plugins/meta/portmap
+
+deps: ## install the Debian packages the demo and tests use (iproute2, iptables, ping, iperf3), when missing
+	@hack/install-deps.sh
+
+demo: deps build cni-plugins ## run the lab: 3 hosts, 2 pods each, every pod pings every other (needs root)
+	$(BIN)/twillctl lab run --hosts 3 --pods-per-host 2
+
+test: deps tools build ## run every test: unit, fuzz seeds, and the root/namespace integration tests
 	TWILL_REQUIRE_ALL=1 $(GO) test -count=1 -timeout 30m $(TESTFLAGS) ./...
 
 lint: ## gofmt and go vet
