@@ -35,6 +35,7 @@ type Options struct {
 	BinDir      string // holds twilld, twillctl and twill
 	CNIBinDir   string // holds bridge, host-local, loopback, portmap
 	IPMasq      bool
+	DaemonArgs  []string // extra twilld flags, e.g. a short --resync-interval in tests
 }
 
 // State is what `lab up` leaves in <dir>/lab.json for status, check and down.
@@ -126,12 +127,12 @@ func (l *Lab) Up(ctx context.Context) error {
 	}
 	l.say("network config: %s", conf)
 	for i := 1; i <= l.Hosts; i++ {
-		if err := l.startDaemon(i); err != nil {
+		if err := l.StartDaemon(i); err != nil {
 			return err
 		}
 	}
 	for i := 1; i <= l.Hosts; i++ {
-		env, err := l.waitEnv(ctx, i)
+		env, err := l.WaitEnv(ctx, i)
 		if err != nil {
 			return err
 		}
@@ -203,7 +204,8 @@ func (l *Lab) startEtcd(ctx context.Context) error {
 	})
 }
 
-func (l *Lab) startDaemon(i int) error {
+// StartDaemon starts twilld on host i, with extra flags after the lab's own.
+func (l *Lab) StartDaemon(i int, extra ...string) error {
 	if err := os.MkdirAll(l.hostDir(i), 0o755); err != nil {
 		return err
 	}
@@ -216,10 +218,12 @@ func (l *Lab) startDaemon(i int) error {
 	if l.IPMasq {
 		args = append(args, "--ip-masq")
 	}
+	args = append(append(args, l.DaemonArgs...), extra...)
 	return l.spawn(fmt.Sprintf("h%d/twilld", i), l.Topology().HostNS(i), filepath.Join(l.BinDir, "twilld"), args...)
 }
 
-func (l *Lab) waitEnv(ctx context.Context, i int) (subnet.Env, error) {
+// WaitEnv waits for host i's subnet env file and returns it.
+func (l *Lab) WaitEnv(ctx context.Context, i int) (subnet.Env, error) {
 	var env subnet.Env
 	err := poll(ctx, 60*time.Second, fmt.Sprintf("h%d's subnet env file (see %s)", i, filepath.Join(l.hostDir(i), "twilld.log")), func() error {
 		var err error
@@ -248,6 +252,14 @@ func (l *Lab) spawn(name, netns, bin string, args ...string) error {
 	cmd.Process.Release()
 	return os.WriteFile(filepath.Join(l.Dir, name+".pid"), []byte(strconv.Itoa(pid)), 0o644)
 }
+
+// StopDaemon stops twilld on host i with SIGTERM, as a service manager would.
+func (l *Lab) StopDaemon(ctx context.Context, i int) error {
+	return stopPid(ctx, filepath.Join(l.hostDir(i), "twilld.pid"))
+}
+
+// DaemonLog is the path of host i's twilld log.
+func (l *Lab) DaemonLog(i int) string { return filepath.Join(l.hostDir(i), "twilld.log") }
 
 // Ctl runs twillctl against the lab's etcd, from inside the underlay namespace.
 func (l *Lab) Ctl(ctx context.Context, args ...string) (string, error) {

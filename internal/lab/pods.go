@@ -18,7 +18,8 @@ func (l *Lab) ConfList(i int) ([]byte, error) {
   "cniVersion": "1.1.0",
   "name": "twill",
   "plugins": [
-    {"type": "twill", "subnetFile": %q, "dataDir": %q, "ipam": {"dataDir": %q}},
+    {"type": "twill", "subnetFile": %q, "dataDir": %q,
+     "delegate": {"hairpinMode": true, "isDefaultGateway": true}, "ipam": {"dataDir": %q}},
     {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
   ]
 }`, l.EnvFile(i), filepath.Join(l.hostDir(i), "cni-state"), filepath.Join(l.hostDir(i), "ipam"))

@@ -32,7 +32,8 @@ func NewManager(reg *Registry, req AcquireRequest) *Manager {
 }
 
 // Acquire takes the node's first lease, retrying while etcd is unreachable.
-// Errors that retrying cannot fix (no free subnet) are returned at once.
+// Errors that retrying cannot fix (no free subnet, a public IP in use by
+// another node) are returned at once.
 func (m *Manager) Acquire(ctx context.Context) (*Acquired, error) {
 	bo := newBackoff(200*time.Millisecond, 10*time.Second)
 	for {
@@ -41,7 +42,7 @@ func (m *Manager) Acquire(ctx context.Context) (*Acquired, error) {
 			m.setOwn(a)
 			return a, nil
 		}
-		if errors.Is(err, subnet.ErrNoFreeSubnet) || ctx.Err() != nil {
+		if errors.Is(err, subnet.ErrNoFreeSubnet) || errors.Is(err, ErrPublicIPInUse) || ctx.Err() != nil {
 			return nil, err
 		}
 		m.log.Warn("acquire lease failed; retrying", "err", err)

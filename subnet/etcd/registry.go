@@ -220,11 +220,9 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 		if err != nil {
 			return nil, err
 		}
-		var mine *StoredLease
-		for i, l := range leases {
-			if l.Attrs.PublicIP == req.Attrs.PublicIP && req.Config.Contains(l.Subnet) && mine == nil {
-				mine = &leases[i]
-			}
+		mine, err := findOwn(leases, req)
+		if err != nil {
+			return nil, err
 		}
 		grant, err := r.cli.Grant(ctx, ttlSec)
 		if err != nil {
@@ -275,6 +273,34 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 		case <-time.After(time.Duration(rand.IntN(20*attempt)) * time.Millisecond):
 		}
 	}
+}
+
+// ErrPublicIPInUse means another node's lease carries this node's public IP.
+var ErrPublicIPInUse = errors.New("public IP already in use by another node")
+
+// findOwn finds the lease this node held before: the one carrying its public
+// IP, else the one its env file names if it carries its node name (the node's
+// address changed). A lease with its public IP but another node's name is a
+// misconfiguration, refused rather than fought over.
+func findOwn(leases []StoredLease, req AcquireRequest) (*StoredLease, error) {
+	name := req.Attrs.NodeName
+	var byPrevious *StoredLease
+	for i, l := range leases {
+		if !req.Config.Contains(l.Subnet) {
+			continue
+		}
+		if l.Attrs.PublicIP == req.Attrs.PublicIP {
+			if name != "" && l.Attrs.NodeName != "" && l.Attrs.NodeName != name {
+				return nil, fmt.Errorf("%w: %s is leased to node %q (subnet %s); give each node its own --public-ip, or delete that lease with `twillctl leases delete %s` if the node is gone",
+					ErrPublicIPInUse, l.Attrs.PublicIP, l.Attrs.NodeName, l.Subnet, l.Subnet)
+			}
+			return &leases[i], nil
+		}
+		if name != "" && l.Subnet == req.Previous && l.Attrs.NodeName == name {
+			byPrevious = &leases[i]
+		}
+	}
+	return byPrevious, nil
 }
 
 // Release deletes the node's lease (for a node leaving the cluster).

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -230,5 +231,54 @@ func TestMalformedLeasesAreSkipped(t *testing.T) {
 		if a.Subnet == netip.MustParsePrefix("10.244.9.0/24") || a.Subnet == netip.MustParsePrefix("10.244.10.0/24") {
 			t.Fatalf("handed out %s whose key holds garbage", a.Subnet)
 		}
+	}
+}
+
+func TestAddressChangeKeepsSubnetByNodeName(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	a := attrs("198.18.0.3")
+	a.NodeName = "h3"
+	first, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: a, TTL: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The node comes back with a new address; its env file names its subnet.
+	b := attrs("198.18.0.13")
+	b.NodeName = "h3"
+	again, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: b, TTL: time.Minute, Previous: first.Subnet})
+	if err != nil || again.Subnet != first.Subnet {
+		t.Fatalf("after the address change: %+v, %v; want %s", again, err, first.Subnet)
+	}
+	l, err := f.reg.Lease(ctx, first.Subnet)
+	if err != nil || l.Attrs.PublicIP != netip.MustParseAddr("198.18.0.13") {
+		t.Fatalf("lease not updated in place: %+v, %v", l, err)
+	}
+	// Without the node name as evidence, a taken previous subnet is not taken over.
+	c := attrs("198.18.0.14")
+	c.NodeName = "other"
+	other, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: c, TTL: time.Minute, Previous: first.Subnet})
+	if err != nil || other.Subnet == first.Subnet {
+		t.Fatalf("another node took %s: %+v, %v", first.Subnet, other, err)
+	}
+}
+
+func TestSamePublicIPOnTwoNodesIsRefused(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	a := attrs("198.18.0.5")
+	a.NodeName = "n1"
+	if _, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: a, TTL: time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	b := attrs("198.18.0.5")
+	b.NodeName = "n2"
+	_, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: b, TTL: time.Minute})
+	if !errors.Is(err, ErrPublicIPInUse) || !strings.Contains(err.Error(), `leased to node "n1"`) {
+		t.Fatalf("err = %v, want ErrPublicIPInUse naming n1", err)
+	}
+	leases, _, _ := f.reg.Leases(ctx)
+	if len(leases) != 1 || leases[0].Attrs.NodeName != "n1" {
+		t.Fatalf("leases after the refusal: %+v", leases)
 	}
 }

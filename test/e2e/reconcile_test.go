@@ -1,0 +1,183 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/subnet"
+)
+
+func ipn(t *testing.T, netns string, args ...string) string {
+	t.Helper()
+	out, err := lab.IP(context.Background(), append([]string{"-n", netns}, args...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func bridgeCmd(t *testing.T, netns string, args ...string) string {
+	t.Helper()
+	out, err := lab.InNS(context.Background(), netns, "bridge", args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func hostEnv(t *testing.T, l *lab.Lab, i int) subnet.Env {
+	t.Helper()
+	env, err := l.WaitEnv(ctxFor(t, 30*time.Second), i)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return env
+}
+
+// Entries deleted by hand, and the VXLAN device itself, are back after the
+// next resync; entries twill did not make are left alone.
+func TestDriftIsRepaired(t *testing.T) {
+	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan", DaemonArgs: []string{"--resync-interval", "1s"}})
+	h1 := l.Topology().HostNS(1)
+	want := expected("vxlan", 2)
+	waitCounts(t, l, 1, want, 10*time.Second)
+
+	// Foreign entries: a route and a permanent neighbour on the underlay
+	// interface, and a route with a foreign protocol on twill's device.
+	ipn(t, h1, "route", "add", "192.0.2.0/24", "via", lab.WorldAddr.String())
+	ipn(t, h1, "neigh", "add", "198.18.0.77", "lladdr", "02:00:00:00:00:77", "dev", "eth0", "nud", "permanent")
+	ipn(t, h1, "route", "add", "203.0.113.0/24", "dev", "twill.1", "proto", "static")
+
+	peer := hostEnv(t, l, 2).Subnet.Masked()
+	ipn(t, h1, "route", "del", peer.String())
+	waitCounts(t, l, 1, want, 10*time.Second)
+
+	ipn(t, h1, "neigh", "del", peer.Addr().String(), "dev", "twill.1")
+	waitCounts(t, l, 1, want, 10*time.Second)
+
+	fdb := strings.Fields(bridgeCmd(t, h1, "fdb", "show", "dev", "twill.1", "dst", l.Topology().HostAddr(2).String()))
+	if len(fdb) == 0 {
+		t.Fatal("no FDB entry for h2")
+	}
+	bridgeCmd(t, h1, "fdb", "del", fdb[0], "dev", "twill.1", "dst", l.Topology().HostAddr(2).String())
+	waitCounts(t, l, 1, want, 10*time.Second)
+
+	ipn(t, h1, "link", "del", "twill.1")
+	waitCounts(t, l, 1, want, 15*time.Second)
+	requireMatrix(t, l)
+
+	// The foreign route on twill.1 went with the device; the others stay.
+	if out := ipn(t, h1, "route", "show", "192.0.2.0/24"); !strings.Contains(out, "192.0.2.0/24") {
+		t.Fatal("a route twill did not make was removed")
+	}
+	if out := ipn(t, h1, "neigh", "show", "198.18.0.77", "dev", "eth0"); !strings.Contains(out, "02:00:00:00:00:77") {
+		t.Fatal("a neighbour entry twill did not make was removed")
+	}
+}
+
+// A peer that vanished is removed by the others, whether they were running
+// when it went or not.
+func TestVanishedPeersAreRemoved(t *testing.T) {
+	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan"})
+	ctx := ctxFor(t, 2*time.Minute)
+	for i := 1; i <= 3; i++ {
+		waitCounts(t, l, i, expected("vxlan", 2), 10*time.Second)
+	}
+	// h3 stops and its lease is deleted (as its TTL would): h1 and h2 follow.
+	if err := l.StopDaemon(ctx, 3); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Ctl(ctx, "leases", "delete", hostEnv(t, l, 3).Subnet.Masked().String()); err != nil {
+		t.Fatal(err)
+	}
+	waitCounts(t, l, 1, expected("vxlan", 1), 10*time.Second)
+	waitCounts(t, l, 2, expected("vxlan", 1), 10*time.Second)
+
+	// h2 vanishes while h1 is down: h1's restart removes the stale entries.
+	if err := l.StopDaemon(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StopDaemon(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Ctl(ctx, "leases", "delete", hostEnv(t, l, 2).Subnet.Masked().String()); err != nil {
+		t.Fatal(err)
+	}
+	if c, _ := l.Counts(ctx, 1); c.Routes != 1 {
+		t.Fatalf("h1 while down: %+v, want the stale entries of h2 still there", c)
+	}
+	if err := l.StartDaemon(1); err != nil {
+		t.Fatal(err)
+	}
+	waitCounts(t, l, 1, expected("vxlan", 0), 15*time.Second)
+}
+
+// A node whose underlay address changes keeps its subnet; its VXLAN device is
+// recreated on the new address, and every peer follows the new public IP and
+// VTEP MAC in place.
+func TestPublicIPChangeIsFollowed(t *testing.T) {
+	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan"})
+	ctx := ctxFor(t, 2*time.Minute)
+	before := hostEnv(t, l, 3)
+	h3 := l.Topology().HostNS(3)
+	if err := l.StopDaemon(ctx, 3); err != nil {
+		t.Fatal(err)
+	}
+	newAddr := netip.MustParseAddr("198.18.0.103")
+	ipn(t, h3, "addr", "del", netip.PrefixFrom(l.Topology().HostAddr(3), 24).String(), "dev", "eth0")
+	ipn(t, h3, "addr", "add", netip.PrefixFrom(newAddr, 24).String(), "dev", "eth0")
+	ipn(t, h3, "route", "replace", "default", "via", lab.WorldAddr.String())
+	if err := l.StartDaemon(3); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		out, err := l.Ctl(ctx, "leases", "show", before.Subnet.Masked().String())
+		var v struct {
+			PublicIP string `json:"publicIP"`
+		}
+		if err == nil && json.Unmarshal([]byte(out), &v) == nil && v.PublicIP == newAddr.String() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("h3's lease %s did not move to %s: %v %s", before.Subnet.Masked(), newAddr, err, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if after := hostEnv(t, l, 3); after != before {
+		t.Fatalf("h3's env changed: %+v -> %+v", before, after)
+	}
+	for _, i := range []int{1, 2} {
+		hn := l.Topology().HostNS(i)
+		waitFor(t, fmt.Sprintf("h%d's FDB to point at %s", i, newAddr), 15*time.Second, func() error {
+			out := bridgeCmd(t, hn, "fdb", "show", "dev", "twill.1")
+			if !strings.Contains(out, "dst "+newAddr.String()) || strings.Contains(out, "dst "+l.Topology().HostAddr(3).String()+" ") {
+				return fmt.Errorf("fdb:\n%s", out)
+			}
+			return nil
+		})
+		waitCounts(t, l, i, expected("vxlan", 2), 10*time.Second)
+	}
+	requireMatrix(t, l)
+}
+
+func waitFor(t *testing.T, what string, d time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s: %v", d, what, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
