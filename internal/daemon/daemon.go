@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"google.golang.org/grpc/connectivity"
 
 	"github.com/twillnet/twill/backend"
 	"github.com/twillnet/twill/internal/iface"
@@ -62,12 +61,11 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	}
 	log.Info("using interface", "iface", ext.Name, "addr", ext.Addr, "public-ip", publicIP, "mtu", ext.MTU)
 
-	cli, err := etcd.NewClient(c.Etcd)
+	store, err := newEtcdStore(c, log)
 	if err != nil {
 		return err
 	}
-	defer cli.Close()
-	reg := etcd.NewRegistry(cli, c.EtcdPrefix, log)
+	defer store.Close()
 
 	met := newMetrics()
 	hl := &health{notReady: "waiting for the network config"}
@@ -77,9 +75,9 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	}
 	defer stopHTTP()
 	log.Info("serving /healthz, /readyz and /metrics", "addr", addr.String())
-	go watchDatastore(ctx, cli.ActiveConnection().GetState, cli.ActiveConnection().WaitForStateChange, met)
+	go store.watchUp(ctx, met)
 
-	cfg, err := waitForConfig(ctx, reg, hl, log)
+	cfg, err := store.Config(ctx, hl.set)
 	if err != nil {
 		return err
 	}
@@ -94,13 +92,13 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 
 	hl.set("acquiring a lease")
 	attrs := subnet.LeaseAttrs{PublicIP: publicIP, BackendType: cfg.Backend.Type, BackendData: data, NodeName: c.NodeName}
-	mgr := etcd.NewManager(reg, etcd.AcquireRequest{Config: cfg, Attrs: attrs, TTL: c.LeaseTTL, Previous: previousSubnet(c.SubnetFile, cfg, log)})
+	mgr := store.Leases(cfg, attrs, previousSubnet(c.SubnetFile, cfg, log))
 	own, err := mgr.Acquire(ctx)
 	if err != nil {
-		return fmt.Errorf("lease a subnet from etcd under %s: %w", c.EtcdPrefix, err)
+		return fmt.Errorf("lease a subnet: %w", err)
 	}
 	met.leaseAcquired.Inc()
-	log.Info("lease acquired", "subnet", own.Subnet, "reused", own.Reused, "ttl", c.LeaseTTL)
+	log.Info("lease acquired", "subnet", own.Subnet)
 
 	d := &daemon{c: c, cfg: cfg, be: be, mgr: mgr, met: met, hl: hl, log: log, mtu: mtu}
 	if err := d.writeEnv(own.Subnet); err != nil {
@@ -131,7 +129,7 @@ type daemon struct {
 	c   Config
 	cfg *subnet.Config
 	be  backend.Backend
-	mgr *etcd.Manager
+	mgr leaseManager
 	met *metrics
 	hl  *health
 	log *slog.Logger
@@ -172,7 +170,7 @@ func (d *daemon) pass(ctx context.Context) {
 		return
 	}
 	start := time.Now()
-	err := d.be.Reconcile(ctx, own.Lease(), peers)
+	err := d.be.Reconcile(ctx, own, peers)
 	d.met.reconcileTime.Observe(time.Since(start).Seconds())
 	d.met.peers.Set(float64(len(peers)))
 	if err != nil {
@@ -200,40 +198,6 @@ func (d *daemon) writeEnv(p netip.Prefix) error {
 	return nil
 }
 
-// waitForConfig reads the network config, waiting while it is absent or
-// invalid and saying why each time the reason changes.
-func waitForConfig(ctx context.Context, reg *etcd.Registry, hl *health, log *slog.Logger) (*subnet.Config, error) {
-	last := ""
-	delay := 500 * time.Millisecond
-	for {
-		cfg, err := reg.Config(ctx)
-		if err == nil {
-			log.Info("network config", "network", cfg.Network, "subnetLen", cfg.SubnetLen, "backend", cfg.Backend.Type)
-			return cfg, nil
-		}
-		var reason string
-		switch {
-		case errors.Is(err, etcd.ErrNoConfig):
-			reason = fmt.Sprintf("waiting for the network config at %s (set it with `twillctl config set`)", reg.ConfigKey())
-		default:
-			reason = err.Error()
-		}
-		hl.set(reason)
-		if reason != last {
-			log.Warn("not starting yet", "reason", reason)
-			last = reason
-		}
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return nil, ctx.Err()
-		case <-t.C:
-		}
-		delay = min(2*delay, 5*time.Second)
-	}
-}
-
 // previousSubnet is the subnet of an existing env file, if it fits the network.
 func previousSubnet(path string, cfg *subnet.Config, log *slog.Logger) netip.Prefix {
 	env, err := subnet.ReadEnv(path)
@@ -248,20 +212,4 @@ func previousSubnet(path string, cfg *subnet.Config, log *slog.Logger) netip.Pre
 		return netip.Prefix{}
 	}
 	return p
-}
-
-// watchDatastore keeps twill_datastore_up equal to the state of the etcd
-// connection, with no requests of its own.
-func watchDatastore(ctx context.Context, state func() connectivity.State, wait func(context.Context, connectivity.State) bool, met *metrics) {
-	for {
-		s := state()
-		if s == connectivity.Ready {
-			met.datastoreUp.Set(1)
-		} else {
-			met.datastoreUp.Set(0)
-		}
-		if !wait(ctx, s) {
-			return
-		}
-	}
 }

@@ -1,0 +1,106 @@
+// Package backend is the seam between twilld and the datapath: a Backend
+// turns the node's own lease and its peers' leases into kernel state.
+//
+// Backends are level-triggered. Reconcile is given the whole picture (own
+// lease and every peer) each time, reads what the kernel holds of twill's,
+// and changes only the difference, so it is run at start-up, after every
+// batch of lease changes and on a timer, and the kernel converges whatever
+// happened in between (peers gone while twilld was down, entries deleted by
+// hand, a failed call last time). The desired-state functions
+// (vxlan.Desired, hostgw.Desired) and the diff (dataplane.Diff) are pure and
+// tested without a kernel; package dataplane explains how twill recognises
+// its own entries.
+//
+// The backends are chosen by an explicit switch in New; there is no
+// registry.
+package backend
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/twillnet/twill/backend/dataplane"
+	"github.com/twillnet/twill/backend/hostgw"
+	"github.com/twillnet/twill/backend/vxlan"
+	"github.com/twillnet/twill/subnet"
+)
+
+// ExternalInterface is the underlay interface twilld sends peer traffic
+// through. (It is defined in package dataplane so the backends, which this
+// package imports, can use it too.)
+type ExternalInterface = dataplane.ExternalInterface
+
+// RouteProtocol marks the routes twill makes (`ip route show proto 116`).
+const RouteProtocol = dataplane.RouteProtocol
+
+// PeerError says which peer could not be programmed and why. Reconcile's
+// error joins one per failed peer; find them with errors.As on each of the
+// joined errors, or just print the error.
+type PeerError = dataplane.PeerError
+
+// Backend programs the datapath of one network on this node. Its methods
+// must not run concurrently: twilld runs one pass at a time.
+type Backend interface {
+	// Prepare creates or adopts the device before the lease is acquired.
+	// It returns the BackendData to publish with the lease (vxlan:
+	// {"VNI":1,"VtepMAC":"..."}; none for host-gw and alloc) and the MTU
+	// pods must use.
+	Prepare(ctx context.Context) (data json.RawMessage, mtu int, err error)
+	// Reconcile makes the kernel equal the desired state for the own lease
+	// and the peers (the caller leaves the own lease out of peers; peers of
+	// another backend type are skipped). It re-creates the device and its
+	// address if they vanished, writes only what differs, and returns a
+	// joined error naming each peer that failed after programming all the
+	// others.
+	Reconcile(ctx context.Context, own subnet.Lease, peers []subnet.Lease) error
+	// Cleanup removes everything the backend made: device, routes.
+	Cleanup(ctx context.Context) error
+}
+
+// New returns the backend cfg.Type names. h is a netlink handle in the
+// namespace to program (netlink.NewHandle() for twilld's own; tests use
+// netlink.NewHandleAt). The backend does not close it.
+func New(cfg subnet.BackendConfig, ext ExternalInterface, h *netlink.Handle, log *slog.Logger) (Backend, error) {
+	if h == nil {
+		return nil, errors.New("backend: no netlink handle")
+	}
+	switch cfg.Type {
+	case subnet.BackendVXLAN:
+		return vxlan.New(cfg, ext, h, log)
+	case subnet.BackendHostGW:
+		return hostgw.New(cfg, ext, h, log)
+	case subnet.BackendAlloc:
+		return newAlloc(cfg, ext)
+	default:
+		return nil, fmt.Errorf("backend: unknown type %q (known: %s, %s, %s)", cfg.Type, subnet.BackendVXLAN, subnet.BackendHostGW, subnet.BackendAlloc)
+	}
+}
+
+// alloc only leases subnets; something else (or nothing) carries the traffic.
+type alloc struct{ mtu int }
+
+func newAlloc(cfg subnet.BackendConfig, ext ExternalInterface) (*alloc, error) {
+	mtu := cfg.MTU
+	if mtu == 0 {
+		mtu = ext.MTU
+	}
+	if mtu < 576 {
+		return nil, fmt.Errorf("alloc backend: MTU %d is too small (or the external interface's is unknown)", mtu)
+	}
+	return &alloc{mtu: mtu}, nil
+}
+
+func (a *alloc) Prepare(ctx context.Context) (json.RawMessage, int, error) {
+	return nil, a.mtu, ctx.Err()
+}
+
+func (a *alloc) Reconcile(ctx context.Context, _ subnet.Lease, _ []subnet.Lease) error {
+	return ctx.Err()
+}
+
+func (a *alloc) Cleanup(ctx context.Context) error { return ctx.Err() }

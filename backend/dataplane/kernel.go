@@ -1,0 +1,267 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/twillnet/twill/internal/netlinkx"
+)
+
+// ReadActual reads the entries twill owns: its routes in the main table (by
+// RouteProtocol) plus, when dev is not 0, every IPv4 neighbour and FDB entry
+// on the device with that index. Other routes in the main table are recorded
+// in Foreign.
+func ReadActual(ctx context.Context, h *netlink.Handle, dev int) (State, error) {
+	s := NewState()
+	routes, err := netlinkx.RouteList(ctx, h, netlink.FAMILY_V4, &netlink.Route{}, 0)
+	if err != nil {
+		return s, err
+	}
+	for _, r := range routes {
+		if r.Table != unix.RT_TABLE_MAIN && r.Table != 0 {
+			continue
+		}
+		dst := prefixOf(r.Dst)
+		if !dst.IsValid() {
+			continue
+		}
+		rt := Route{Dst: dst, LinkIndex: r.LinkIndex, Metric: r.Priority, Onlink: r.Flags&int(netlink.FLAG_ONLINK) != 0}
+		if gw, ok := netip.AddrFromSlice(r.Gw); ok {
+			rt.Gw = gw.Unmap()
+		}
+		if r.Protocol == RouteProtocol {
+			s.Routes[rt.Key()] = rt
+		} else {
+			s.Foreign[rt.Key()] = rt
+		}
+	}
+	if dev == 0 {
+		return s, nil
+	}
+	neighs, err := netlinkx.NeighList(ctx, h, dev, netlink.FAMILY_V4)
+	if err != nil {
+		return s, err
+	}
+	for _, n := range neighs {
+		ip, ok := netip.AddrFromSlice(n.IP)
+		if !ok || n.LinkIndex != dev {
+			continue
+		}
+		e := Neigh{LinkIndex: dev, IP: ip.Unmap(), Permanent: n.State&netlink.NUD_PERMANENT != 0}
+		e.MAC, _ = MACFrom(n.HardwareAddr) // an incomplete entry has none
+		s.Neighs[e.IP] = e
+	}
+	fdb, err := netlinkx.NeighList(ctx, h, dev, unix.AF_BRIDGE)
+	if err != nil {
+		return s, err
+	}
+	for _, n := range fdb {
+		if n.LinkIndex != dev || n.Flags&netlink.NTF_SELF == 0 {
+			continue
+		}
+		e := FDB{LinkIndex: dev}
+		e.MAC, _ = MACFrom(n.HardwareAddr)
+		if ip, ok := netip.AddrFromSlice(n.IP); ok {
+			e.Dst = ip.Unmap()
+		}
+		s.FDB[e.Key()] = e
+	}
+	return s, nil
+}
+
+func prefixOf(n *net.IPNet) netip.Prefix {
+	if n == nil {
+		return netip.PrefixFrom(netip.IPv4Unspecified(), 0) // the default route
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones)
+}
+
+// op is one netlink write, with the peer it serves for the error message.
+type op struct {
+	peer netip.Prefix
+	what string
+	do   func(h *netlink.Handle) error
+}
+
+// Apply makes the changes of p through h. Writes come first (FDB, then
+// neighbours, then routes, so a route never points at a MAC the kernel cannot
+// reach yet), then removals (routes first, for the same reason).
+//
+// A failed call does not stop the others. The error joins one *PeerError per
+// peer that failed (naming every entry of it that failed), one error per stale
+// entry that could not be removed, and one per blocked route.
+//
+// The calls are made one after another: every route, neighbour and FDB change
+// takes the kernel's RTNL lock, so several handles in goroutines measured no
+// faster (see Documentation/backends.md).
+func Apply(ctx context.Context, h *netlink.Handle, p Plan) error {
+	steps := [][]op{
+		fdbOps(p.SetFDB, true),
+		neighOps(p.SetNeighs, true),
+		routeOps(p.SetRoutes, true),
+		routeOps(p.DelRoutes, false),
+		neighOps(p.DelNeighs, false),
+		fdbOps(p.DelFDB, false),
+	}
+	var failed []opError
+	for _, step := range steps {
+		for i, o := range step {
+			if i%256 == 0 {
+				if err := ctx.Err(); err != nil {
+					return fmt.Errorf("apply: %w", err)
+				}
+			}
+			if err := o.do(h); err != nil {
+				failed = append(failed, opError{peer: o.peer, err: fmt.Errorf("%s: %w", o.what, err)})
+			}
+		}
+	}
+	for _, r := range p.Blocked {
+		failed = append(failed, opError{peer: r.Peer, err: fmt.Errorf(
+			"route to %s: a route to the same destination with metric %d exists and was not made by twill; remove it and twill will add its own", r.Dst, r.Metric)})
+	}
+	return joinByPeer(failed)
+}
+
+type opError struct {
+	peer netip.Prefix
+	err  error
+}
+
+// joinByPeer groups failures: "peer 10.244.3.0/24: set route ...: ...; set
+// neighbour ...". Failures of stale entries (no peer) stay one per entry.
+func joinByPeer(failed []opError) error {
+	if len(failed) == 0 {
+		return nil
+	}
+	var errs []error
+	byPeer := map[netip.Prefix][]error{}
+	var order []netip.Prefix
+	for _, f := range failed {
+		if !f.peer.IsValid() {
+			errs = append(errs, f.err)
+			continue
+		}
+		if _, seen := byPeer[f.peer]; !seen {
+			order = append(order, f.peer)
+		}
+		byPeer[f.peer] = append(byPeer[f.peer], f.err)
+	}
+	for _, peer := range order {
+		errs = append(errs, &PeerError{Peer: peer, Err: errors.Join(byPeer[peer]...)})
+	}
+	return errors.Join(errs...)
+}
+
+// PeerError says that entries for one peer could not be programmed.
+type PeerError struct {
+	Peer netip.Prefix // the peer's subnet
+	Err  error
+}
+
+func (e *PeerError) Error() string { return fmt.Sprintf("peer %s: %v", e.Peer, e.Err) }
+
+func (e *PeerError) Unwrap() error { return e.Err }
+
+func routeOps(rs []Route, set bool) []op {
+	ops := make([]op, 0, len(rs))
+	for _, r := range rs {
+		nr := &netlink.Route{
+			LinkIndex: r.LinkIndex,
+			Dst:       ipNet(r.Dst),
+			Protocol:  RouteProtocol,
+			Table:     unix.RT_TABLE_MAIN,
+			Priority:  r.Metric,
+		}
+		if r.Gw.IsValid() {
+			nr.Gw = r.Gw.AsSlice()
+		}
+		if set {
+			if r.Onlink {
+				nr.Flags = int(netlink.FLAG_ONLINK)
+			}
+			ops = append(ops, op{peer: r.Peer, what: "set route " + r.String(), do: func(h *netlink.Handle) error {
+				return h.RouteReplace(nr)
+			}})
+			continue
+		}
+		ops = append(ops, op{what: "remove stale route " + r.String(), do: func(h *netlink.Handle) error {
+			return ignore(h.RouteDel(nr), unix.ESRCH)
+		}})
+	}
+	return ops
+}
+
+func neighOps(ns []Neigh, set bool) []op {
+	ops := make([]op, 0, len(ns))
+	for _, n := range ns {
+		nn := &netlink.Neigh{
+			LinkIndex:    n.LinkIndex,
+			Family:       netlink.FAMILY_V4,
+			State:        netlink.NUD_PERMANENT,
+			IP:           n.IP.AsSlice(),
+			HardwareAddr: n.MAC.HardwareAddr(),
+		}
+		if set {
+			ops = append(ops, op{peer: n.Peer, what: "set neighbour " + n.String(), do: func(h *netlink.Handle) error {
+				return h.NeighSet(nn)
+			}})
+			continue
+		}
+		nn.HardwareAddr = nil
+		ops = append(ops, op{what: "remove stale neighbour " + n.String(), do: func(h *netlink.Handle) error {
+			return ignore(h.NeighDel(nn), unix.ENOENT)
+		}})
+	}
+	return ops
+}
+
+func fdbOps(fs []FDB, set bool) []op {
+	ops := make([]op, 0, len(fs))
+	for _, f := range fs {
+		nf := &netlink.Neigh{
+			LinkIndex:    f.LinkIndex,
+			Family:       unix.AF_BRIDGE,
+			Flags:        netlink.NTF_SELF,
+			State:        netlink.NUD_PERMANENT,
+			HardwareAddr: f.MAC.HardwareAddr(),
+		}
+		if f.Dst.IsValid() {
+			nf.IP = f.Dst.AsSlice()
+		}
+		if set {
+			ops = append(ops, op{peer: f.Peer, what: "set FDB entry " + f.String(), do: func(h *netlink.Handle) error {
+				return h.NeighSet(nf)
+			}})
+			continue
+		}
+		ops = append(ops, op{what: "remove stale FDB entry " + f.String(), do: func(h *netlink.Handle) error {
+			return ignore(h.NeighDel(nf), unix.ENOENT)
+		}})
+	}
+	return ops
+}
+
+// ignore treats the errno that means "already gone" as success: a removal
+// that races with the kernel (the device was deleted) has reached its goal.
+func ignore(err error, errno unix.Errno) error {
+	if errors.Is(err, errno) {
+		return nil
+	}
+	return err
+}
+
+func ipNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}

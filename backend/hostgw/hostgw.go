@@ -1,0 +1,134 @@
+// Package hostgw is the host-gw backend: no encapsulation, each node routes
+// the other nodes' pod subnets via their public IPs.
+//
+// It needs every node on one L2 network (the external interface's on-link
+// network): the next hop of a route must be directly reachable. A peer
+// outside that network cannot be served and is reported by name; the other
+// peers are still programmed. Use the vxlan backend with DirectRouting to get
+// plain routes where possible and a tunnel elsewhere.
+package hostgw
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/twillnet/twill/backend/dataplane"
+	"github.com/twillnet/twill/subnet"
+)
+
+// ErrUnreachable marks a peer whose public IP is not on the external
+// interface's network.
+var ErrUnreachable = errors.New("not directly reachable")
+
+// Desired computes one route per host-gw peer: the peer's subnet via its
+// public IP on the external interface. Peers of another backend type and the
+// own subnet are skipped; a peer that cannot be served gets a
+// *dataplane.PeerError in the joined error.
+func Desired(own subnet.Lease, peers []subnet.Lease, ext dataplane.ExternalInterface) (dataplane.State, error) {
+	s := dataplane.NewState()
+	sorted := slices.Clone(peers)
+	slices.SortFunc(sorted, func(a, b subnet.Lease) int {
+		if c := a.Subnet.Addr().Compare(b.Subnet.Addr()); c != 0 {
+			return c
+		}
+		return a.Subnet.Bits() - b.Subnet.Bits()
+	})
+	var errs []error
+	for _, peer := range sorted {
+		if peer.Attrs.BackendType != subnet.BackendHostGW || peer.Subnet == own.Subnet {
+			continue
+		}
+		sn, ip := peer.Subnet, peer.Attrs.PublicIP
+		var err error
+		switch {
+		case !sn.IsValid() || !sn.Addr().Is4() || sn.Masked() != sn:
+			err = fmt.Errorf("subnet %v is not an IPv4 network address", sn)
+		case own.Subnet.IsValid() && own.Subnet.Overlaps(sn):
+			err = fmt.Errorf("subnet overlaps this node's subnet %s", own.Subnet)
+		case s.Routes[dataplane.RouteKey{Dst: sn}].Dst.IsValid():
+			err = errors.New("another lease for the same subnet was seen first")
+		case !ip.Is4():
+			err = fmt.Errorf("public IP %v is not IPv4", ip)
+		case ip == ext.Addr:
+			err = fmt.Errorf("public IP %s is this node's own address", ip)
+		case !ext.Prefix.Contains(ip):
+			err = fmt.Errorf("public IP %s is %w from %s: host-gw needs every node on one L2 network, and %s is outside %s (the network of %s); use the vxlan backend (DirectRouting routes directly where it can)",
+				ip, ErrUnreachable, ext.Name, ip, ext.Prefix, ext.Name)
+		}
+		if err != nil {
+			errs = append(errs, &dataplane.PeerError{Peer: sn, Err: err})
+			continue
+		}
+		s.Routes[dataplane.RouteKey{Dst: sn}] = dataplane.Route{Dst: sn, Gw: ip, LinkIndex: ext.Index, Peer: sn}
+	}
+	return s, errors.Join(errs...)
+}
+
+// Backend programs host-gw routes.
+type Backend struct {
+	mtu int
+	ext dataplane.ExternalInterface
+	h   *netlink.Handle
+	log *slog.Logger
+}
+
+// New checks the configuration. h is a netlink handle in the namespace to
+// program.
+func New(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.Handle, log *slog.Logger) (*Backend, error) {
+	if err := ext.Validate(); err != nil {
+		return nil, fmt.Errorf("host-gw backend: %w", err)
+	}
+	if h == nil {
+		return nil, errors.New("host-gw backend: no netlink handle")
+	}
+	b := &Backend{mtu: cfg.MTU, ext: ext, h: h, log: log}
+	if b.mtu == 0 {
+		b.mtu = ext.MTU
+	}
+	if b.log == nil {
+		b.log = slog.New(slog.DiscardHandler)
+	}
+	b.log = b.log.With("backend", subnet.BackendHostGW)
+	return b, nil
+}
+
+// Prepare has no device to make; pods use the external interface's MTU (or
+// the configured one).
+func (b *Backend) Prepare(ctx context.Context) (json.RawMessage, int, error) {
+	return nil, b.mtu, ctx.Err()
+}
+
+// Reconcile makes twill's routes equal one route per peer.
+func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subnet.Lease) error {
+	desired, peerErr := Desired(own, peers, b.ext)
+	actual, err := dataplane.ReadActual(ctx, b.h, 0)
+	if err != nil {
+		return fmt.Errorf("host-gw backend: read kernel state: %w", err)
+	}
+	plan := dataplane.Diff(desired, actual)
+	if plan.Len() > 0 {
+		b.log.Info("reconciling", "peers", len(peers), "routes", len(desired.Routes), "set", len(plan.SetRoutes), "remove", len(plan.DelRoutes))
+	}
+	if err := errors.Join(peerErr, dataplane.Apply(ctx, b.h, plan)); err != nil {
+		return fmt.Errorf("host-gw backend: reconcile: %w", err)
+	}
+	return nil
+}
+
+// Cleanup removes every route twill made.
+func (b *Backend) Cleanup(ctx context.Context) error {
+	actual, err := dataplane.ReadActual(ctx, b.h, 0)
+	if err == nil {
+		err = dataplane.Apply(ctx, b.h, dataplane.Diff(dataplane.NewState(), actual))
+	}
+	if err != nil {
+		return fmt.Errorf("host-gw backend: cleanup: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,316 @@
+// Package vxlan is twill's default backend: pod traffic to another node is
+// wrapped in VXLAN (UDP, port 8472 by default) and sent to that node's public
+// IP.
+//
+// # Design
+//
+// One device, twill.<VNI>, with learning off: the kernel never floods or
+// learns, twill tells it everything. Per peer it holds exactly three entries
+// (see Desired): a route to the peer's subnet via the peer's network address
+// (onlink), a permanent neighbour entry mapping that address to the peer's
+// VTEP MAC, and an FDB entry mapping the MAC to the peer's public IP. The
+// route makes the kernel send the packet to the device with the peer's
+// network address as next hop; the neighbour entry gives the inner
+// destination MAC without ARP; the FDB entry gives the outer destination IP.
+// Three entries, all known in advance, no miss notifications and no daemon in
+// the packet path.
+//
+// The device keeps its MAC across restarts (a compatible device is adopted),
+// because peers hold that MAC in their neighbour and FDB entries. When the
+// device has to be recreated (deleted by hand, or incompatible with the
+// config) it is given the MAC published in the lease again.
+package vxlan
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/twillnet/twill/backend/dataplane"
+	"github.com/twillnet/twill/internal/netlinkx"
+	"github.com/twillnet/twill/subnet"
+)
+
+// Overhead is what VXLAN over IPv4 adds to a frame: outer IPv4 (20), UDP (8),
+// VXLAN (8) and the inner Ethernet header (14).
+const Overhead = 50
+
+// DeviceName returns the name of the device for vni.
+func DeviceName(vni int) string { return fmt.Sprintf("twill.%d", vni) }
+
+// Backend programs VXLAN for one network.
+type Backend struct {
+	vni, port     int
+	mtu           int
+	directRouting bool
+	ext           dataplane.ExternalInterface
+	h             *netlink.Handle
+	log           *slog.Logger
+
+	mu  sync.Mutex
+	mac dataplane.MAC // the VTEP MAC: the device's since the first Prepare or Reconcile
+}
+
+// New checks the configuration. h is a netlink handle in the namespace to
+// program. Nothing is created before Prepare.
+func New(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.Handle, log *slog.Logger) (*Backend, error) {
+	if err := ext.Validate(); err != nil {
+		return nil, fmt.Errorf("vxlan backend: %w", err)
+	}
+	if h == nil {
+		return nil, errors.New("vxlan backend: no netlink handle")
+	}
+	b := &Backend{vni: cfg.VNI, port: cfg.Port, directRouting: cfg.DirectRouting, ext: ext, h: h, log: log}
+	if b.vni == 0 {
+		b.vni = subnet.DefaultVNI
+	}
+	if b.port == 0 {
+		b.port = subnet.DefaultVXLANPort
+	}
+	if b.vni < 1 || b.vni > 1<<24-1 {
+		return nil, fmt.Errorf("vxlan backend: VNI %d is out of range", b.vni)
+	}
+	b.mtu = cfg.MTU
+	if b.mtu == 0 {
+		b.mtu = ext.MTU - Overhead
+	}
+	if b.mtu < 576 {
+		return nil, fmt.Errorf("vxlan backend: MTU %d is too small (external interface %s has MTU %d)", b.mtu, ext.Name, ext.MTU)
+	}
+	if b.log == nil {
+		b.log = slog.New(slog.DiscardHandler)
+	}
+	b.log = b.log.With("backend", subnet.BackendVXLAN, "device", DeviceName(b.vni))
+	return b, nil
+}
+
+// Device returns the name of the VXLAN device.
+func (b *Backend) Device() string { return DeviceName(b.vni) }
+
+// Prepare creates the device, or adopts a compatible one left by an earlier
+// run (keeping its MAC), and returns the BackendData to publish and the MTU
+// pods must use.
+func (b *Backend) Prepare(ctx context.Context) (json.RawMessage, int, error) {
+	link, err := b.ensureDevice(ctx)
+	if err != nil {
+		return nil, 0, err
+	}
+	mac, _ := dataplane.MACFrom(link.HardwareAddr)
+	data, err := json.Marshal(Data{VNI: b.vni, VtepMAC: mac})
+	if err != nil {
+		return nil, 0, fmt.Errorf("vxlan backend: encode BackendData: %w", err)
+	}
+	return data, b.mtu, nil
+}
+
+// Reconcile makes the kernel hold exactly the entries for own and peers:
+// device (re-created if gone, with the published MAC), its address (the own
+// subnet's network address /32), and per peer the route, neighbour and FDB
+// entries. Only differences are written.
+func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subnet.Lease) error {
+	if !own.Subnet.IsValid() || !own.Subnet.Addr().Is4() {
+		return fmt.Errorf("vxlan backend: reconcile: own lease has no IPv4 subnet (%v)", own.Subnet)
+	}
+	link, err := b.ensureDevice(ctx)
+	if err != nil {
+		return err
+	}
+	dev := link.Attrs().Index
+	addrErr := b.ensureAddr(ctx, link, netip.PrefixFrom(own.Subnet.Masked().Addr(), 32))
+	desired, peerErr := Desired(own, peers, Params{Dev: dev, VNI: b.vni, Ext: b.ext, DirectRouting: b.directRouting})
+	actual, err := dataplane.ReadActual(ctx, b.h, dev)
+	if err != nil {
+		return errors.Join(addrErr, fmt.Errorf("vxlan backend: read kernel state: %w", err))
+	}
+	plan := dataplane.Diff(desired, actual)
+	if n := plan.Len(); n > 0 {
+		b.log.Info("reconciling", "peers", len(peers), "entries", desired.Len(), "set", len(plan.SetRoutes)+len(plan.SetNeighs)+len(plan.SetFDB),
+			"remove", len(plan.DelRoutes)+len(plan.DelNeighs)+len(plan.DelFDB))
+	}
+	applyErr := dataplane.Apply(ctx, b.h, plan)
+	if err := errors.Join(addrErr, peerErr, applyErr); err != nil {
+		return fmt.Errorf("vxlan backend: reconcile: %w", err)
+	}
+	return nil
+}
+
+// Cleanup removes twill's routes and the device (which takes its neighbour
+// and FDB entries with it).
+func (b *Backend) Cleanup(ctx context.Context) error {
+	actual, err := dataplane.ReadActual(ctx, b.h, 0)
+	if err != nil {
+		return fmt.Errorf("vxlan backend: cleanup: %w", err)
+	}
+	errs := []error{dataplane.Apply(ctx, b.h, dataplane.Diff(dataplane.NewState(), actual))}
+	link, err := netlinkx.LinkByName(ctx, b.h, b.Device())
+	switch {
+	case netlinkx.IsNotFound(err):
+	case err != nil:
+		errs = append(errs, err)
+	default:
+		if _, ok := link.(*netlink.Vxlan); ok {
+			if err := b.h.LinkDel(link); err != nil {
+				errs = append(errs, fmt.Errorf("delete %s: %w", b.Device(), err))
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("vxlan backend: cleanup: %w", err)
+	}
+	return nil
+}
+
+// ensureDevice returns the VXLAN device, up, with the configured MTU and the
+// published MAC, creating or re-creating it as needed.
+func (b *Backend) ensureDevice(ctx context.Context) (*netlink.Vxlan, error) {
+	h, name := b.h, b.Device()
+	b.mu.Lock()
+	mac := b.mac
+	b.mu.Unlock()
+	link, err := netlinkx.LinkByName(ctx, h, name)
+	var vx *netlink.Vxlan
+	switch {
+	case netlinkx.IsNotFound(err):
+		if mac != (dataplane.MAC{}) {
+			b.log.Warn("device is gone; re-creating it with its published MAC", "mac", mac)
+		}
+	case err != nil:
+		return nil, fmt.Errorf("vxlan backend: %w", err)
+	default:
+		var ok bool
+		if vx, ok = link.(*netlink.Vxlan); !ok {
+			return nil, fmt.Errorf("vxlan backend: %s exists and is a %s device, not VXLAN; twill leaves it alone: remove it or choose another VNI", name, link.Type())
+		}
+		if why := b.incompatible(vx); why != "" {
+			b.log.Warn("re-creating incompatible device", "reason", why)
+			if mac == (dataplane.MAC{}) {
+				mac, _ = dataplane.MACFrom(vx.HardwareAddr)
+			}
+			if err := h.LinkDel(vx); err != nil {
+				return nil, fmt.Errorf("vxlan backend: delete incompatible %s (%s): %w", name, why, err)
+			}
+			vx = nil
+		}
+	}
+	if vx == nil {
+		vx, err = b.createDevice(ctx, mac)
+		if err != nil {
+			return nil, err
+		}
+	}
+	if vx.MTU != b.mtu {
+		if err := h.LinkSetMTU(vx, b.mtu); err != nil {
+			return nil, fmt.Errorf("vxlan backend: set MTU of %s to %d: %w", name, b.mtu, err)
+		}
+	}
+	if have, _ := dataplane.MACFrom(vx.HardwareAddr); mac != (dataplane.MAC{}) && have != mac {
+		// Changed by hand: peers know the published MAC.
+		if err := h.LinkSetHardwareAddr(vx, mac.HardwareAddr()); err != nil {
+			return nil, fmt.Errorf("vxlan backend: restore MAC %s of %s: %w", mac, name, err)
+		}
+		vx.HardwareAddr = mac.HardwareAddr()
+	}
+	if vx.Flags&net.FlagUp == 0 {
+		if err := h.LinkSetUp(vx); err != nil {
+			return nil, fmt.Errorf("vxlan backend: set %s up: %w", name, err)
+		}
+	}
+	if mac == (dataplane.MAC{}) {
+		// From now on this is the MAC peers know; keep it if the device
+		// has to be made again.
+		mac, _ = dataplane.MACFrom(vx.HardwareAddr)
+		b.mu.Lock()
+		b.mac = mac
+		b.mu.Unlock()
+	}
+	return vx, nil
+}
+
+// incompatible says why an existing device cannot be adopted, or "".
+func (b *Backend) incompatible(vx *netlink.Vxlan) string {
+	local, _ := netip.AddrFromSlice(vx.SrcAddr)
+	switch {
+	case vx.VxlanId != b.vni:
+		return fmt.Sprintf("VNI %d, want %d", vx.VxlanId, b.vni)
+	case vx.Port != b.port:
+		return fmt.Sprintf("UDP port %d, want %d", vx.Port, b.port)
+	case local.Unmap() != b.ext.Addr:
+		return fmt.Sprintf("local address %v, want %s", vx.SrcAddr, b.ext.Addr)
+	case vx.VtepDevIndex != b.ext.Index:
+		return fmt.Sprintf("parent interface index %d, want %d (%s)", vx.VtepDevIndex, b.ext.Index, b.ext.Name)
+	case vx.Learning:
+		return "learning is on"
+	case vx.FlowBased:
+		return "it is an external (flow-based) device"
+	case len(vx.Group) > 0 && !vx.Group.IsUnspecified():
+		return fmt.Sprintf("it has a multicast group or remote %s", vx.Group)
+	}
+	return ""
+}
+
+func (b *Backend) createDevice(ctx context.Context, mac dataplane.MAC) (*netlink.Vxlan, error) {
+	h, name := b.h, b.Device()
+	attrs := netlink.NewLinkAttrs()
+	attrs.Name, attrs.MTU = name, b.mtu
+	if mac != (dataplane.MAC{}) {
+		attrs.HardwareAddr = mac.HardwareAddr()
+	}
+	want := &netlink.Vxlan{
+		LinkAttrs:    attrs,
+		VxlanId:      b.vni,
+		VtepDevIndex: b.ext.Index,
+		SrcAddr:      b.ext.Addr.AsSlice(),
+		Port:         b.port,
+		Learning:     false,
+	}
+	if err := h.LinkAdd(want); err != nil {
+		return nil, fmt.Errorf("vxlan backend: create %s (VNI %d, port %d, local %s, dev %s): %w", name, b.vni, b.port, b.ext.Addr, b.ext.Name, err)
+	}
+	link, err := netlinkx.LinkByName(ctx, h, name)
+	if err != nil {
+		return nil, fmt.Errorf("vxlan backend: read back %s: %w", name, err)
+	}
+	vx, ok := link.(*netlink.Vxlan)
+	if !ok {
+		return nil, fmt.Errorf("vxlan backend: %s was created but reads back as %s", name, link.Type())
+	}
+	b.log.Info("created device", "index", vx.Index, "mac", vx.HardwareAddr, "mtu", vx.MTU)
+	return vx, nil
+}
+
+// ensureAddr gives the device exactly one IPv4 address: want. IPv6
+// addresses (the kernel's link-local one) are left alone.
+func (b *Backend) ensureAddr(ctx context.Context, link netlink.Link, want netip.Prefix) error {
+	h := b.h
+	addrs, err := netlinkx.AddrList(ctx, h, link, netlink.FAMILY_V4)
+	if err != nil {
+		return err
+	}
+	have := false
+	var errs []error
+	for _, a := range addrs {
+		ip, _ := netip.AddrFromSlice(a.IP)
+		ones, _ := a.Mask.Size()
+		if netip.PrefixFrom(ip.Unmap(), ones) == want {
+			have = true
+			continue
+		}
+		if err := h.AddrDel(link, &a); err != nil {
+			errs = append(errs, fmt.Errorf("remove stale address %s from %s: %w", a.IPNet, b.Device(), err))
+		}
+	}
+	if !have {
+		addr := &netlink.Addr{IPNet: &net.IPNet{IP: want.Addr().AsSlice(), Mask: net.CIDRMask(32, 32)}}
+		if err := h.AddrReplace(link, addr); err != nil {
+			errs = append(errs, fmt.Errorf("set address %s on %s: %w", want, b.Device(), err))
+		}
+	}
+	return errors.Join(errs...)
+}

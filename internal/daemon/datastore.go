@@ -1,0 +1,142 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"google.golang.org/grpc/connectivity"
+
+	"github.com/twillnet/twill/subnet"
+	"github.com/twillnet/twill/subnet/etcd"
+)
+
+// datastore is where the daemon gets the network config and its leases:
+// etcd, or the Kubernetes API.
+type datastore interface {
+	// Config returns the network config, waiting (and saying why through
+	// notReady) while it is absent or invalid.
+	Config(ctx context.Context, notReady func(string)) (*subnet.Config, error)
+	// Leases returns the lease manager for this node.
+	Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix) leaseManager
+	// watchUp keeps twill_datastore_up current until ctx ends.
+	watchUp(ctx context.Context, met *metrics)
+	Close()
+}
+
+// leaseManager holds the node's own lease and follows the peers'.
+type leaseManager interface {
+	// Acquire takes the node's lease, retrying transient failures.
+	Acquire(ctx context.Context) (subnet.Lease, error)
+	// Own is the lease held now; it changes when a lost lease is re-acquired.
+	Own() subnet.Lease
+	// Peers are every other lease, and whether they were read at least once.
+	Peers() ([]subnet.Lease, bool)
+	// Changed signals, coalesced, that Own or Peers changed.
+	Changed() <-chan struct{}
+	// Run follows peers and keeps the own lease until ctx ends.
+	Run(ctx context.Context) error
+	// Release gives the lease back (--release-on-exit).
+	Release(ctx context.Context) error
+}
+
+// datapathReadyNotifier is implemented by lease managers that publish the
+// node's readiness (the Kubernetes NetworkUnavailable condition).
+type datapathReadyNotifier interface {
+	DatapathReady(ctx context.Context) error
+}
+
+// etcdStore is the etcd datastore.
+type etcdStore struct {
+	reg *etcd.Registry
+	ttl time.Duration
+	log *slog.Logger
+	cls func() error
+}
+
+func newEtcdStore(c Config, log *slog.Logger) (*etcdStore, error) {
+	cli, err := etcd.NewClient(c.Etcd)
+	if err != nil {
+		return nil, err
+	}
+	return &etcdStore{reg: etcd.NewRegistry(cli, c.EtcdPrefix, log), ttl: c.LeaseTTL, log: log, cls: cli.Close}, nil
+}
+
+func (s *etcdStore) Close() { s.cls() }
+
+func (s *etcdStore) Config(ctx context.Context, notReady func(string)) (*subnet.Config, error) {
+	return waitFor(ctx, s.log, notReady, func() (*subnet.Config, string) {
+		cfg, err := s.reg.Config(ctx)
+		if err == nil {
+			return cfg, ""
+		}
+		if errors.Is(err, etcd.ErrNoConfig) {
+			return nil, fmt.Sprintf("waiting for the network config at %s (set it with `twillctl config set`)", s.reg.ConfigKey())
+		}
+		return nil, err.Error()
+	})
+}
+
+func (s *etcdStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix) leaseManager {
+	return &etcdLeases{Manager: etcd.NewManager(s.reg, etcd.AcquireRequest{Config: cfg, Attrs: attrs, TTL: s.ttl, Previous: previous})}
+}
+
+// etcdLeases adapts etcd.Manager to leaseManager.
+type etcdLeases struct{ *etcd.Manager }
+
+func (e *etcdLeases) Acquire(ctx context.Context) (subnet.Lease, error) {
+	a, err := e.Manager.Acquire(ctx)
+	if err != nil {
+		return subnet.Lease{}, err
+	}
+	return a.Lease(), nil
+}
+
+func (e *etcdLeases) Own() subnet.Lease { return e.Manager.Own().Lease() }
+
+// waitFor polls get until it returns a config, reporting each new reason for
+// waiting once in the log and every time through notReady.
+func waitFor(ctx context.Context, log *slog.Logger, notReady func(string), get func() (*subnet.Config, string)) (*subnet.Config, error) {
+	last := ""
+	delay := 500 * time.Millisecond
+	for {
+		cfg, reason := get()
+		if cfg != nil {
+			log.Info("network config", "network", cfg.Network, "subnetLen", cfg.SubnetLen, "backend", cfg.Backend.Type)
+			return cfg, nil
+		}
+		notReady(reason)
+		if reason != last {
+			log.Warn("not starting yet", "reason", reason)
+			last = reason
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+		delay = min(2*delay, 5*time.Second)
+	}
+}
+
+// watchUp keeps twill_datastore_up equal to the state of the etcd
+// connection, with no requests of its own.
+func (s *etcdStore) watchUp(ctx context.Context, met *metrics) {
+	conn := s.reg.Client().ActiveConnection()
+	for {
+		st := conn.GetState()
+		if st == connectivity.Ready {
+			met.datastoreUp.Set(1)
+		} else {
+			met.datastoreUp.Set(0)
+		}
+		if !conn.WaitForStateChange(ctx, st) {
+			return
+		}
+	}
+}
