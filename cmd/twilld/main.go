@@ -39,6 +39,7 @@ func run(args []string) error {
 		publicIP  = fs.String("public-ip", "", "IPv4 address peers use to reach this node (default: the interface's address)")
 		logLevel  = fs.String("log-level", "info", "debug, info, warn or error")
 		showVer   = fs.Bool("version", false, "print the version and exit")
+		cleanup   = fs.Bool("cleanup", false, "remove twill's devices, routes and iptables chains from this node, then exit")
 	)
 	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", etcd.DefaultPrefix, "etcd key prefix of the network")
 	fs.StringVar(&c.Etcd.CAFile, "etcd-cafile", "", "CA bundle to verify etcd's server certificate")
@@ -85,6 +86,9 @@ func run(args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
+	if *cleanup {
+		return daemon.Cleanup(ctx, log)
+	}
 	log.Info("starting twilld", "version", version.Version)
 	return daemon.Run(ctx, c, log)
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/twillnet/twill/backend"
 	"github.com/twillnet/twill/internal/iface"
+	"github.com/twillnet/twill/internal/masq"
 	"github.com/twillnet/twill/subnet"
 	"github.com/twillnet/twill/subnet/etcd"
 )
@@ -100,7 +101,20 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	met.leaseAcquired.Inc()
 	log.Info("lease acquired", "subnet", own.Subnet)
 
+	if err := masq.EnableIPForward(); err != nil {
+		return err
+	}
 	d := &daemon{c: c, cfg: cfg, be: be, mgr: mgr, met: met, hl: hl, log: log, mtu: mtu}
+	if c.IPMasq {
+		if d.ipt, err = masq.NewIPTables(); err != nil {
+			return fmt.Errorf("--ip-masq: %w", err)
+		}
+	} else if ipt, err := masq.NewIPTables(); err == nil {
+		// Rules of an earlier run with --ip-masq must not outlive it.
+		if err := masq.Cleanup(ctx, ipt); err != nil {
+			log.Warn("remove masquerade rules of an earlier run", "err", err)
+		}
+	}
 	if err := d.writeEnv(own.Subnet); err != nil {
 		return err
 	}
@@ -136,6 +150,10 @@ type daemon struct {
 	mtu int
 
 	envSubnet netip.Prefix // the subnet the env file names
+
+	ipt   masq.IPTables // nil without --ip-masq
+	rules       *masq.Manager
+	rulesSubnet netip.Prefix // the subnet rules was made for
 }
 
 // loop reconciles after every change signal and every resync tick.
@@ -162,6 +180,21 @@ func (d *daemon) pass(ctx context.Context) {
 			d.log.Error("write subnet env file", "err", err)
 		}
 		d.met.leaseAcquired.Inc()
+	}
+	if d.ipt != nil {
+		if d.rules == nil || d.rulesSubnet != own.Subnet {
+			r, err := masq.New(d.ipt, masq.Config{Network: d.cfg.Network, Subnet: own.Subnet}, d.log)
+			if err != nil {
+				d.log.Error("masquerade rules", "err", err)
+			} else {
+				d.rules, d.rulesSubnet = r, own.Subnet
+			}
+		}
+		if d.rules != nil {
+			if err := d.rules.Ensure(ctx); err != nil && ctx.Err() == nil {
+				d.log.Error("ensure masquerade rules", "err", err)
+			}
+		}
 	}
 	peers, synced := d.mgr.Peers()
 	if !synced {

@@ -43,7 +43,7 @@ func hostEnv(t *testing.T, l *lab.Lab, i int) subnet.Env {
 // Entries deleted by hand, and the VXLAN device itself, are back after the
 // next resync; entries twill did not make are left alone.
 func TestDriftIsRepaired(t *testing.T) {
-	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan", DaemonArgs: []string{"--resync-interval", "1s"}})
+	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan", IPMasq: true, DaemonArgs: []string{"--resync-interval", "1s"}})
 	h1 := l.Topology().HostNS(1)
 	want := expected("vxlan", 2)
 	waitCounts(t, l, 1, want, 10*time.Second)
@@ -71,6 +71,23 @@ func TestDriftIsRepaired(t *testing.T) {
 	ipn(t, h1, "link", "del", "twill.1")
 	waitCounts(t, l, 1, want, 15*time.Second)
 	requireMatrix(t, l)
+
+	// twill's iptables chains, flushed or unhooked by hand, come back.
+	natRules := iptablesS(t, h1, "nat", "TWILL-POSTRTG")
+	if !strings.Contains(natRules, "MASQUERADE") {
+		t.Fatalf("no masquerade rule in TWILL-POSTRTG:\n%s", natRules)
+	}
+	iptables(t, h1, "-t", "nat", "-F", "TWILL-POSTRTG")
+	iptables(t, h1, "-t", "filter", "-D", "FORWARD", "-m", "comment", "--comment", "twill: accept traffic from and to the cluster network", "-j", "TWILL-FWD")
+	waitFor(t, "the chains to be restored", 10*time.Second, func() error {
+		if got := iptablesS(t, h1, "nat", "TWILL-POSTRTG"); got != natRules {
+			return fmt.Errorf("TWILL-POSTRTG:\n%s", got)
+		}
+		if !strings.Contains(iptablesS(t, h1, "filter", "FORWARD"), "-j TWILL-FWD") {
+			return fmt.Errorf("FORWARD does not jump to TWILL-FWD")
+		}
+		return nil
+	})
 
 	// The foreign route on twill.1 went with the device; the others stay.
 	if out := ipn(t, h1, "route", "show", "192.0.2.0/24"); !strings.Contains(out, "192.0.2.0/24") {
@@ -179,5 +196,64 @@ func waitFor(t *testing.T, what string, d time.Duration, f func() error) {
 			t.Fatalf("timed out after %s waiting for %s: %v", d, what, err)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func iptables(t *testing.T, netns string, args ...string) string {
+	t.Helper()
+	out, err := lab.InNS(context.Background(), netns, "iptables", append([]string{"-w"}, args...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// iptablesS lists a chain. iptables-nft 1.8.9 can misread a table that
+// another process changes at that moment ("chain ... is incompatible"), so a
+// failed read is tried again a few times.
+func iptablesS(t *testing.T, netns, table, chain string) string {
+	t.Helper()
+	var err error
+	for range 5 {
+		var out string
+		out, err = lab.InNS(context.Background(), netns, "iptables", "-w", "-t", table, "-S", chain)
+		if err == nil {
+			return out
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatal(err)
+	return ""
+}
+
+// twilld --cleanup removes twill's device, routes and chains, and nothing else.
+func TestCleanup(t *testing.T) {
+	l := newLab(t, lab.Options{Hosts: 2, PodsPerHost: 1, Backend: "vxlan", IPMasq: true})
+	ctx := ctxFor(t, time.Minute)
+	waitCounts(t, l, 1, expected("vxlan", 1), 10*time.Second)
+	if err := l.StopDaemon(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	h1 := l.Topology().HostNS(1)
+	if out, err := lab.InNS(ctx, h1, l.BinDir+"/twilld", "--cleanup"); err != nil {
+		t.Fatalf("twilld --cleanup: %v\n%s", err, out)
+	}
+	if c, err := l.Counts(ctx, 1); err != nil || c != (lab.HostCounts{}) {
+		t.Fatalf("after cleanup h1 holds %+v (%v)", c, err)
+	}
+	if out := ipn(t, h1, "link", "show"); strings.Contains(out, "twill.") {
+		t.Fatalf("device left:\n%s", out)
+	}
+	for _, tc := range [][2]string{{"nat", "POSTROUTING"}, {"filter", "FORWARD"}} {
+		if out := iptables(t, h1, "-t", tc[0], "-S"); strings.Contains(out, "TWILL") {
+			t.Fatalf("%s still mentions twill:\n%s", tc[0], out)
+		}
+	}
+	// The pod bridge and the lease are not twilld's to remove here.
+	if out := ipn(t, h1, "link", "show", "cni0"); !strings.Contains(out, "cni0") {
+		t.Fatal("cleanup removed the pod bridge")
+	}
+	if out, err := l.Ctl(ctx, "leases", "list"); err != nil || strings.Count(out, "198.18.0.") != 2 {
+		t.Fatalf("leases after cleanup: %v\n%s", err, out)
 	}
 }

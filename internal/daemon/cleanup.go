@@ -1,0 +1,66 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/twillnet/twill/backend"
+	"github.com/twillnet/twill/internal/masq"
+	"github.com/twillnet/twill/internal/netlinkx"
+)
+
+// Cleanup removes what twilld made in this network namespace: VXLAN devices
+// named twill.*, routes with twill's route protocol, and twill's iptables
+// chains. It needs neither the datastore nor the network config, so it works
+// on a node whose config is gone. The lease is left alone.
+func Cleanup(ctx context.Context, log *slog.Logger) error {
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return fmt.Errorf("open netlink: %w", err)
+	}
+	defer h.Close()
+	var errs []error
+	links, err := netlinkx.LinkList(ctx, h)
+	if err != nil {
+		return err
+	}
+	for _, l := range links {
+		if _, ok := l.(*netlink.Vxlan); ok && strings.HasPrefix(l.Attrs().Name, "twill.") {
+			if err := h.LinkDel(l); err != nil {
+				errs = append(errs, fmt.Errorf("delete %s: %w", l.Attrs().Name, err))
+			} else {
+				log.Info("deleted device", "name", l.Attrs().Name)
+			}
+		}
+	}
+	routes, err := netlinkx.Dump(ctx, "list routes", func() ([]netlink.Route, error) {
+		// Table 0 with RT_FILTER_TABLE lists every table.
+		return h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: backend.RouteProtocol, Table: unix.RT_TABLE_UNSPEC},
+			netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	})
+	if err != nil {
+		return err
+	}
+	for _, r := range routes {
+		if err := h.RouteDel(&r); err != nil && !netlinkx.IsNotFound(err) {
+			errs = append(errs, fmt.Errorf("delete route %s: %w", r.Dst, err))
+		}
+	}
+	log.Info("deleted twill's routes", "count", len(routes))
+	if ipt, err := masq.NewIPTables(); err == nil {
+		if err := masq.Cleanup(ctx, ipt); err != nil {
+			errs = append(errs, err)
+		} else {
+			log.Info("deleted twill's iptables chains")
+		}
+	} else {
+		log.Warn("iptables not available; skipping its cleanup", "err", err)
+	}
+	return errors.Join(errs...)
+}
