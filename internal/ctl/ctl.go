@@ -36,6 +36,7 @@ func commands() []command {
 		{"lab down", "[--keep-logs]", "remove everything the lab made", labDown},
 		{"lab run", "[lab up flags]", "lab up, status, check and down; exit code 0 when every pod reaches every other", labRun},
 		{"lab etcd", "--data-dir D --listen HOST:PORT", "(internal) the lab's etcd, embedded in twillctl", labEtcd},
+		{"install", "--src F --dst D [--mode 0644]", "copy a file into place atomically (used by the DaemonSet's init containers)", install},
 		{"version", "", "print the version", func(_ context.Context, _ []string, out, _ io.Writer) error {
 			fmt.Fprintln(out, "twillctl", version.Version)
 			return nil

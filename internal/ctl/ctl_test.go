@@ -117,3 +117,26 @@ func TestUnknownCommand(t *testing.T) {
 }
 
 func clientWithLease(id clientv3.LeaseID) clientv3.OpOption { return clientv3.WithLease(id) }
+
+func TestInstallIsAtomicCopy(t *testing.T) {
+	dir := t.TempDir()
+	src := filepath.Join(dir, "twill")
+	if err := os.WriteFile(src, []byte("plugin"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dst := filepath.Join(dir, "opt", "cni", "bin", "twill")
+	var out, errOut bytes.Buffer
+	if err := Main(context.Background(), []string{"install", "--src", src, "--dst", dst, "--mode", "0755"}, &out, &errOut); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(dst)
+	if err != nil || st.Mode().Perm() != 0o755 {
+		t.Fatalf("installed file: %v, %v", st, err)
+	}
+	if err := Main(context.Background(), []string{"install", "--src", filepath.Join(dir, "missing"), "--dst", dst}, &out, &errOut); err == nil {
+		t.Fatal("missing source accepted")
+	}
+	if data, _ := os.ReadFile(dst); string(data) != "plugin" {
+		t.Fatalf("a failed install changed the destination: %q", data)
+	}
+}

@@ -102,7 +102,9 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	log.Info("lease acquired", "subnet", own.Subnet)
 
 	if err := masq.EnableIPForward(); err != nil {
-		return err
+		// A container without a writable /proc/sys cannot; the host usually
+		// has it on already (kubelet and kube-proxy want it too).
+		log.Error("IPv4 forwarding is off and cannot be turned on; pods on other nodes are unreachable until it is (sysctl -w net.ipv4.ip_forward=1)", "err", err)
 	}
 	d := &daemon{c: c, cfg: cfg, be: be, mgr: mgr, met: met, hl: hl, log: log, mtu: mtu}
 	if c.IPMasq {
