@@ -1,0 +1,334 @@
+package plugin
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/netip"
+	"path/filepath"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
+
+	"github.com/twillnet/twill/subnet"
+)
+
+// Defaults for the plugin's own configuration keys.
+const (
+	DefaultSubnetFile   = subnet.DefaultEnvFile
+	DefaultDataDir      = "/var/lib/cni/twill"
+	DefaultDelegateType = "bridge"
+	DefaultBridge       = "cni0"
+	IPAMType            = "host-local"
+)
+
+// SupportedVersions are the CNI spec versions the plugin accepts: every version
+// the cni library implements from 0.3.0 on. Older ones have no interface list
+// in their result, which the bridge delegate needs for CHECK.
+var SupportedVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
+
+// VersionInfo is what the plugin answers to VERSION.
+func VersionInfo() version.PluginInfo { return version.PluginSupports(SupportedVersions...) }
+
+// NetConf is the plugin's configuration as the runtime passes it on stdin.
+type NetConf struct {
+	CNIVersion string
+	Name       string
+	Type       string
+
+	// SubnetFile is the env file twilld writes.
+	SubnetFile string
+	// DataDir holds the saved delegate configurations.
+	DataDir string
+	// Delegate is merged into the delegate configuration. Numbers are kept
+	// as json.Number so they pass through unchanged.
+	Delegate map[string]any
+	// IPAM holds the additions to the host-local configuration.
+	IPAM IPAMAdditions
+
+	// Passed through to the delegate unchanged.
+	RuntimeConfig map[string]any
+	Args          map[string]any
+
+	// PrevResult is the runtime's cached result, sent with CHECK.
+	PrevResult map[string]any
+	// ValidAttachments is sent with GC; nil means the key was absent.
+	ValidAttachments *[]types.GCAttachment
+}
+
+// IPAMAdditions is the `ipam` object of the plugin configuration. It does not
+// replace host-local's configuration; it adds to the one built from the env
+// file.
+type IPAMAdditions struct {
+	// Type may only be host-local (or empty).
+	Type string `json:"type,omitempty"`
+	// DataDir is host-local's store; empty means host-local's default.
+	DataDir string `json:"dataDir,omitempty"`
+	// Routes are added after the route to the cluster network.
+	Routes []Route `json:"routes,omitempty"`
+	// Ranges, when set, replace the default range (the whole node subnet);
+	// every range must lie inside the node subnet.
+	Ranges [][]Range `json:"ranges,omitempty"`
+}
+
+// Route is a route host-local hands to the pod.
+type Route struct {
+	Dst string `json:"dst"`
+	GW  string `json:"gw,omitempty"`
+}
+
+// Range is one host-local range. Subnet defaults to the node subnet; Gateway,
+// if given, must be the node's gateway (the bridge's address).
+type Range struct {
+	Subnet     string `json:"subnet,omitempty"`
+	RangeStart string `json:"rangeStart,omitempty"`
+	RangeEnd   string `json:"rangeEnd,omitempty"`
+	Gateway    string `json:"gateway,omitempty"`
+}
+
+// rawConf is the wire form; ipam is decoded separately and strictly.
+type rawConf struct {
+	CNIVersion          string                `json:"cniVersion"`
+	Name                string                `json:"name"`
+	Type                string                `json:"type"`
+	SubnetFile          string                `json:"subnetFile"`
+	DataDir             string                `json:"dataDir"`
+	Delegate            json.RawMessage       `json:"delegate"`
+	IPAM                json.RawMessage       `json:"ipam"`
+	RuntimeConfig       map[string]any        `json:"runtimeConfig"`
+	Args                map[string]any        `json:"args"`
+	PrevResult          map[string]any        `json:"prevResult"`
+	ValidAttachments    *[]types.GCAttachment `json:"cni.dev/valid-attachments"`
+	LegacyValidAttachts *[]types.GCAttachment `json:"cni.dev/attachments"`
+}
+
+// delegateReserved are keys the plugin always sets itself; a delegate object
+// that sets them is rejected rather than silently overridden.
+var delegateReserved = []string{"name", "cniVersion", "ipam", "prevResult", "runtimeConfig", "args",
+	"cni.dev/valid-attachments", "cni.dev/attachments"}
+
+// delegateDefaulted are keys the delegate object may set; twill fills in a
+// default otherwise.
+var delegateDefaulted = []string{"type", "bridge", "isGateway", "ipMasq", "mtu"}
+
+// MaxConfSize bounds the configuration the plugin accepts.
+const MaxConfSize = 1 << 20
+
+// ParseConf decodes and validates the plugin configuration. It checks
+// everything that does not depend on the env file; BuildDelegate checks the
+// rest.
+func ParseConf(data []byte) (*NetConf, error) {
+	if len(data) > MaxConfSize {
+		return nil, fmt.Errorf("network config is %d bytes, more than %d", len(data), MaxConfSize)
+	}
+	var raw rawConf
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	if err := dec.Decode(&raw); err != nil {
+		return nil, fmt.Errorf("decode network config: %w", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, fmt.Errorf("decode network config: data after the JSON object")
+	}
+	c := &NetConf{
+		CNIVersion:       raw.CNIVersion,
+		Name:             raw.Name,
+		Type:             raw.Type,
+		SubnetFile:       raw.SubnetFile,
+		DataDir:          raw.DataDir,
+		RuntimeConfig:    raw.RuntimeConfig,
+		Args:             raw.Args,
+		PrevResult:       raw.PrevResult,
+		ValidAttachments: raw.ValidAttachments,
+	}
+	if c.ValidAttachments == nil {
+		// libcni sends both spellings; the spec's first draft used this one.
+		c.ValidAttachments = raw.LegacyValidAttachts
+	}
+	if err := ValidateNetworkName(c.Name); err != nil {
+		return nil, err
+	}
+	var err error
+	if c.SubnetFile, err = absPath("subnetFile", c.SubnetFile, DefaultSubnetFile); err != nil {
+		return nil, err
+	}
+	if c.DataDir, err = absPath("dataDir", c.DataDir, DefaultDataDir); err != nil {
+		return nil, err
+	}
+	if c.Delegate, err = parseDelegate(raw.Delegate, c.Type); err != nil {
+		return nil, err
+	}
+	if c.IPAM, err = parseIPAM(raw.IPAM); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func absPath(key, p, def string) (string, error) {
+	if p == "" {
+		return def, nil
+	}
+	if !filepath.IsAbs(p) || strings.ContainsRune(p, 0) {
+		return "", fmt.Errorf("%s %q must be an absolute path", key, p)
+	}
+	return filepath.Clean(p), nil
+}
+
+func isNull(raw json.RawMessage) bool {
+	return len(raw) == 0 || string(bytes.TrimSpace(raw)) == "null"
+}
+
+func parseDelegate(raw json.RawMessage, ownType string) (map[string]any, error) {
+	d := map[string]any{}
+	if !isNull(raw) {
+		dec := json.NewDecoder(bytes.NewReader(raw))
+		dec.UseNumber()
+		if err := dec.Decode(&d); err != nil {
+			return nil, fmt.Errorf("delegate must be a JSON object: %w", err)
+		}
+	}
+	for k := range d {
+		for _, r := range delegateReserved {
+			if strings.EqualFold(k, r) {
+				return nil, fmt.Errorf("delegate may not set %q: twill sets %q itself (ipam additions go in the plugin's own ipam object)", k, r)
+			}
+		}
+		// Go plugins match JSON keys case-insensitively, so "MTU" next to
+		// twill's "mtu" would be ambiguous.
+		for _, r := range delegateDefaulted {
+			if k != r && strings.EqualFold(k, r) {
+				return nil, fmt.Errorf("delegate key %q: spell it %q", k, r)
+			}
+		}
+	}
+	if v, ok := d["type"]; ok {
+		t, ok := v.(string)
+		if !ok || t == "" || strings.ContainsAny(t, `/\`) || t == "." || t == ".." || strings.ContainsRune(t, 0) {
+			return nil, fmt.Errorf("delegate type %v is not a plugin name", v)
+		}
+		if t == "twill" || t == ownType {
+			return nil, fmt.Errorf("delegate type %q would call twill itself", t)
+		}
+	}
+	if v, ok := d["bridge"]; ok {
+		b, ok := v.(string)
+		if !ok || ValidateIfName(b) != nil {
+			return nil, fmt.Errorf("delegate bridge %v is not an interface name", v)
+		}
+	}
+	for _, k := range []string{"isGateway", "ipMasq"} {
+		if v, ok := d[k]; ok {
+			if _, ok := v.(bool); !ok {
+				return nil, fmt.Errorf("delegate %s must be true or false, not %v", k, v)
+			}
+		}
+	}
+	if v, ok := d["mtu"]; ok {
+		if _, err := delegateMTU(v); err != nil {
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+// delegateMTU reads the delegate's mtu override; BuildDelegate checks it
+// against the env file's MTU.
+func delegateMTU(v any) (int, error) {
+	n, ok := v.(json.Number)
+	if !ok {
+		return 0, fmt.Errorf("delegate mtu must be a number, not %v", v)
+	}
+	m, err := n.Int64()
+	if err != nil || m < 68 || m > 65535 {
+		return 0, fmt.Errorf("delegate mtu %s is not an MTU (68..65535)", n)
+	}
+	return int(m), nil
+}
+
+func parseIPAM(raw json.RawMessage) (IPAMAdditions, error) {
+	var a IPAMAdditions
+	if isNull(raw) {
+		return a, nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&a); err != nil {
+		return a, fmt.Errorf("ipam (allowed keys: type, dataDir, routes, ranges): %w", err)
+	}
+	if a.Type != "" && a.Type != IPAMType {
+		return a, fmt.Errorf("ipam type %q: twill only delegates to %s", a.Type, IPAMType)
+	}
+	if a.DataDir != "" {
+		p, err := absPath("ipam dataDir", a.DataDir, "")
+		if err != nil {
+			return a, err
+		}
+		a.DataDir = p
+	}
+	for i, r := range a.Routes {
+		if _, err := parseV4Prefix(r.Dst); err != nil {
+			return a, fmt.Errorf("ipam route %d dst: %w", i, err)
+		}
+		if r.GW != "" {
+			if _, err := parseV4Addr(r.GW); err != nil {
+				return a, fmt.Errorf("ipam route %d gw: %w", i, err)
+			}
+		}
+	}
+	if a.Ranges != nil {
+		if len(a.Ranges) != 1 || len(a.Ranges[0]) == 0 {
+			return a, fmt.Errorf("ipam ranges must be one non-empty range set (one address per pod, from the node subnet)")
+		}
+		for i, r := range a.Ranges[0] {
+			if err := r.parse(); err != nil {
+				return a, fmt.Errorf("ipam range %d: %w", i, err)
+			}
+		}
+	}
+	return a, nil
+}
+
+// parse checks a range's syntax; inside() checks it against the node subnet.
+func (r Range) parse() error {
+	if r.Subnet != "" {
+		if _, err := parseV4Prefix(r.Subnet); err != nil {
+			return fmt.Errorf("subnet: %w", err)
+		}
+	}
+	for _, s := range []struct{ name, v string }{{"rangeStart", r.RangeStart}, {"rangeEnd", r.RangeEnd}, {"gateway", r.Gateway}} {
+		if s.v == "" {
+			continue
+		}
+		if _, err := parseV4Addr(s.v); err != nil {
+			return fmt.Errorf("%s: %w", s.name, err)
+		}
+	}
+	return nil
+}
+
+func parseV4Prefix(s string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return p, err
+	}
+	if !p.Addr().Is4() {
+		return p, fmt.Errorf("%s is not IPv4 (twill pods are IPv4 only)", s)
+	}
+	if p.Masked() != p {
+		return p, fmt.Errorf("%s has host bits set; did you mean %s?", s, p.Masked())
+	}
+	return p, nil
+}
+
+func parseV4Addr(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return a, err
+	}
+	if !a.Is4() {
+		return a, fmt.Errorf("%s is not IPv4 (twill pods are IPv4 only)", s)
+	}
+	return a, nil
+}

@@ -1,0 +1,47 @@
+// Package plugin is the twill CNI plugin: it turns the node's subnet, as twilld
+// wrote it to the subnet env file, into a configuration for the reference
+// bridge plugin with host-local IPAM, and runs that delegate for every CNI verb.
+//
+// # Design
+//
+// The plugin owns no datapath of its own. Everything a pod needs on the node —
+// a veth on a Linux bridge, an address from the node's subnet, a route to the
+// cluster network through the bridge — is what bridge + host-local already do
+// well, so twill only decides *which* configuration they get:
+//
+//	subnet env file ─┐
+//	                 ├─ BuildDelegate ─> delegate config ─> bridge ─> host-local
+//	plugin config ───┘                         │
+//	                                           └─> state file (dataDir/<network>/<containerID>@<ifname>)
+//
+// The delegate configuration depends on the env file at the time of ADD. A
+// later DEL must undo exactly what ADD did even if twilld has since leased a
+// different subnet or is not running at all, so ADD saves the delegate
+// configuration it used (atomically, 0600) before it runs the delegate, and DEL,
+// CHECK and GC work from that record:
+//
+//   - ADD saves the state, then delegates. If the delegate fails, the plugin
+//     rolls back with a delegate DEL and removes the state once that succeeded,
+//     so nothing is recorded for an attachment that does not exist.
+//   - DEL delegates with the saved configuration and removes the state only
+//     after the delegate succeeded, so a failed DEL can be retried. When the
+//     state is missing or corrupt it rebuilds the configuration from the env
+//     file and still delegates, so a lost record does not leak a veth or an
+//     address. Missing state with no env file means nothing can be undone: DEL
+//     succeeds.
+//   - CHECK delegates with the saved configuration and the runtime's
+//     prevResult, and also fails when the env file no longer matches the
+//     subnet or MTU the pod was wired with.
+//   - GC removes the state of attachments the runtime no longer lists, then
+//     forwards GC to the delegate and to its IPAM plugin (the reference bridge
+//     does not forward GC to IPAM), so host-local releases their addresses.
+//   - STATUS reports "plugin not available" (50) while the env file is
+//     missing or unreadable, else forwards to the delegate.
+//
+// State files are keyed by network name, container ID and interface name. Both
+// IDs come from the runtime and become parts of a path, so they are validated
+// to a conservative character set and length before any file is touched.
+//
+// The plugin writes nothing to stdout but its result; errors are CNI error
+// objects with the codes listed in Documentation/cni-plugin.md.
+package plugin

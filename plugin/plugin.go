@@ -1,0 +1,302 @@
+package plugin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/invoke"
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/twillnet/twill/subnet"
+)
+
+// About is printed by skel when the plugin runs without CNI_COMMAND.
+const About = "twill CNI plugin: wires pods to the node bridge with the subnet twilld leased (delegates to bridge + host-local)"
+
+// Plugin implements the CNI verbs. The zero value runs the real delegates
+// found in CNI_PATH and prints to stdout.
+type Plugin struct {
+	// Exec finds and runs delegate plugins; nil means invoke's default.
+	Exec invoke.Exec
+	// Stdout receives the ADD result; nil means os.Stdout.
+	Stdout io.Writer
+}
+
+func (p *Plugin) stdout() io.Writer {
+	if p.Stdout != nil {
+		return p.Stdout
+	}
+	return os.Stdout
+}
+
+// attachment parses the configuration and checks the names of an ADD, DEL or
+// CHECK before any of them touches a file.
+func attachment(args *skel.CmdArgs) (*NetConf, *Store, *types.Error) {
+	conf, err := ParseConf(args.StdinData)
+	if err != nil {
+		return nil, nil, cniError(codeBadConfig, "invalid network config", err)
+	}
+	if _, err := StateFileName(args.ContainerID, args.IfName); err != nil {
+		return nil, nil, cniError(codeBadEnvVars, "CNI_CONTAINERID or CNI_IFNAME cannot name a state file", err)
+	}
+	store, err := NewStore(conf.DataDir, conf.Name)
+	if err != nil {
+		return nil, nil, cniError(codeBadConfig, "invalid network config", err)
+	}
+	return conf, store, nil
+}
+
+// delegateFor reads the env file and builds the encoded delegate configuration.
+func delegateFor(conf *NetConf) ([]byte, EnvRecord, *types.Error) {
+	env, cerr := loadEnv(conf.SubnetFile)
+	if cerr != nil {
+		return nil, EnvRecord{}, cerr
+	}
+	raw, cerr := encodeDelegate(conf, env)
+	return raw, recordEnv(env), cerr
+}
+
+func encodeDelegate(conf *NetConf, env subnet.Env) ([]byte, *types.Error) {
+	d, err := BuildDelegate(conf, env)
+	if err != nil {
+		return nil, cniError(codeBadConfig, "cannot build the delegate config", err)
+	}
+	raw, err := marshalDelegate(d)
+	if err != nil {
+		return nil, cniError(codeInternal, "cannot build the delegate config", err)
+	}
+	return raw, nil
+}
+
+// Add saves the delegate config, then runs the delegate's ADD.
+func (p *Plugin) Add(args *skel.CmdArgs) error {
+	conf, store, cerr := attachment(args)
+	if cerr != nil {
+		return cerr
+	}
+	raw, env, cerr := delegateFor(conf)
+	if cerr != nil {
+		return cerr
+	}
+	typ, _ := delegateType(raw)
+	st := &State{ContainerID: args.ContainerID, IfName: args.IfName, Env: env, Delegate: raw}
+	if err := store.Save(st); err != nil {
+		return cniError(codeIO, "cannot save state", err)
+	}
+
+	ctx := context.Background()
+	result, err := invoke.DelegateAdd(ctx, typ, raw, p.Exec)
+	if err != nil {
+		return p.rollback(ctx, store, args, typ, raw, delegateError(typ, "ADD", err))
+	}
+	out, err := result.GetAsVersion(conf.CNIVersion)
+	if err == nil {
+		err = out.PrintTo(p.stdout())
+	}
+	if err != nil {
+		return p.rollback(ctx, store, args, typ, raw, cniError(codeInternal, "cannot return the delegate's result", err))
+	}
+	return nil
+}
+
+// rollback undoes a failed ADD: the delegate's DEL, then the state. When the
+// DEL fails too, the state stays so that the runtime's DEL can retry with it.
+func (p *Plugin) rollback(ctx context.Context, store *Store, args *skel.CmdArgs, typ string, raw []byte, cause *types.Error) error {
+	if err := invoke.DelegateDel(ctx, typ, raw, p.Exec); err != nil {
+		cause.Details += fmt.Sprintf(" (rollback: delegate %s DEL failed too, state kept for the runtime's DEL: %v)", typ, err)
+		return cause
+	}
+	if err := store.Remove(args.ContainerID, args.IfName); err != nil {
+		cause.Details += fmt.Sprintf(" (rollback: cannot remove state: %v)", err)
+	}
+	return cause
+}
+
+// Del runs the delegate's DEL with the saved config, then removes the state.
+func (p *Plugin) Del(args *skel.CmdArgs) error {
+	conf, store, cerr := attachment(args)
+	if cerr != nil {
+		return cerr
+	}
+	st, err := store.Load(args.ContainerID, args.IfName)
+	var raw []byte
+	switch {
+	case err == nil:
+		raw = st.Delegate
+	case errors.Is(err, ErrNoState), errors.Is(err, ErrCorruptState):
+		// Rebuild from the env file, so a lost or damaged record does not
+		// leak the veth and the address.
+		var berr *types.Error
+		raw, _, berr = delegateFor(conf)
+		if berr != nil {
+			if errors.Is(err, ErrNoState) {
+				return nil // nothing recorded, nothing to rebuild from: nothing to undo
+			}
+			berr.Msg += " (needed because the saved state is corrupt; the state file is kept for a retry)"
+			berr.Details += "; " + err.Error()
+			return berr
+		}
+	default:
+		return cniError(codeIO, "cannot read state", err)
+	}
+	raw, err = withKeys(raw, map[string]any{"cniVersion": conf.CNIVersion})
+	if err != nil {
+		return cniError(codeInternal, "cannot prepare the delegate config", err)
+	}
+	typ, err := delegateType(raw)
+	if err != nil {
+		return cniError(codeInternal, "saved delegate config", err)
+	}
+	if err := invoke.DelegateDel(context.Background(), typ, raw, p.Exec); err != nil {
+		return delegateError(typ, "DEL", err)
+	}
+	if err := store.Remove(args.ContainerID, args.IfName); err != nil {
+		return cniError(codeIO, "cannot remove state", err)
+	}
+	return nil
+}
+
+// Check runs the delegate's CHECK with the saved config and prevResult, after
+// making sure the node's subnet and MTU are still the ones the pod got.
+func (p *Plugin) Check(args *skel.CmdArgs) error {
+	conf, store, cerr := attachment(args)
+	if cerr != nil {
+		return cerr
+	}
+	st, err := store.Load(args.ContainerID, args.IfName)
+	switch {
+	case errors.Is(err, ErrNoState):
+		return cniError(codeUnknownContainer, fmt.Sprintf("no saved state for container %s interface %s: was it added?", args.ContainerID, args.IfName), err)
+	case err != nil:
+		return cniError(codeIO, "cannot read state", err)
+	}
+	env, cerr := loadEnv(conf.SubnetFile)
+	if cerr != nil {
+		return cerr
+	}
+	if now := recordEnv(env); now.Subnet != st.Env.Subnet || now.MTU != st.Env.MTU {
+		return cniError(codeInternal, "the node's subnet or MTU changed since the pod was added; recreate the pod",
+			fmt.Errorf("added with subnet %s mtu %d, env file now has subnet %s mtu %d", st.Env.Subnet, st.Env.MTU, now.Subnet, now.MTU))
+	}
+	keys := map[string]any{"cniVersion": conf.CNIVersion}
+	if conf.PrevResult != nil {
+		keys["prevResult"] = conf.PrevResult
+	}
+	raw, err := withKeys(st.Delegate, keys)
+	if err != nil {
+		return cniError(codeInternal, "cannot prepare the delegate config", err)
+	}
+	typ, _ := delegateType(raw)
+	if err := invoke.DelegateCheck(context.Background(), typ, raw, p.Exec); err != nil {
+		return delegateError(typ, "CHECK", err)
+	}
+	return nil
+}
+
+// Status is "not available" until the env file can be read, then the
+// delegate's answer.
+func (p *Plugin) Status(args *skel.CmdArgs) error {
+	conf, err := ParseConf(args.StdinData)
+	if err != nil {
+		return cniError(codeBadConfig, "invalid network config", err)
+	}
+	env, cerr := loadEnv(conf.SubnetFile)
+	if cerr != nil {
+		return types.NewError(codeNotAvailable, "twill: not ready: "+strings.TrimPrefix(cerr.Msg, "twill: "), cerr.Details)
+	}
+	raw, cerr := encodeDelegate(conf, env)
+	if cerr != nil {
+		return cerr
+	}
+	typ, _ := delegateType(raw)
+	if err := invoke.DelegateStatus(context.Background(), typ, raw, p.Exec); err != nil {
+		return delegateError(typ, "STATUS", err)
+	}
+	return nil
+}
+
+// GC removes the state of attachments the runtime no longer lists and asks
+// the delegate and its IPAM plugin to do the same for what they hold.
+func (p *Plugin) GC(args *skel.CmdArgs) error {
+	conf, err := ParseConf(args.StdinData)
+	if err != nil {
+		return cniError(codeBadConfig, "invalid network config", err)
+	}
+	if conf.ValidAttachments == nil {
+		// An absent list is not an empty one: treating it as "nothing is
+		// valid" would delete every pod's state and address.
+		return cniError(codeBadConfig, "GC without cni.dev/valid-attachments", nil)
+	}
+	store, err := NewStore(conf.DataDir, conf.Name)
+	if err != nil {
+		return cniError(codeBadConfig, "invalid network config", err)
+	}
+	valid := map[[2]string]bool{}
+	for _, a := range *conf.ValidAttachments {
+		valid[[2]string{a.ContainerID, a.IfName}] = true
+	}
+	entries, err := store.Entries()
+	if err != nil {
+		return cniError(codeIO, "cannot list state", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		if !valid[[2]string{e.ContainerID, e.IfName}] {
+			if err := store.RemoveEntry(e); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+
+	raw, _, cerr := delegateFor(conf)
+	if cerr != nil {
+		cerr.Msg += " (stale state was removed; addresses are released once the env file is back)"
+		return cerr
+	}
+	raw, err = withKeys(raw, map[string]any{"cni.dev/valid-attachments": *conf.ValidAttachments})
+	if err != nil {
+		return cniError(codeInternal, "cannot prepare the delegate config", err)
+	}
+	typ, _ := delegateType(raw)
+	ctx := context.Background()
+	if err := invoke.DelegateGC(ctx, typ, raw, p.Exec); err != nil {
+		return delegateError(typ, "GC", err)
+	}
+	// The reference bridge does not pass GC on to its IPAM plugin, so
+	// host-local would never release the addresses of vanished pods. GC is
+	// idempotent: a delegate that does forward it costs one more no-op.
+	if ipamType := IPAMType; ipamType != typ {
+		if err := invoke.DelegateGC(ctx, ipamType, raw, p.Exec); err != nil {
+			return delegateError(ipamType, "GC", err)
+		}
+	}
+	if len(errs) > 0 {
+		return cniError(codeIO, "cannot remove stale state", errors.Join(errs...))
+	}
+	return nil
+}
+
+// withKeys returns a JSON object with keys set (replaced) at the top level.
+func withKeys(conf []byte, keys map[string]any) ([]byte, error) {
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(conf, &m); err != nil {
+		return nil, err
+	}
+	if m == nil {
+		return nil, fmt.Errorf("delegate config is not a JSON object")
+	}
+	for k, v := range keys {
+		b, err := json.Marshal(v)
+		if err != nil {
+			return nil, err
+		}
+		m[k] = b
+	}
+	return json.Marshal(m)
+}
