@@ -41,35 +41,47 @@ func hostEnv(t *testing.T, l *lab.Lab, i int) subnet.Env {
 }
 
 // Entries deleted by hand, and the VXLAN device itself, are back after the
-// next resync; entries twill did not make are left alone.
+// next resync, and so are twill's iptables chains; entries twill did not make
+// are left alone.
 func TestDriftIsRepaired(t *testing.T) {
-	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan", IPMasq: true, DaemonArgs: []string{"--resync-interval", "1s"}})
+	for _, backend := range []string{"vxlan", "host-gw"} {
+		t.Run(backend, func(t *testing.T) { testDrift(t, backend) })
+	}
+}
+
+func testDrift(t *testing.T, backend string) {
+	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: backend, IPMasq: true, DaemonArgs: []string{"--resync-interval", "1s"}})
 	h1 := l.Topology().HostNS(1)
-	want := expected("vxlan", 2)
+	want := expected(backend, 2)
 	waitCounts(t, l, 1, want, 10*time.Second)
 
-	// Foreign entries: a route and a permanent neighbour on the underlay
-	// interface, and a route with a foreign protocol on twill's device.
+	// Foreign entries: a route and a permanent neighbour on the underlay interface.
 	ipn(t, h1, "route", "add", "192.0.2.0/24", "via", lab.WorldAddr.String())
 	ipn(t, h1, "neigh", "add", "198.18.0.77", "lladdr", "02:00:00:00:00:77", "dev", "eth0", "nud", "permanent")
-	ipn(t, h1, "route", "add", "203.0.113.0/24", "dev", "twill.1", "proto", "static")
 
 	peer := hostEnv(t, l, 2).Subnet.Masked()
 	ipn(t, h1, "route", "del", peer.String())
 	waitCounts(t, l, 1, want, 10*time.Second)
 
-	ipn(t, h1, "neigh", "del", peer.Addr().String(), "dev", "twill.1")
-	waitCounts(t, l, 1, want, 10*time.Second)
+	if backend == "vxlan" {
+		// A route of a foreign protocol on twill's device is not twill's to remove.
+		ipn(t, h1, "route", "add", "203.0.113.0/24", "dev", "twill.1", "proto", "static")
+		ipn(t, h1, "neigh", "del", peer.Addr().String(), "dev", "twill.1")
+		waitCounts(t, l, 1, want, 10*time.Second)
+		if out := ipn(t, h1, "route", "show", "203.0.113.0/24"); !strings.Contains(out, "203.0.113.0/24") {
+			t.Fatal("a foreign route on twill.1 was removed")
+		}
 
-	fdb := strings.Fields(bridgeCmd(t, h1, "fdb", "show", "dev", "twill.1", "dst", l.Topology().HostAddr(2).String()))
-	if len(fdb) == 0 {
-		t.Fatal("no FDB entry for h2")
+		fdb := strings.Fields(bridgeCmd(t, h1, "fdb", "show", "dev", "twill.1", "dst", l.Topology().HostAddr(2).String()))
+		if len(fdb) == 0 {
+			t.Fatal("no FDB entry for h2")
+		}
+		bridgeCmd(t, h1, "fdb", "del", fdb[0], "dev", "twill.1", "dst", l.Topology().HostAddr(2).String())
+		waitCounts(t, l, 1, want, 10*time.Second)
+
+		ipn(t, h1, "link", "del", "twill.1")
+		waitCounts(t, l, 1, want, 15*time.Second)
 	}
-	bridgeCmd(t, h1, "fdb", "del", fdb[0], "dev", "twill.1", "dst", l.Topology().HostAddr(2).String())
-	waitCounts(t, l, 1, want, 10*time.Second)
-
-	ipn(t, h1, "link", "del", "twill.1")
-	waitCounts(t, l, 1, want, 15*time.Second)
 	requireMatrix(t, l)
 
 	// twill's iptables chains, flushed or unhooked by hand, come back.
@@ -89,7 +101,7 @@ func TestDriftIsRepaired(t *testing.T) {
 		return nil
 	})
 
-	// The foreign route on twill.1 went with the device; the others stay.
+	// The foreign entries on the underlay interface are still there.
 	if out := ipn(t, h1, "route", "show", "192.0.2.0/24"); !strings.Contains(out, "192.0.2.0/24") {
 		t.Fatal("a route twill did not make was removed")
 	}
@@ -101,10 +113,16 @@ func TestDriftIsRepaired(t *testing.T) {
 // A peer that vanished is removed by the others, whether they were running
 // when it went or not.
 func TestVanishedPeersAreRemoved(t *testing.T) {
-	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan"})
+	for _, backend := range []string{"vxlan", "host-gw"} {
+		t.Run(backend, func(t *testing.T) { testVanishedPeers(t, backend) })
+	}
+}
+
+func testVanishedPeers(t *testing.T, backend string) {
+	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: backend})
 	ctx := ctxFor(t, 2*time.Minute)
 	for i := 1; i <= 3; i++ {
-		waitCounts(t, l, i, expected("vxlan", 2), 10*time.Second)
+		waitCounts(t, l, i, expected(backend, 2), 10*time.Second)
 	}
 	// h3 stops and its lease is deleted (as its TTL would): h1 and h2 follow.
 	if err := l.StopDaemon(ctx, 3); err != nil {
@@ -113,8 +131,8 @@ func TestVanishedPeersAreRemoved(t *testing.T) {
 	if _, err := l.Ctl(ctx, "leases", "delete", hostEnv(t, l, 3).Subnet.Masked().String()); err != nil {
 		t.Fatal(err)
 	}
-	waitCounts(t, l, 1, expected("vxlan", 1), 10*time.Second)
-	waitCounts(t, l, 2, expected("vxlan", 1), 10*time.Second)
+	waitCounts(t, l, 1, expected(backend, 1), 10*time.Second)
+	waitCounts(t, l, 2, expected(backend, 1), 10*time.Second)
 
 	// h2 vanishes while h1 is down: h1's restart removes the stale entries.
 	if err := l.StopDaemon(ctx, 1); err != nil {
@@ -132,14 +150,20 @@ func TestVanishedPeersAreRemoved(t *testing.T) {
 	if err := l.StartDaemon(1); err != nil {
 		t.Fatal(err)
 	}
-	waitCounts(t, l, 1, expected("vxlan", 0), 15*time.Second)
+	waitCounts(t, l, 1, expected(backend, 0), 15*time.Second)
 }
 
 // A node whose underlay address changes keeps its subnet; its VXLAN device is
 // recreated on the new address, and every peer follows the new public IP and
 // VTEP MAC in place.
 func TestPublicIPChangeIsFollowed(t *testing.T) {
-	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan"})
+	for _, backend := range []string{"vxlan", "host-gw"} {
+		t.Run(backend, func(t *testing.T) { testPublicIPChange(t, backend) })
+	}
+}
+
+func testPublicIPChange(t *testing.T, backend string) {
+	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: backend})
 	ctx := ctxFor(t, 2*time.Minute)
 	before := hostEnv(t, l, 3)
 	h3 := l.Topology().HostNS(3)
@@ -172,14 +196,20 @@ func TestPublicIPChangeIsFollowed(t *testing.T) {
 	}
 	for _, i := range []int{1, 2} {
 		hn := l.Topology().HostNS(i)
-		waitFor(t, fmt.Sprintf("h%d's FDB to point at %s", i, newAddr), 15*time.Second, func() error {
-			out := bridgeCmd(t, hn, "fdb", "show", "dev", "twill.1")
-			if !strings.Contains(out, "dst "+newAddr.String()) || strings.Contains(out, "dst "+l.Topology().HostAddr(3).String()+" ") {
-				return fmt.Errorf("fdb:\n%s", out)
+		waitFor(t, fmt.Sprintf("h%d to send h3's traffic to %s", i, newAddr), 15*time.Second, func() error {
+			var out string
+			if backend == "vxlan" {
+				out = bridgeCmd(t, hn, "fdb", "show", "dev", "twill.1")
+			} else {
+				out = ipn(t, hn, "route", "show", before.Subnet.Masked().String())
+			}
+			old := l.Topology().HostAddr(3).String() + " "
+			if !strings.Contains(out, newAddr.String()) || strings.Contains(out, "dst "+old) || strings.Contains(out, "via "+old) {
+				return fmt.Errorf("%s", out)
 			}
 			return nil
 		})
-		waitCounts(t, l, i, expected("vxlan", 2), 10*time.Second)
+		waitCounts(t, l, i, expected(backend, 2), 10*time.Second)
 	}
 	requireMatrix(t, l)
 }
