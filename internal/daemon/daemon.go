@@ -153,7 +153,7 @@ type daemon struct {
 
 	envSubnet netip.Prefix // the subnet the env file names
 
-	ipt   masq.IPTables // nil without --ip-masq
+	ipt         masq.IPTables // nil without --ip-masq
 	rules       *masq.Manager
 	rulesSubnet netip.Prefix // the subnet rules was made for
 }
