@@ -193,28 +193,30 @@ func leasesList(ctx context.Context, args []string, out, errOut io.Writer) error
 }
 
 func leasesShow(ctx context.Context, args []string, out, errOut io.Writer) error {
-	fs := newFlagSet("leases show", errOut)
-	ef := addEtcdFlags(fs)
-	p, err := parseSubnetArg(fs, args)
-	if err != nil {
-		return err
-	}
-	reg, done, rctx, err := ef.connect(ctx, errOut)
-	if err != nil {
-		return err
-	}
-	defer done()
-	l, err := reg.Lease(rctx, p)
-	if err != nil {
-		return ef.explain(err)
-	}
-	enc := json.NewEncoder(out)
-	enc.SetIndent("", "  ")
-	return enc.Encode(view(rctx, reg.Client(), *l))
+	return withLease(ctx, "leases show", args, errOut, func(rctx context.Context, reg *etcd.Registry, p netip.Prefix) error {
+		l, err := reg.Lease(rctx, p)
+		if err != nil {
+			return err
+		}
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(view(rctx, reg.Client(), *l))
+	})
 }
 
 func leasesDelete(ctx context.Context, args []string, out, errOut io.Writer) error {
-	fs := newFlagSet("leases delete", errOut)
+	return withLease(ctx, "leases delete", args, errOut, func(rctx context.Context, reg *etcd.Registry, p netip.Prefix) error {
+		if err := reg.DeleteLease(rctx, p); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "deleted lease %s\n", p)
+		return nil
+	})
+}
+
+// withLease parses the etcd flags and a SUBNET argument, connects, and runs f.
+func withLease(ctx context.Context, name string, args []string, errOut io.Writer, f func(context.Context, *etcd.Registry, netip.Prefix) error) error {
+	fs := newFlagSet(name, errOut)
 	ef := addEtcdFlags(fs)
 	p, err := parseSubnetArg(fs, args)
 	if err != nil {
@@ -225,11 +227,7 @@ func leasesDelete(ctx context.Context, args []string, out, errOut io.Writer) err
 		return err
 	}
 	defer done()
-	if err := reg.DeleteLease(rctx, p); err != nil {
-		return ef.explain(err)
-	}
-	fmt.Fprintf(out, "deleted lease %s\n", p)
-	return nil
+	return ef.explain(f(rctx, reg, p))
 }
 
 func parseNoArgs(fs *flag.FlagSet, args []string) error {

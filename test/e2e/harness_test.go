@@ -257,17 +257,7 @@ func (c *cluster) httpGet(i int, port int, path string) (int, string, error) {
 // eventually retries f until it succeeds or d passes.
 func (c *cluster) eventually(what string, d time.Duration, f func() error) {
 	c.t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			c.t.Fatalf("timed out after %s waiting for %s: %v", d, what, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitFor(c.t, what, d, f)
 }
 
 func tail(s string, n int) string {
