@@ -60,7 +60,12 @@ type Backend interface {
 	Reconcile(ctx context.Context, own subnet.Lease, peers []subnet.Lease) error
 	// Cleanup removes everything the backend made: device, routes.
 	Cleanup(ctx context.Context) error
+	// Counters returns what the backend has written to the kernel so far.
+	Counters() Counters
 }
+
+// Counters count kernel writes by kind.
+type Counters = dataplane.Counters
 
 // New returns the backend cfg.Type names. h is a netlink handle in the
 // namespace to program (netlink.NewHandle() for twilld's own; tests use
@@ -104,3 +109,5 @@ func (a *alloc) Reconcile(ctx context.Context, _ subnet.Lease, _ []subnet.Lease)
 }
 
 func (a *alloc) Cleanup(ctx context.Context) error { return ctx.Err() }
+
+func (a *alloc) Counters() Counters { return Counters{} }

@@ -308,3 +308,22 @@ func sortFDB(fs []FDB) {
 		return a.Dst.Compare(b.Dst)
 	})
 }
+
+// Counters count what a backend wrote to the kernel since it was made: entries
+// set or deleted, by kind, and devices created. The daemon compares them
+// around a pass whose inputs did not change to count repairs of drift.
+type Counters struct {
+	Routes, FDB, Neighs, Devices uint64
+}
+
+// Add counts the entries of an applied plan.
+func (c *Counters) Add(p Plan) {
+	c.Routes += uint64(len(p.SetRoutes) + len(p.DelRoutes))
+	c.FDB += uint64(len(p.SetFDB) + len(p.DelFDB))
+	c.Neighs += uint64(len(p.SetNeighs) + len(p.DelNeighs))
+}
+
+// Sub returns c minus o, kind by kind.
+func (c Counters) Sub(o Counters) Counters {
+	return Counters{Routes: c.Routes - o.Routes, FDB: c.FDB - o.FDB, Neighs: c.Neighs - o.Neighs, Devices: c.Devices - o.Devices}
+}

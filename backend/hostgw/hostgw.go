@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"sync"
 
 	"github.com/vishvananda/netlink"
 
@@ -76,6 +77,16 @@ type Backend struct {
 	ext dataplane.ExternalInterface
 	h   *netlink.Handle
 	log *slog.Logger
+
+	mu       sync.Mutex
+	counters dataplane.Counters
+}
+
+// Counters returns what the backend has written to the kernel so far.
+func (b *Backend) Counters() dataplane.Counters {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.counters
 }
 
 // New checks the configuration. h is a netlink handle in the namespace to
@@ -115,7 +126,11 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 	if plan.Len() > 0 {
 		b.log.Info("reconciling", "peers", len(peers), "routes", len(desired.Routes), "set", len(plan.SetRoutes), "remove", len(plan.DelRoutes))
 	}
-	if err := errors.Join(peerErr, dataplane.Apply(ctx, b.h, plan)); err != nil {
+	applyErr := dataplane.Apply(ctx, b.h, plan)
+	b.mu.Lock()
+	b.counters.Add(plan)
+	b.mu.Unlock()
+	if err := errors.Join(peerErr, applyErr); err != nil {
 		return fmt.Errorf("host-gw backend: reconcile: %w", err)
 	}
 	return nil

@@ -54,6 +54,11 @@ func run(args []string) error {
 	fs.DurationVar(&c.ResyncInterval, "resync-interval", 10*time.Second, "how often the datapath is checked against the desired state")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "127.0.0.1:9867", "address serving /healthz, /readyz and /metrics")
 	fs.BoolVar(&c.ReleaseOnExit, "release-on-exit", false, "release the lease on shutdown (for nodes being decommissioned)")
+	fs.BoolVar(&c.KubeSubnetMgr, "kube-subnet-mgr", false, "take the subnet from the Kubernetes Node's podCIDR instead of etcd")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig file (default: the in-cluster config)")
+	fs.StringVar(&c.NetConfig, "net-config", "/etc/twill/net-conf.json", "network config file, in Kubernetes mode")
+	fs.StringVar(&c.KubeAnnotationPrefix, "kube-annotation-prefix", "twill.io", "prefix of twill's Node annotations")
+	fs.BoolVar(&c.SetNodeCondition, "set-node-condition", true, "in Kubernetes mode, set the Node's NetworkUnavailable condition to False once the datapath is up")
 	fs.StringVar(&c.NodeName, "node-name", os.Getenv("NODE_NAME"), "node name stored with the lease, for operators (default: $NODE_NAME or the host name)")
 	if err := fs.Parse(args); err != nil {
 		return err

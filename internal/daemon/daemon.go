@@ -10,11 +10,13 @@ package daemon
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -39,6 +41,13 @@ type Config struct {
 	HTTPAddr       string
 	ReleaseOnExit  bool
 	NodeName       string
+
+	// Kubernetes mode: the lease is the Node's podCIDR.
+	KubeSubnetMgr        bool
+	Kubeconfig           string // "" = in-cluster config
+	NetConfig            string // net-conf.json file
+	KubeAnnotationPrefix string
+	SetNodeCondition     bool // NetworkUnavailable=False once the datapath is up
 }
 
 // Run runs twilld until ctx ends. On a clean stop the lease is kept (pods go
@@ -62,7 +71,12 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	}
 	log.Info("using interface", "iface", ext.Name, "addr", ext.Addr, "public-ip", publicIP, "mtu", ext.MTU)
 
-	store, err := newEtcdStore(c, log)
+	var store datastore
+	if c.KubeSubnetMgr {
+		store, err = newKubeStore(c, log)
+	} else {
+		store, err = newEtcdStore(c, log)
+	}
 	if err != nil {
 		return err
 	}
@@ -86,6 +100,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	met.registerKernelWrites(be.Counters)
 	data, mtu, err := be.Prepare(ctx)
 	if err != nil {
 		return fmt.Errorf("prepare the %s backend: %w", cfg.Backend.Type, err)
@@ -93,12 +108,18 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 
 	hl.set("acquiring a lease")
 	attrs := subnet.LeaseAttrs{PublicIP: publicIP, BackendType: cfg.Backend.Type, BackendData: data, NodeName: c.NodeName}
-	mgr := store.Leases(cfg, attrs, previousSubnet(c.SubnetFile, cfg, log))
+	mgr, err := store.Leases(cfg, attrs, previousSubnet(c.SubnetFile, cfg, log))
+	if err != nil {
+		return err
+	}
 	own, err := mgr.Acquire(ctx)
 	if err != nil {
 		return fmt.Errorf("lease a subnet: %w", err)
 	}
 	met.leaseAcquired.Inc()
+	if st, ok := mgr.(interface{ Stats() etcd.Stats }); ok {
+		met.registerLeaseStats(st.Stats)
+	}
 	log.Info("lease acquired", "subnet", own.Subnet)
 
 	if err := masq.EnableIPForward(); err != nil {
@@ -151,11 +172,16 @@ type daemon struct {
 	log *slog.Logger
 	mtu int
 
-	envSubnet netip.Prefix // the subnet the env file names
+	envSubnet  netip.Prefix // the subnet the env file names
+	announced  bool         // DatapathReady was reported
+	lastInputs [32]byte     // fingerprint of the leases of the last good pass
 
 	ipt         masq.IPTables // nil without --ip-masq
 	rules       *masq.Manager
 	rulesSubnet netip.Prefix // the subnet rules was made for
+	// retiredRuleWrites are the writes of rule managers replaced after a
+	// subnet change, so ruleWrites never goes backwards.
+	retiredRuleWrites uint64
 }
 
 // loop reconciles after every change signal and every resync tick.
@@ -183,22 +209,10 @@ func (d *daemon) pass(ctx context.Context) {
 		}
 		d.met.leaseAcquired.Inc()
 	}
-	if d.ipt != nil {
-		if d.rules == nil || d.rulesSubnet != own.Subnet {
-			r, err := masq.New(d.ipt, masq.Config{Network: d.cfg.Network, Subnet: own.Subnet}, d.log)
-			if err != nil {
-				d.log.Error("masquerade rules", "err", err)
-			} else {
-				d.rules, d.rulesSubnet = r, own.Subnet
-			}
-		}
-		if d.rules != nil {
-			if err := d.rules.Ensure(ctx); err != nil && ctx.Err() == nil {
-				d.log.Error("ensure masquerade rules", "err", err)
-			}
-		}
-	}
 	peers, synced := d.mgr.Peers()
+	inputs := fingerprint(own, peers)
+	before, rulesBefore := d.be.Counters(), d.ruleWrites()
+	d.ensureRules(ctx, own.Subnet)
 	if !synced {
 		// Reconciling against an empty peer list would tear down every
 		// peer's entries until the first listing arrives.
@@ -206,8 +220,21 @@ func (d *daemon) pass(ctx context.Context) {
 	}
 	start := time.Now()
 	err := d.be.Reconcile(ctx, own, peers)
-	d.met.reconcileTime.Observe(time.Since(start).Seconds())
-	d.met.peers.Set(float64(len(peers)))
+	took := time.Since(start)
+	d.met.reconcileTime.Observe(took.Seconds())
+	d.met.lastDuration.Set(took.Seconds())
+	d.met.lastReconcile.SetToCurrentTime()
+	d.met.peers.WithLabelValues(d.cfg.Backend.Type).Set(float64(len(peers)))
+	if inputs == d.lastInputs {
+		// Nothing twill knows of changed since the last good pass, so
+		// whatever had to be written was drift.
+		w := d.be.Counters().Sub(before)
+		d.met.repairs.WithLabelValues("route").Add(float64(w.Routes))
+		d.met.repairs.WithLabelValues("fdb").Add(float64(w.FDB))
+		d.met.repairs.WithLabelValues("neigh").Add(float64(w.Neighs))
+		d.met.repairs.WithLabelValues("device").Add(float64(w.Devices))
+		d.met.repairs.WithLabelValues("rule").Add(float64(d.ruleWrites() - rulesBefore))
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return
@@ -217,7 +244,39 @@ func (d *daemon) pass(ctx context.Context) {
 		return
 	}
 	d.met.reconciles.WithLabelValues("ok").Inc()
+	d.lastInputs = inputs
+	if !d.announced {
+		// The first good pass: tell the datastore the node's network is up.
+		if n, ok := d.mgr.(datapathReadyNotifier); ok {
+			if err := n.DatapathReady(ctx); err != nil {
+				d.log.Warn("report the datapath ready", "err", err)
+				return
+			}
+		}
+		d.announced = true
+	}
 	d.log.Debug("reconciled", "peers", len(peers), "took", time.Since(start))
+}
+
+// ensureRules keeps the masquerade rules (with --ip-masq) for the own subnet.
+func (d *daemon) ensureRules(ctx context.Context, own netip.Prefix) {
+	if d.ipt == nil {
+		return
+	}
+	if d.rules == nil || d.rulesSubnet != own {
+		r, err := masq.New(d.ipt, masq.Config{Network: d.cfg.Network, Subnet: own}, d.log)
+		if err != nil {
+			d.log.Error("masquerade rules", "err", err)
+			return
+		}
+		if d.rules != nil {
+			d.retiredRuleWrites += d.rules.Writes()
+		}
+		d.rules, d.rulesSubnet = r, own
+	}
+	if err := d.rules.Ensure(ctx); err != nil && ctx.Err() == nil {
+		d.log.Error("ensure masquerade rules", "err", err)
+	}
 }
 
 func (d *daemon) writeEnv(p netip.Prefix) error {
@@ -247,4 +306,26 @@ func previousSubnet(path string, cfg *subnet.Config, log *slog.Logger) netip.Pre
 		return netip.Prefix{}
 	}
 	return p
+}
+
+// ruleWrites counts the iptables writes of the rule managers so far.
+func (d *daemon) ruleWrites() uint64 {
+	if d.rules == nil {
+		return d.retiredRuleWrites
+	}
+	return d.retiredRuleWrites + d.rules.Writes()
+}
+
+// fingerprint identifies the inputs of a reconcile pass: the own lease and
+// every peer's, in a fixed order.
+func fingerprint(own subnet.Lease, peers []subnet.Lease) [32]byte {
+	sorted := slices.Clone(peers)
+	slices.SortFunc(sorted, func(a, b subnet.Lease) int { return a.Subnet.Addr().Compare(b.Subnet.Addr()) })
+	h := sha256.New()
+	for _, l := range append([]subnet.Lease{own}, sorted...) {
+		fmt.Fprintf(h, "%s|%s|%s|%s\n", l.Subnet, l.Attrs.PublicIP, l.Attrs.BackendType, l.Attrs.BackendData)
+	}
+	var sum [32]byte
+	copy(sum[:], h.Sum(nil))
+	return sum
 }

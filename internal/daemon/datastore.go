@@ -21,7 +21,7 @@ type datastore interface {
 	// notReady) while it is absent or invalid.
 	Config(ctx context.Context, notReady func(string)) (*subnet.Config, error)
 	// Leases returns the lease manager for this node.
-	Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix) leaseManager
+	Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix) (leaseManager, error)
 	// watchUp keeps twill_datastore_up current until ctx ends.
 	watchUp(ctx context.Context, met *metrics)
 	Close()
@@ -80,8 +80,8 @@ func (s *etcdStore) Config(ctx context.Context, notReady func(string)) (*subnet.
 	})
 }
 
-func (s *etcdStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix) leaseManager {
-	return &etcdLeases{Manager: etcd.NewManager(s.reg, etcd.AcquireRequest{Config: cfg, Attrs: attrs, TTL: s.ttl, Previous: previous})}
+func (s *etcdStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix) (leaseManager, error) {
+	return &etcdLeases{Manager: etcd.NewManager(s.reg, etcd.AcquireRequest{Config: cfg, Attrs: attrs, TTL: s.ttl, Previous: previous})}, nil
 }
 
 // etcdLeases adapts etcd.Manager to leaseManager.

@@ -3,6 +3,8 @@ package daemon
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/twillnet/twill/backend"
+	"github.com/twillnet/twill/subnet/etcd"
 )
 
 // metrics are twilld's Prometheus metrics. Each daemon has its own registry,
@@ -11,11 +13,14 @@ type metrics struct {
 	reg           *prometheus.Registry
 	ready         prometheus.Gauge
 	datastoreUp   prometheus.Gauge
-	peers         prometheus.Gauge
+	peers         *prometheus.GaugeVec
+	repairs       *prometheus.CounterVec
 	leaseAcquired prometheus.Counter
 	reconciles    *prometheus.CounterVec
 	reconcileTime prometheus.Histogram
 	envFileWrites prometheus.Counter
+	lastReconcile prometheus.Gauge
+	lastDuration  prometheus.Gauge
 }
 
 func newMetrics() *metrics {
@@ -27,9 +32,13 @@ func newMetrics() *metrics {
 		datastoreUp: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "twill_datastore_up", Help: "1 when the last request to the datastore succeeded.",
 		}),
-		peers: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "twill_peers", Help: "Peer leases in the last reconcile pass.",
-		}),
+		peers: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "twill_peers", Help: "Peer leases in the last reconcile pass, by backend.",
+		}, []string{"backend"}),
+		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "twill_repairs_total",
+			Help: "Kernel entries a reconcile pass had to write although no lease had changed since the last good pass (drift: deleted by hand, or by another program), by kind.",
+		}, []string{"kind"}),
 		leaseAcquired: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "twill_lease_acquisitions_total", Help: "Leases acquired, including re-acquisitions after a lease was lost.",
 		}),
@@ -40,14 +49,65 @@ func newMetrics() *metrics {
 			Name: "twill_reconcile_duration_seconds", Help: "Time of one datapath reconcile pass.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 9),
 		}),
+		lastReconcile: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "twill_last_reconcile_timestamp_seconds", Help: "When the last reconcile pass ended (Unix time).",
+		}),
+		lastDuration: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "twill_last_reconcile_duration_seconds", Help: "How long the last reconcile pass took.",
+		}),
 		envFileWrites: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "twill_subnet_file_writes_total", Help: "Writes of the subnet env file.",
 		}),
 	}
-	m.reg.MustRegister(m.ready, m.datastoreUp, m.peers, m.leaseAcquired, m.reconciles, m.reconcileTime,
-		m.envFileWrites,
+	m.reg.MustRegister(m.ready, m.datastoreUp, m.peers, m.repairs, m.leaseAcquired, m.reconciles, m.reconcileTime,
+		m.envFileWrites, m.lastReconcile, m.lastDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	for _, kind := range []string{"route", "fdb", "neigh", "device", "rule"} {
+		m.repairs.WithLabelValues(kind)
+	}
 	m.reconciles.WithLabelValues("ok")
 	m.reconciles.WithLabelValues("error")
 	return m
+}
+
+// registerLeaseStats exports the etcd lease manager's counters. They are read
+// at scrape time, so subnet/etcd needs no knowledge of Prometheus.
+func (m *metrics) registerLeaseStats(stats func() etcd.Stats) {
+	m.reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "twill_lease_renewals_total", Help: "Keep-alive answers from etcd for the node's lease.",
+		}, func() float64 { return float64(stats().Renewals) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "twill_lease_losses_total", Help: "Times the node's lease was lost (expired, revoked or deleted) and had to be acquired again.",
+		}, func() float64 { return float64(stats().Losses) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "twill_lease_expiry_timestamp_seconds", Help: "When the node's lease expires unless renewed (Unix time).",
+		}, func() float64 {
+			if e := stats().Expires; !e.IsZero() {
+				return float64(e.UnixNano()) / 1e9
+			}
+			return 0
+		}),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "twill_datastore_events_total", Help: "Lease events received from the datastore's watch.",
+		}, func() float64 { return float64(stats().Events) }),
+	)
+}
+
+// registerKernelWrites exports what the backend has written to the kernel
+// since twilld started. A restart that finds everything in place writes
+// nothing: the figure stays 0.
+func (m *metrics) registerKernelWrites(counters func() backend.Counters) {
+	for kind, get := range map[string]func(backend.Counters) uint64{
+		"route":  func(c backend.Counters) uint64 { return c.Routes },
+		"fdb":    func(c backend.Counters) uint64 { return c.FDB },
+		"neigh":  func(c backend.Counters) uint64 { return c.Neighs },
+		"device": func(c backend.Counters) uint64 { return c.Devices },
+	} {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name:        "twill_kernel_writes_total",
+			Help:        "Kernel entries the backend set or deleted (devices: created) since twilld started, by kind.",
+			ConstLabels: prometheus.Labels{"kind": kind},
+		}, func() float64 { return float64(get(counters())) }))
+	}
 }

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -36,12 +37,17 @@ type Options struct {
 	CNIBinDir   string // holds bridge, host-local, loopback, portmap
 	IPMasq      bool
 	DaemonArgs  []string // extra twilld flags, e.g. a short --resync-interval in tests
+	// Datastore is "etcd" (twilld leases from etcd) or "kube" (a real
+	// kube-apiserver on the lab's etcd; twilld --kube-subnet-mgr).
+	Datastore     string
+	KubeAPIServer string // the kube-apiserver binary, for Datastore kube
 }
 
 // State is what `lab up` leaves in <dir>/lab.json for status, check and down.
 type State struct {
 	Options
-	Pods []Pod
+	Pods           []Pod
+	KubeAdminToken string `json:",omitempty"`
 }
 
 // Pod is one pod the lab made.
@@ -122,7 +128,12 @@ func (l *Lab) Up(ctx context.Context) error {
 		return err
 	}
 	conf := fmt.Sprintf(`{"Network":%q,"Backend":{"Type":%q}}`, l.Network, l.Backend)
-	if _, err := l.Ctl(ctx, "config", "set", "--file", l.writeConf(conf)); err != nil {
+	if l.Datastore == "kube" {
+		if err := l.startKube(ctx); err != nil {
+			return err
+		}
+		l.writeConf(conf)
+	} else if _, err := l.Ctl(ctx, "config", "set", "--file", l.writeConf(conf)); err != nil {
 		return err
 	}
 	l.say("network config: %s", conf)
@@ -165,6 +176,15 @@ func (l *Lab) preflight(ctx context.Context) error {
 		if _, err := os.Stat(bin); err != nil {
 			return fmt.Errorf("%s not found: run `make build` (or pass --bin-dir)", bin)
 		}
+	}
+	switch l.Datastore {
+	case "etcd":
+	case "kube":
+		if _, err := os.Stat(l.KubeAPIServer); err != nil {
+			return fmt.Errorf("kube-apiserver not found at %s: run `make tools` (or pass --kube-apiserver)", l.KubeAPIServer)
+		}
+	default:
+		return fmt.Errorf("--datastore %q: want etcd or kube", l.Datastore)
 	}
 	for _, p := range []string{"bridge", "host-local", "loopback", "portmap"} {
 		if _, err := os.Stat(filepath.Join(l.CNIBinDir, p)); err != nil {
@@ -210,10 +230,14 @@ func (l *Lab) StartDaemon(i int, extra ...string) error {
 		return err
 	}
 	args := []string{
-		"--etcd-endpoints", EtcdURL(),
 		"--subnet-file", l.EnvFile(i),
 		"--node-name", fmt.Sprintf("h%d", i),
 		"--http-addr", "127.0.0.1:9867",
+	}
+	if l.Datastore == "kube" {
+		args = append(args, "--kube-subnet-mgr", "--kubeconfig", l.kubeconfig(i), "--net-config", filepath.Join(l.Dir, "net-conf.json"))
+	} else {
+		args = append(args, "--etcd-endpoints", EtcdURL())
 	}
 	if l.IPMasq {
 		args = append(args, "--ip-masq")
@@ -272,7 +296,10 @@ func (l *Lab) Down(ctx context.Context, removeDir bool) error {
 	var errs []error
 	pids, _ := filepath.Glob(filepath.Join(l.Dir, "*.pid"))
 	more, _ := filepath.Glob(filepath.Join(l.Dir, "*", "*.pid"))
-	for _, p := range append(more, pids...) { // daemons before etcd
+	// Daemons, then the API server, then etcd (alphabetical order of the
+	// top-level pid files puts etcd before kube-apiserver).
+	slices.Reverse(pids)
+	for _, p := range append(more, pids...) {
 		if err := stopPid(ctx, p); err != nil {
 			errs = append(errs, err)
 		}

@@ -76,11 +76,17 @@ func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
 
 // Status prints the leases and each host's datapath entry counts.
 func (l *Lab) Status(ctx context.Context, w io.Writer) error {
-	out, err := l.Ctl(ctx, "leases", "list")
-	if err != nil {
-		return err
+	if l.Datastore == "kube" {
+		if err := l.kubeStatus(ctx, w); err != nil {
+			return err
+		}
+	} else {
+		out, err := l.Ctl(ctx, "leases", "list")
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(w, "leases (etcd %s):\n%s\n", EtcdURL(), out)
 	}
-	fmt.Fprintf(w, "leases (etcd %s):\n%s\n", EtcdURL(), out)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "HOST\tNAMESPACE\tUNDERLAY\tDEVICE\tROUTES\tFDB\tNEIGHBOURS\tPODS")
 	for i := 1; i <= l.Hosts; i++ {

@@ -157,6 +157,16 @@ type Manager struct {
 	// it: iptables versions differ in how they print a rule, so after one
 	// write the chain is compared with iptables' own rendering.
 	listed map[string][]string
+	// writes counts chains rewritten and jumps added: repairs, after the
+	// first Ensure.
+	writes uint64
+}
+
+// Writes counts the chain rewrites and jump insertions Ensure has made.
+func (m *Manager) Writes() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.writes
 }
 
 // New returns a Manager; it changes nothing until Ensure.
@@ -218,6 +228,7 @@ func (m *Manager) ensureChain(ctx context.Context, c chainSpec, want []Rule) err
 		}
 	}
 	if !exists {
+		m.writes++
 		if err := m.rewrite(ctx, c, want); err != nil {
 			return err
 		}
@@ -236,6 +247,7 @@ func (m *Manager) ensureChain(ctx context.Context, c chainSpec, want []Rule) err
 	}
 	if !ok {
 		m.log.Info("adding jump", "table", c.table, "from", c.hook, "to", c.chain)
+		m.writes++
 		if err := m.ipt.Insert(c.table, c.hook, 1, c.jump(c.chain)...); err != nil {
 			return fmt.Errorf("add jump from %s: %w", c.hook, err)
 		}

@@ -24,6 +24,25 @@ type Manager struct {
 	mu      sync.Mutex
 	own     *Acquired
 	changed chan struct{}
+	stats   Stats
+}
+
+// Stats are the manager's counters, for metrics.
+type Stats struct {
+	Renewals     uint64    // keep-alive answers from etcd
+	Losses       uint64    // leases lost (expired, revoked or deleted)
+	Acquisitions uint64    // leases acquired, the first included
+	Expires      time.Time // when the lease expires unless renewed; zero if unknown
+	Events       uint64    // lease events received from the watch
+}
+
+// Stats returns a copy of the counters.
+func (m *Manager) Stats() Stats {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s := m.stats
+	s.Events = m.cache.events.Load()
+	return s
 }
 
 // NewManager returns a manager that will acquire a lease as req describes.
@@ -62,6 +81,8 @@ func (m *Manager) Own() *Acquired {
 func (m *Manager) setOwn(a *Acquired) {
 	m.mu.Lock()
 	m.own = a
+	m.stats.Acquisitions++
+	m.stats.Expires = time.Now().Add(m.req.TTL)
 	m.req.Previous = a.Subnet
 	m.mu.Unlock()
 	m.notify()
@@ -148,13 +169,18 @@ func (m *Manager) hold(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case _, ok := <-ka:
+		case resp, ok := <-ka:
 			if !ok {
 				if ctx.Err() != nil {
 					return nil
 				}
+				m.lost()
 				return fmt.Errorf("etcd lease %x expired or was revoked", int64(own.EtcdLease))
 			}
+			m.mu.Lock()
+			m.stats.Renewals++
+			m.stats.Expires = time.Now().Add(time.Duration(resp.TTL) * time.Second)
+			m.mu.Unlock()
 		case <-m.cache.Changed():
 			m.notify()
 			if m.cache.Revision() < own.Revision {
@@ -162,13 +188,21 @@ func (m *Manager) hold(ctx context.Context) error {
 			}
 			l, ok := m.cache.Get(own.Subnet)
 			if !ok {
+				m.lost()
 				return errors.New("lease key deleted")
 			}
 			if l.Attrs.PublicIP != own.Attrs.PublicIP {
+				m.lost()
 				return fmt.Errorf("lease key now names public IP %s", l.Attrs.PublicIP)
 			}
 		}
 	}
+}
+
+func (m *Manager) lost() {
+	m.mu.Lock()
+	m.stats.Losses++
+	m.mu.Unlock()
 }
 
 // Release deletes the own lease.

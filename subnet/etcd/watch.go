@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
@@ -25,6 +26,7 @@ type LeaseCache struct {
 	rev     int64
 	synced  bool
 	changed chan struct{}
+	events  atomic.Uint64 // watch events applied
 }
 
 // NewLeaseCache returns an empty cache.
@@ -82,6 +84,7 @@ func (c *LeaseCache) replace(leases []StoredLease, rev int64) {
 }
 
 func (c *LeaseCache) apply(rev int64, puts []subnet.Lease, dels []netip.Prefix) {
+	c.events.Add(uint64(len(puts) + len(dels)))
 	c.mu.Lock()
 	for _, p := range dels {
 		delete(c.leases, p)

@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -229,12 +230,17 @@ func (c *cluster) waitEnv(i int) subnet.Env {
 }
 
 // httpGet fetches http://127.0.0.1:port/path from inside host i's namespace.
-// The socket is made on the thread that entered the namespace; net/http would
-// dial from another goroutine, in the test's own namespace.
 func (c *cluster) httpGet(i int, port int, path string) (int, string, error) {
+	return httpGetInNS(c.topo.HostNS(i), port, path)
+}
+
+// httpGetInNS fetches http://127.0.0.1:port/path from inside a namespace. The
+// socket is made on the thread that entered the namespace; net/http would
+// dial from another goroutine, in the test's own namespace.
+func httpGetInNS(netns string, port int, path string) (int, string, error) {
 	var code int
 	var body string
-	err := ns.WithNetNSPath("/run/netns/"+c.topo.HostNS(i), func(ns.NetNS) error {
+	err := ns.WithNetNSPath("/run/netns/"+netns, func(ns.NetNS) error {
 		conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second)
 		if err != nil {
 			return err
@@ -252,6 +258,30 @@ func (c *cluster) httpGet(i int, port int, path string) (int, string, error) {
 		return err
 	})
 	return code, body, err
+}
+
+// metric returns the value of one sample (name with its labels, as
+// Prometheus' text format writes it) from twilld on host netns.
+func metric(t *testing.T, netns, sample string) float64 {
+	t.Helper()
+	v, err := metricValue(netns, sample)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func metricValue(netns, sample string) (float64, error) {
+	_, body, err := httpGetInNS(netns, 9867, "/metrics")
+	if err != nil {
+		return 0, fmt.Errorf("scrape %s: %w", netns, err)
+	}
+	for _, line := range strings.Split(body, "\n") {
+		if rest, ok := strings.CutPrefix(line, sample+" "); ok {
+			return strconv.ParseFloat(strings.TrimSpace(rest), 64)
+		}
+	}
+	return 0, fmt.Errorf("no sample %s in /metrics of %s", sample, netns)
 }
 
 // eventually retries f until it succeeds or d passes.

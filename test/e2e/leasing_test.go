@@ -1,12 +1,16 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"os"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/internal/testenv"
 )
 
 const allocConf = `{"Network":"10.244.0.0/16","Backend":{"Type":"alloc"}}`
@@ -71,6 +75,17 @@ func TestTwoDaemonsLeaseAndRestart(t *testing.T) {
 	code, body, err := c.httpGet(1, 9867, "/metrics")
 	if err != nil || code != 200 || !strings.Contains(body, "twill_ready 1") {
 		t.Fatalf("h1 metrics = %d, %v:\n%s", code, err, body)
+	}
+
+	// twillctl status on the node summarises it.
+	out, err := lab.InNS(context.Background(), c.topo.HostNS(1), testenv.Binary(t, "twillctl"), "status", "--subnet-file", c.envFile(1))
+	if err != nil {
+		t.Fatalf("twillctl status: %v\n%s", err, out)
+	}
+	for _, want := range []string{"twilld          ready", "subnet          " + e1.Subnet.String(), "lease           expires in", "peers           1 (backend alloc)", "last reconcile  ", "datastore       connected"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("twillctl status lacks %q:\n%s", want, out)
+		}
 	}
 
 	// SIGTERM keeps the lease; a restart (env file removed, so the lease is

@@ -59,9 +59,20 @@ func testDrift(t *testing.T, backend string) {
 	ipn(t, h1, "route", "add", "192.0.2.0/24", "via", lab.WorldAddr.String())
 	ipn(t, h1, "neigh", "add", "198.18.0.77", "lladdr", "02:00:00:00:00:77", "dev", "eth0", "nud", "permanent")
 
+	// Repairs are counted by kind in /metrics.
+	repairs := func(kind string) float64 { return metric(t, h1, `twill_repairs_total{kind="`+kind+`"}`) }
+	if r := repairs("route"); r != 0 {
+		t.Fatalf("twill_repairs_total{kind=route} = %v before any drift", r)
+	}
 	peer := hostEnv(t, l, 2).Subnet.Masked()
 	ipn(t, h1, "route", "del", peer.String())
 	waitCounts(t, l, 1, want, 10*time.Second)
+	waitFor(t, "the route repair to be counted", 5*time.Second, func() error {
+		if r := repairs("route"); r != 1 {
+			return fmt.Errorf("route repairs = %v, want 1", r)
+		}
+		return nil
+	})
 
 	if backend == "vxlan" {
 		// A route of a foreign protocol on twill's device is not twill's to remove.
@@ -81,6 +92,9 @@ func testDrift(t *testing.T, backend string) {
 
 		ipn(t, h1, "link", "del", "twill.1")
 		waitCounts(t, l, 1, want, 15*time.Second)
+		if d, n, f := repairs("device"), repairs("neigh"), repairs("fdb"); d < 1 || n < 1 || f < 1 {
+			t.Fatalf("repairs: device %v, neigh %v, fdb %v; want each at least 1", d, n, f)
+		}
 	}
 	requireMatrix(t, l)
 
@@ -97,6 +111,9 @@ func testDrift(t *testing.T, backend string) {
 		}
 		if !strings.Contains(iptablesS(t, h1, "filter", "FORWARD"), "-j TWILL-FWD") {
 			return fmt.Errorf("FORWARD does not jump to TWILL-FWD")
+		}
+		if r := repairs("rule"); r < 2 {
+			return fmt.Errorf("rule repairs = %v, want at least 2", r)
 		}
 		return nil
 	})

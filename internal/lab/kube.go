@@ -1,0 +1,163 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/twillnet/twill/deploy"
+	"github.com/twillnet/twill/internal/kubeapi"
+)
+
+// KubePort is the lab's kube-apiserver port, on WorldAddr in the underlay.
+const KubePort = 6443
+
+// DialInNS returns a dialer whose sockets are made inside a named network
+// namespace: the socket is created on a thread that entered the namespace,
+// and stays there after the thread leaves. Clients in this process reach the
+// lab's servers with it.
+func DialInNS(netns string) kubeapi.Dialer {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var conn net.Conn
+		err := ns.WithNetNSPath("/run/netns/"+netns, func(ns.NetNS) error {
+			var d net.Dialer
+			c, err := d.DialContext(ctx, network, addr)
+			conn = c
+			return err
+		})
+		return conn, err
+	}
+}
+
+// KubeServer is the lab's API server.
+func (l *Lab) KubeServer() kubeapi.Server {
+	return kubeapi.Server{
+		Binary:  l.KubeAPIServer,
+		Dir:     filepath.Join(l.Dir, "kube"),
+		Host:    WorldAddr.String(),
+		Port:    KubePort,
+		EtcdURL: EtcdURL(),
+	}
+}
+
+// KubeClient is an admin client of the lab's API server.
+func (l *Lab) KubeClient() (kubernetes.Interface, error) {
+	return kubernetes.NewForConfig(l.KubeServer().Config(l.KubeAdminToken, DialInNS(l.Topology().UnderlayNS())))
+}
+
+// NodePodCIDR is the podCIDR the lab gives host i's Node.
+func (l *Lab) NodePodCIDR(i int) netip.Prefix {
+	a := l.Network.Addr().As4()
+	a[2] = byte(i)
+	return netip.PrefixFrom(netip.AddrFrom4(a), 24)
+}
+
+// startKube starts the API server on the lab's etcd, applies the DaemonSet
+// manifest (server-side dry run first), creates one Node per host with a
+// podCIDR, and writes each host a kubeconfig with a token of the manifest's
+// ServiceAccount: twilld runs with exactly the permissions the manifest grants.
+func (l *Lab) startKube(ctx context.Context) error {
+	srv := l.KubeServer()
+	argv, token, err := srv.Prepare()
+	if err != nil {
+		return err
+	}
+	l.KubeAdminToken = token
+	if err := l.save(); err != nil {
+		return err
+	}
+	if err := l.spawn("kube-apiserver", l.Topology().UnderlayNS(), argv[0], argv[1:]...); err != nil {
+		return err
+	}
+	dial := DialInNS(l.Topology().UnderlayNS())
+	if err := kubeapi.WaitReady(ctx, srv.URL(), dial, 90*time.Second); err != nil {
+		return fmt.Errorf("%w (see %s)", err, filepath.Join(l.Dir, "kube-apiserver.log"))
+	}
+	l.say("kube-apiserver ready at %s in %s", srv.URL(), l.Topology().UnderlayNS())
+	cfg := srv.Config(token, dial)
+	if _, err := kubeapi.Apply(ctx, cfg, deploy.KubeManifest, true); err != nil {
+		return fmt.Errorf("server-side dry run of deploy/kube-twill.yaml: %w", err)
+	}
+	applied, err := kubeapi.Apply(ctx, cfg, deploy.KubeManifest, false)
+	if err != nil {
+		return err
+	}
+	l.say("applied deploy/kube-twill.yaml: %s", strings.Join(applied, ", "))
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	for i := 1; i <= l.Hosts; i++ {
+		node := &corev1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("h%d", i)},
+			Spec:       corev1.NodeSpec{PodCIDR: l.NodePodCIDR(i).String(), PodCIDRs: []string{l.NodePodCIDR(i).String()}},
+		}
+		if _, err := cs.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("create Node h%d: %w", i, err)
+		}
+	}
+	saToken, err := kubeapi.ServiceAccountToken(ctx, cs, "kube-twill", "twill", 24*time.Hour)
+	if err != nil {
+		return err
+	}
+	for i := 1; i <= l.Hosts; i++ {
+		if err := os.MkdirAll(l.hostDir(i), 0o755); err != nil {
+			return err
+		}
+		if err := srv.WriteKubeconfig(l.kubeconfig(i), saToken); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (l *Lab) kubeconfig(i int) string { return filepath.Join(l.hostDir(i), "kubeconfig") }
+
+// StopKubeAPI stops the lab's API server; StartKubeAPI starts it again with
+// the same certificates and etcd.
+func (l *Lab) StopKubeAPI(ctx context.Context) error {
+	return stopPid(ctx, filepath.Join(l.Dir, "kube-apiserver.pid"))
+}
+
+// StartKubeAPI restarts a stopped API server and waits until it is ready.
+func (l *Lab) StartKubeAPI(ctx context.Context) error {
+	srv := l.KubeServer()
+	argv, _, err := srv.Prepare()
+	if err != nil {
+		return err
+	}
+	if err := l.spawn("kube-apiserver", l.Topology().UnderlayNS(), argv[0], argv[1:]...); err != nil {
+		return err
+	}
+	return kubeapi.WaitReady(ctx, srv.URL(), DialInNS(l.Topology().UnderlayNS()), 90*time.Second)
+}
+
+// kubeStatus prints the Nodes as twill sees them.
+func (l *Lab) kubeStatus(ctx context.Context, w io.Writer) error {
+	cs, err := l.KubeClient()
+	if err != nil {
+		return err
+	}
+	nodes, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "nodes (kube-apiserver %s):\n", l.KubeServer().URL())
+	for _, n := range nodes.Items {
+		fmt.Fprintf(w, "  %s  podCIDR %s  public-ip %s  backend %s %s\n", n.Name, n.Spec.PodCIDR,
+			n.Annotations["twill.io/public-ip"], n.Annotations["twill.io/backend-type"], n.Annotations["twill.io/backend-data"])
+	}
+	fmt.Fprintln(w)
+	return nil
+}

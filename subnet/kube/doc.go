@@ -1,0 +1,38 @@
+// Package kube is twill's lease manager for clusters where the Kubernetes API
+// is the datastore (twilld --kube-subnet-mgr): there is no etcd of twill's own
+// and no subnet allocation by twill.
+//
+// A node's lease is its Node's spec.podCIDR (the first IPv4 entry of
+// spec.podCIDRs), assigned by kube-controller-manager or by hand; twill only
+// checks that it lies inside the network config's Network. What a node
+// publishes for its peers lives in annotations of its Node, under a prefix
+// (twill.io by default):
+//
+//	twill.io/backend-type          "vxlan" or "host-gw"                written by twilld
+//	twill.io/backend-data          backend JSON, e.g. {"VtepMAC":...}  written by twilld
+//	twill.io/public-ip             the node's IPv4 for tunnels/routes  written by twilld
+//	twill.io/public-ip-overwrite   the address peers use instead       set by an operator (NAT)
+//
+// twilld writes its annotations with a JSON merge patch on the nodes/status
+// subresource, which accepts metadata changes: the only write the ClusterRole
+// grants is "nodes/status patch", next to "nodes get, list, watch". The
+// same subresource carries the NetworkUnavailable=False condition that
+// DatapathReady sets.
+//
+// Peers come from one Node informer. Its transform (SlimNode) keeps only the
+// name, UID, resourceVersion, twill's annotations and the podCIDRs, so the
+// cache of thousands of Nodes stays small: a kubelet's Node is mostly status
+// (images, conditions) and managedFields. The event handlers only put Node
+// names on a rate-limited workqueue; one worker reads each Node's current
+// state from the cache and updates the lease cache (level-triggered, so a
+// burst of updates, a relist after a 410 Gone, or a tombstone for a deletion
+// missed while the watch was down all come out the same), and signals Changed
+// only when a lease really changed: a node heartbeat that touches nothing of
+// twill's costs no reconcile. Nodes without a podCIDR or without twill's
+// annotations are not peers until they have both. Watches that expire are
+// re-listed by client-go's reflector.
+//
+// The own Node is watched as well: its annotations are written again when
+// someone removes or changes them, and the own lease follows a new podCIDR or
+// public-ip-overwrite.
+package kube

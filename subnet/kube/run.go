@@ -1,0 +1,220 @@
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/go-logr/logr"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/workqueue"
+	"k8s.io/klog/v2"
+
+	"github.com/twillnet/twill/subnet"
+)
+
+// Run follows the Nodes until ctx ends: it fills the peer cache, keeps the
+// own lease in step with the own Node and restores the node's annotations if
+// someone removes or changes them. Acquire must have succeeded first.
+func (m *Manager) Run(ctx context.Context) error {
+	m.mu.Lock()
+	acquired := m.acquired
+	m.mu.Unlock()
+	if !acquired {
+		return errors.New("kube lease manager: Run before Acquire")
+	}
+	// client-go's reflector logs through the context's logger: ours.
+	ctx = klog.NewContext(ctx, logr.FromSlogHandler(m.log.Handler()))
+
+	factory := informers.NewSharedInformerFactoryWithOptions(m.client, 0, informers.WithTransform(SlimNode(m.prefix)))
+	inf := factory.Core().V1().Nodes().Informer()
+	queue := workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]())
+	// The handlers only say which Node to look at; the worker reads the
+	// Node's current state from the cache (level-triggered).
+	enqueue := func(obj any) {
+		if key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj); err == nil {
+			queue.Add(key)
+		}
+	}
+	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    enqueue,
+		UpdateFunc: func(_, obj any) { enqueue(obj) },
+		DeleteFunc: enqueue, // a tombstone's key is the Node's name too
+	}); err != nil {
+		return fmt.Errorf("kube lease manager: node informer: %w", err)
+	}
+	m.store = inf.GetStore()
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer factory.Shutdown() // returns once the informer has stopped with ctx
+	defer queue.ShutDown()
+	factory.StartWithContext(ctx)
+	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+		return ctx.Err()
+	}
+	m.syncAll(ctx)
+
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for m.processNext(ctx, queue) {
+		}
+	}()
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// syncAll builds the peer cache from the first complete listing before Peers
+// reports synced, so a consumer never sees a partial peer list as complete.
+// The queued keys of that listing are processed again afterwards, harmlessly.
+func (m *Manager) syncAll(ctx context.Context) {
+	for _, key := range m.store.ListKeys() {
+		if err := m.syncNode(ctx, key); err != nil {
+			m.log.Warn("sync node; will retry", "peer", key, "err", err)
+		}
+	}
+	m.mu.Lock()
+	m.synced = true
+	n := len(m.peers)
+	m.mu.Unlock()
+	m.log.Info("nodes listed", "nodes", len(m.store.ListKeys()), "peers", n)
+	m.notify()
+}
+
+func (m *Manager) processNext(ctx context.Context, queue workqueue.TypedRateLimitingInterface[string]) bool {
+	key, quit := queue.Get()
+	if quit {
+		return false
+	}
+	defer queue.Done(key)
+	if err := m.syncNode(ctx, key); err != nil {
+		if ctx.Err() == nil {
+			m.log.Warn("sync node; will retry", "peer", key, "err", err)
+			queue.AddRateLimited(key)
+		}
+		return true
+	}
+	queue.Forget(key)
+	return true
+}
+
+// syncNode brings the cache in line with one Node as the informer has it now.
+// It returns an error only for what a retry may fix.
+func (m *Manager) syncNode(ctx context.Context, name string) error {
+	obj, exists, err := m.store.GetByKey(name)
+	if err != nil {
+		return err
+	}
+	var node *corev1.Node
+	if exists {
+		if node, _ = obj.(*corev1.Node); node == nil {
+			return fmt.Errorf("node cache holds a %T", obj)
+		}
+	}
+	if name == m.node {
+		if node == nil {
+			m.ownProblem("the own Node was deleted; keeping the lease until it is back")
+			return nil
+		}
+		return m.syncOwn(ctx, node)
+	}
+	if node == nil {
+		m.dropPeer(name, "", true)
+		return nil
+	}
+	l, ok, err := NodeToLease(node, m.prefix)
+	switch {
+	case err != nil:
+		m.dropPeer(name, "malformed: "+err.Error(), false)
+	case !ok:
+		// No podCIDR or no annotations yet: not a twill node (yet).
+		m.dropPeer(name, "", false)
+	case !inNetwork(m.cfg, l.Subnet):
+		m.dropPeer(name, fmt.Sprintf("podCIDR %s is outside the Network %s", l.Subnet, m.cfg.Network), false)
+	default:
+		m.setPeer(name, l)
+	}
+	return nil
+}
+
+func (m *Manager) setPeer(name string, l subnet.Lease) {
+	m.mu.Lock()
+	old, had := m.peers[name]
+	m.peers[name] = l
+	delete(m.skipped, name)
+	m.mu.Unlock()
+	if !had || !leaseEqual(old, l) {
+		m.log.Debug("peer", "peer", name, "subnet", l.Subnet, "publicIP", l.Attrs.PublicIP)
+		m.notify()
+	}
+}
+
+// dropPeer removes a Node from the peers; reason, when not empty, is logged
+// once per change of reason.
+func (m *Manager) dropPeer(name, reason string, deleted bool) {
+	m.mu.Lock()
+	_, had := m.peers[name]
+	delete(m.peers, name)
+	logIt := reason != "" && m.skipped[name] != reason
+	if reason == "" || deleted {
+		delete(m.skipped, name)
+	} else {
+		m.skipped[name] = reason
+	}
+	m.mu.Unlock()
+	if logIt {
+		m.log.Warn("skipping node", "peer", name, "reason", reason)
+	}
+	if had {
+		m.log.Debug("peer gone", "peer", name, "deleted", deleted)
+		m.notify()
+	}
+}
+
+// syncOwn restores the node's annotations if they were removed or changed,
+// and lets the own lease follow the Node's podCIDR and public-ip-overwrite.
+func (m *Manager) syncOwn(ctx context.Context, node *corev1.Node) error {
+	m.mu.Lock()
+	released := m.released
+	m.mu.Unlock()
+	if released {
+		return nil
+	}
+	if !m.published(node) {
+		m.log.Warn("the own Node lacks twill's annotations or they were changed; publishing them again")
+		if err := m.publish(ctx); err != nil {
+			return err
+		}
+	}
+	l, err := m.ownLease(node)
+	if err != nil {
+		m.ownProblem(err.Error() + "; keeping the current lease")
+		return nil
+	}
+	m.ownProblem("")
+	if old := m.Own(); !leaseEqual(old, l) {
+		m.log.Warn("own lease changed with the Node", "oldSubnet", old.Subnet, "subnet", l.Subnet,
+			"oldPublicIP", old.Attrs.PublicIP, "publicIP", l.Attrs.PublicIP)
+		m.setOwn(l)
+	}
+	return nil
+}
+
+// ownProblem logs a problem with the own Node once, until it changes.
+func (m *Manager) ownProblem(reason string) {
+	m.mu.Lock()
+	last := m.skipped[m.node]
+	if reason == "" {
+		delete(m.skipped, m.node)
+	} else {
+		m.skipped[m.node] = reason
+	}
+	m.mu.Unlock()
+	if reason != "" && reason != last {
+		m.log.Warn("own Node", "problem", reason)
+	}
+}
