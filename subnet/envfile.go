@@ -112,6 +112,12 @@ func ParseEnv(data []byte) (Env, error) {
 	if !e.Network.Contains(e.Subnet.Addr()) || e.Subnet.Bits() < e.Network.Bits() {
 		return e, fmt.Errorf("subnet env file: TWILL_SUBNET %s lies outside TWILL_NETWORK %s", e.Subnet, e.Network)
 	}
+	if e.Subnet.Bits() > 30 {
+		return e, fmt.Errorf("subnet env file: TWILL_SUBNET %s leaves no room for pods (at most /30)", e.Subnet)
+	}
+	if a := e.Subnet.Addr(); a == e.Subnet.Masked().Addr() || a == lastAddr(e.Subnet) {
+		return e, fmt.Errorf("subnet env file: TWILL_SUBNET %s is the subnet's network or broadcast address, not a gateway", e.Subnet)
+	}
 	return e, nil
 }
 

@@ -34,6 +34,9 @@ func TestParseEnvErrors(t *testing.T) {
 		{"unknown twill var", good + "TWILL_FOO=1\n", "unknown variable TWILL_FOO"},
 		{"network host bits", strings.Replace(good, "10.244.0.0/16", "10.244.0.1/16", 1), "not an IPv4 network address"},
 		{"empty", "", "TWILL_NETWORK is missing"},
+		{"gateway is the network address", strings.Replace(good, "10.244.7.1/24", "10.244.7.0/24", 1), "network or broadcast address"},
+		{"gateway is the broadcast address", strings.Replace(good, "10.244.7.1/24", "10.244.7.255/24", 1), "network or broadcast address"},
+		{"subnet too small", strings.Replace(good, "10.244.7.1/24", "10.244.7.1/31", 1), "no room for pods"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
