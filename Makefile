@@ -61,3 +61,12 @@ lint: ## gofmt and go vet
 
 clean: ## remove built programs (keeps bin/tools unless you delete it)
 	rm -f $(BIN)/twilld $(BIN)/twillctl $(BIN)/twill
+
+# Benchmarks (issue 6). Runs as root in namespaces named twbench-*, about 10
+# minutes on 2 cores; `make bench BENCHFLAGS=--quick` for a short try, or
+# e.g. BENCHFLAGS='--sections 1,2' for some figures only.
+BENCHFLAGS ?=
+.PHONY: bench
+bench: deps build cni-plugins $(TOOLS_BIN)/etcd ## measure twill against its targets and the kernel's limits (root, ~10 min): bench/out/report.json
+	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $(BIN)/twillbench ./bench/cmd/twillbench
+	$(BIN)/twillbench --repo $(CURDIR) --go $(GO) $(BENCHFLAGS)
