@@ -184,7 +184,18 @@ func (p *pod) removeNS() {
 		return
 	}
 	p.ns.Close()
-	testutils.UnmountNS(p.ns)
+	// A plugin killed a moment ago may still be dying with the namespace
+	// open, which makes the unmount fail with EBUSY for a while.
+	for try := 0; ; try++ {
+		err := testutils.UnmountNS(p.ns)
+		if err == nil || try == 100 {
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "remove namespace of %s: %v\n", p.id, err)
+			}
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	p.ns = nil
 }
 

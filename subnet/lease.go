@@ -16,6 +16,10 @@ type Lease struct {
 	// Expires is when the datastore drops the lease unless it is renewed; zero
 	// when unknown or never.
 	Expires time.Time
+	// Claimed orders claims on addresses: the datastore's order of creation
+	// (etcd: the key's create revision), 0 when unknown. When two leases
+	// overlap, the earlier claim is the one peers program (FilterPeers).
+	Claimed int64
 }
 
 // LeaseAttrs is what a node publishes with its lease; peers program their
@@ -44,13 +48,25 @@ func ParseLeaseAttrs(data []byte) (LeaseAttrs, error) {
 	if !a.PublicIP.IsValid() {
 		return a, fmt.Errorf("lease value has no PublicIP")
 	}
-	if !a.PublicIP.Is4() {
-		return a, fmt.Errorf("lease PublicIP %s is not IPv4", a.PublicIP)
+	if err := CheckPublicIP(a.PublicIP); err != nil {
+		return a, fmt.Errorf("lease PublicIP: %w", err)
 	}
 	if a.BackendType == "" {
 		return a, fmt.Errorf("lease value has no BackendType")
 	}
 	return a, nil
+}
+
+// CheckPublicIP says whether ip can be where peers send a node's traffic:
+// an IPv4 unicast address, not unspecified, loopback or broadcast.
+func CheckPublicIP(ip netip.Addr) error {
+	switch {
+	case !ip.Is4():
+		return fmt.Errorf("%v is not IPv4", ip)
+	case ip.IsUnspecified(), ip.IsLoopback(), ip.IsMulticast(), ip == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return fmt.Errorf("%s is not a unicast address another host can reach", ip)
+	}
+	return nil
 }
 
 // KeyName is the datastore name of a subnet: "10.244.7.0-24". A slash would

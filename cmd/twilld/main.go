@@ -37,6 +37,7 @@ func run(args []string) error {
 		c         daemon.Config
 		endpoints = fs.String("etcd-endpoints", "http://127.0.0.1:2379", "comma-separated etcd client URLs")
 		publicIP  = fs.String("public-ip", "", "IPv4 address peers use to reach this node (default: the interface's address)")
+		peerCIDRs = fs.String("public-ip-cidr", "", "comma-separated IPv4 CIDRs; when set, peer leases whose public IP is outside them are skipped")
 		logLevel  = fs.String("log-level", "info", "debug, info, warn or error")
 		showVer   = fs.Bool("version", false, "print the version and exit")
 		cleanup   = fs.Bool("cleanup", false, "remove twill's devices, routes and iptables chains from this node, then exit")
@@ -85,6 +86,16 @@ func run(args []string) error {
 			return fmt.Errorf("--public-ip: %q is not an IPv4 address", *publicIP)
 		}
 		c.PublicIP = ip
+	}
+	for _, f := range strings.Split(*peerCIDRs, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(f)
+		if err != nil || !p.Addr().Is4() || p.Masked() != p {
+			return fmt.Errorf("--public-ip-cidr: %q is not an IPv4 network such as 192.168.0.0/16", f)
+		}
+		c.PeerPublicIPs = append(c.PeerPublicIPs, p)
 	}
 	if c.NodeName == "" {
 		c.NodeName, _ = os.Hostname()

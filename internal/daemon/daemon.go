@@ -30,10 +30,13 @@ import (
 
 // Config is everything twilld is told on its command line.
 type Config struct {
-	Etcd           etcd.ClientOptions
-	EtcdPrefix     string
-	Iface          string     // name or address; "" = the default route's interface
-	PublicIP       netip.Addr // what peers reach this node at; zero = the interface's address
+	Etcd       etcd.ClientOptions
+	EtcdPrefix string
+	Iface      string     // name or address; "" = the default route's interface
+	PublicIP   netip.Addr // what peers reach this node at; zero = the interface's address
+	// PeerPublicIPs, when not empty, are the only networks peers' public IPs
+	// may be in (--public-ip-cidr); other leases are skipped.
+	PeerPublicIPs  []netip.Prefix
 	SubnetFile     string
 	IPMasq         bool
 	LeaseTTL       time.Duration
@@ -69,6 +72,12 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if !publicIP.IsValid() {
 		publicIP = ext.Addr
 	}
+	if err := subnet.CheckPublicIP(publicIP); err != nil {
+		return fmt.Errorf("public IP: %w; give one with --public-ip or --iface", err)
+	}
+	if len(c.PeerPublicIPs) > 0 && !slices.ContainsFunc(c.PeerPublicIPs, func(p netip.Prefix) bool { return p.Contains(publicIP) }) {
+		return fmt.Errorf("this node's public IP %s is outside --public-ip-cidr %v: its peers would skip it", publicIP, c.PeerPublicIPs)
+	}
 	log.Info("using interface", "iface", ext.Name, "addr", ext.Addr, "public-ip", publicIP, "mtu", ext.MTU)
 
 	var store datastore
@@ -90,7 +99,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	}
 	defer stopHTTP()
 	log.Info("serving /healthz, /readyz and /metrics", "addr", addr.String())
-	go store.watchUp(ctx, met)
+	go store.watchUp(ctx, datastoreReporter(met, hl, log))
 
 	cfg, err := store.Config(ctx, hl.set)
 	if err != nil {
@@ -118,7 +127,11 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	}
 	met.leaseAcquired.Inc()
 	if st, ok := mgr.(interface{ Stats() etcd.Stats }); ok {
+		// The etcd manager counts acquisitions itself, re-acquisitions of
+		// the same subnet included, which the daemon cannot see.
 		met.registerLeaseStats(st.Stats)
+	} else {
+		met.reg.MustRegister(met.leaseAcquired)
 	}
 	log.Info("lease acquired", "subnet", own.Subnet)
 
@@ -127,7 +140,8 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		// has it on already (kubelet and kube-proxy want it too).
 		log.Error("IPv4 forwarding is off and cannot be turned on; pods on other nodes are unreachable until it is (sysctl -w net.ipv4.ip_forward=1)", "err", err)
 	}
-	d := &daemon{c: c, cfg: cfg, be: be, mgr: mgr, met: met, hl: hl, log: log, mtu: mtu}
+	d := &daemon{c: c, cfg: cfg, be: be, mgr: mgr, met: met, hl: hl, log: log, mtu: mtu,
+		policy: subnet.PeerPolicy{Network: cfg.Network, PublicIPs: c.PeerPublicIPs}}
 	if c.IPMasq {
 		if d.ipt, err = masq.NewIPTables(); err != nil {
 			return fmt.Errorf("--ip-masq: %w", err)
@@ -172,6 +186,9 @@ type daemon struct {
 	log *slog.Logger
 	mtu int
 
+	policy  subnet.PeerPolicy
+	skipped map[string]bool // "subnet reason" of the leases skipped in the last pass
+
 	envSubnet  netip.Prefix // the subnet the env file names
 	announced  bool         // DatapathReady was reported
 	lastInputs [32]byte     // fingerprint of the leases of the last good pass
@@ -210,6 +227,7 @@ func (d *daemon) pass(ctx context.Context) {
 		d.met.leaseAcquired.Inc()
 	}
 	peers, synced := d.mgr.Peers()
+	peers = d.admit(own, peers)
 	inputs := fingerprint(own, peers)
 	before, rulesBefore := d.be.Counters(), d.ruleWrites()
 	d.ensureRules(ctx, own.Subnet)
@@ -258,6 +276,24 @@ func (d *daemon) pass(ctx context.Context) {
 	d.log.Debug("reconciled", "peers", len(peers), "took", time.Since(start))
 }
 
+// admit drops the peer leases that must not be programmed (FilterPeers:
+// outside the network, overlapping, a public IP not allowed). Each skipped
+// lease is logged once, when it first appears or its reason changes.
+func (d *daemon) admit(own subnet.Lease, peers []subnet.Lease) []subnet.Lease {
+	kept, skipped := subnet.FilterPeers(d.policy, own, peers)
+	d.met.peersSkipped.Set(float64(len(skipped)))
+	now := make(map[string]bool, len(skipped))
+	for _, s := range skipped {
+		key := s.Lease.Subnet.String() + " " + s.Reason
+		now[key] = true
+		if !d.skipped[key] {
+			d.log.Warn("skipping a peer lease", "subnet", s.Lease.Subnet, "public-ip", s.Lease.Attrs.PublicIP, "node", s.Lease.Attrs.NodeName, "reason", s.Reason)
+		}
+	}
+	d.skipped = now
+	return kept
+}
+
 // ensureRules keeps the masquerade rules (with --ip-masq) for the own subnet.
 func (d *daemon) ensureRules(ctx context.Context, own netip.Prefix) {
 	if d.ipt == nil {
@@ -290,6 +326,44 @@ func (d *daemon) writeEnv(p netip.Prefix) error {
 	d.hl.set("")
 	d.log.Info("wrote subnet env file", "path", d.c.SubnetFile, "subnet", env.Subnet, "mtu", env.MTU)
 	return nil
+}
+
+// datastoreReporter turns the datastore's reachability into
+// twill_datastore_up and /readyz. An outage is logged once when it starts and
+// once when it ends, however often the connection changes state in between.
+func datastoreReporter(met *metrics, hl *health, log *slog.Logger) func(up bool, state string) {
+	var (
+		registered bool
+		everUp     bool      // start-up is not an outage
+		down       time.Time // when the outage began; zero while up
+	)
+	return func(up bool, state string) {
+		if !registered {
+			// Only a datastore that reports exports the gauge.
+			met.reg.MustRegister(met.datastoreUp)
+			registered = true
+		}
+		switch {
+		case up:
+			met.datastoreUp.Set(1)
+			hl.setDatastore("")
+			if !down.IsZero() && everUp {
+				log.Info("datastore reachable again", "unreachable-for", time.Since(down).Round(time.Millisecond))
+			}
+			down, everUp = time.Time{}, true
+		default:
+			met.datastoreUp.Set(0)
+			first := down.IsZero()
+			if first {
+				down = time.Now()
+			}
+			hl.setDatastore(fmt.Sprintf("datastore unreachable since %s (connection %s); the datapath and the pods are kept as they are",
+				down.UTC().Format(time.RFC3339), state))
+			if first && everUp {
+				log.Warn("datastore unreachable; keeping the datapath as it is", "connection", state)
+			}
+		}
+	}
 }
 
 // previousSubnet is the subnet of an existing env file, if it fits the network.

@@ -22,8 +22,10 @@ type datastore interface {
 	Config(ctx context.Context, notReady func(string)) (*subnet.Config, error)
 	// Leases returns the lease manager for this node.
 	Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix) (leaseManager, error)
-	// watchUp keeps twill_datastore_up current until ctx ends.
-	watchUp(ctx context.Context, met *metrics)
+	// watchUp reports whether the datastore is reachable, at once and on
+	// every change, until ctx ends. A datastore that cannot tell does not
+	// call report.
+	watchUp(ctx context.Context, report func(up bool, state string))
 	Close()
 }
 
@@ -124,17 +126,13 @@ func waitFor(ctx context.Context, log *slog.Logger, notReady func(string), get f
 	}
 }
 
-// watchUp keeps twill_datastore_up equal to the state of the etcd
-// connection, with no requests of its own.
-func (s *etcdStore) watchUp(ctx context.Context, met *metrics) {
+// watchUp follows the state of the etcd connection, with no requests of its
+// own. With several endpoints the connection is up while any member is.
+func (s *etcdStore) watchUp(ctx context.Context, report func(up bool, state string)) {
 	conn := s.reg.Client().ActiveConnection()
 	for {
 		st := conn.GetState()
-		if st == connectivity.Ready {
-			met.datastoreUp.Set(1)
-		} else {
-			met.datastoreUp.Set(0)
-		}
+		report(st == connectivity.Ready, st.String())
 		if !conn.WaitForStateChange(ctx, st) {
 			return
 		}

@@ -13,9 +13,16 @@ import (
 )
 
 // health is what /readyz reports: why the node is not ready, or nothing.
+// Start-up sets a phase (waiting for the config, acquiring a lease) that the
+// first env file write clears. Once started, the node is ready while the
+// datastore is reachable: during an outage the datapath and the pods are
+// left exactly as they are, but the node cannot follow its peers, and a
+// readiness probe is how an orchestrator (a DaemonSet rollout, a load
+// balancer's health check) learns that without anything being restarted.
 type health struct {
-	mu       sync.Mutex
-	notReady string
+	mu        sync.Mutex
+	notReady  string // the start-up phase, "" once started
+	datastore string // why the datastore is unreachable, "" while it is not
 }
 
 func (h *health) set(reason string) {
@@ -24,10 +31,19 @@ func (h *health) set(reason string) {
 	h.mu.Unlock()
 }
 
+func (h *health) setDatastore(reason string) {
+	h.mu.Lock()
+	h.datastore = reason
+	h.mu.Unlock()
+}
+
 func (h *health) reason() string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.notReady
+	if h.notReady != "" {
+		return h.notReady
+	}
+	return h.datastore
 }
 
 // serveHTTP serves /healthz, /readyz and /metrics on addr until ctx ends.

@@ -50,7 +50,7 @@ func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
 func (s *kubeStore) Close() {}
 
 // watchUp is not reported in Kubernetes mode; the informer retries on its own.
-func (s *kubeStore) watchUp(context.Context, *metrics) {}
+func (s *kubeStore) watchUp(context.Context, func(bool, string)) {}
 
 func (s *kubeStore) Config(ctx context.Context, notReady func(string)) (*subnet.Config, error) {
 	return waitFor(ctx, s.log, notReady, func() (*subnet.Config, string) {

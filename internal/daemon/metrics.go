@@ -14,6 +14,7 @@ type metrics struct {
 	ready         prometheus.Gauge
 	datastoreUp   prometheus.Gauge
 	peers         *prometheus.GaugeVec
+	peersSkipped  prometheus.Gauge
 	repairs       *prometheus.CounterVec
 	leaseAcquired prometheus.Counter
 	reconciles    *prometheus.CounterVec
@@ -30,11 +31,15 @@ func newMetrics() *metrics {
 			Name: "twill_ready", Help: "1 when the node holds its lease, has written the subnet env file and programmed the datapath once.",
 		}),
 		datastoreUp: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "twill_datastore_up", Help: "1 when the last request to the datastore succeeded.",
+			Name: "twill_datastore_up", Help: "1 while the connection to the datastore is up (etcd mode).",
 		}),
 		peers: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "twill_peers", Help: "Peer leases in the last reconcile pass, by backend.",
 		}, []string{"backend"}),
+		peersSkipped: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "twill_peers_skipped",
+			Help: "Peer leases the last pass did not program: outside the network, overlapping another lease, carrying this node's public IP, or a public IP outside --public-ip-cidr.",
+		}),
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "twill_repairs_total",
 			Help: "Kernel entries a reconcile pass had to write although no lease had changed since the last good pass (drift: deleted by hand, or by another program), by kind.",
@@ -59,7 +64,7 @@ func newMetrics() *metrics {
 			Name: "twill_subnet_file_writes_total", Help: "Writes of the subnet env file.",
 		}),
 	}
-	m.reg.MustRegister(m.ready, m.datastoreUp, m.peers, m.repairs, m.leaseAcquired, m.reconciles, m.reconcileTime,
+	m.reg.MustRegister(m.ready, m.peers, m.peersSkipped, m.repairs, m.reconciles, m.reconcileTime,
 		m.envFileWrites, m.lastReconcile, m.lastDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, kind := range []string{"route", "fdb", "neigh", "device", "rule"} {
@@ -70,10 +75,14 @@ func newMetrics() *metrics {
 	return m
 }
 
-// registerLeaseStats exports the etcd lease manager's counters. They are read
-// at scrape time, so subnet/etcd needs no knowledge of Prometheus.
+// registerLeaseStats exports the etcd lease manager's counters, acquisitions
+// included (in Kubernetes mode leaseAcquired counts those). They are read at
+// scrape time, so subnet/etcd needs no knowledge of Prometheus.
 func (m *metrics) registerLeaseStats(stats func() etcd.Stats) {
 	m.reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "twill_lease_acquisitions_total", Help: "Leases acquired, including re-acquisitions after a lease was lost.",
+		}, func() float64 { return float64(stats().Acquisitions) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "twill_lease_renewals_total", Help: "Keep-alive answers from etcd for the node's lease.",
 		}, func() float64 { return float64(stats().Renewals) }),

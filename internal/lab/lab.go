@@ -41,6 +41,11 @@ type Options struct {
 	// kube-apiserver on the lab's etcd; twilld --kube-subnet-mgr).
 	Datastore     string
 	KubeAPIServer string // the kube-apiserver binary, for Datastore kube
+	// EtcdMembers above 1 replaces the embedded etcd by a cluster of that
+	// many members of the real etcd (EtcdBinary), every twilld and twillctl
+	// given all of their endpoints: for member failures.
+	EtcdMembers int    `json:",omitempty"`
+	EtcdBinary  string `json:",omitempty"`
 }
 
 // State is what `lab up` leaves in <dir>/lab.json for status, check and down.
@@ -123,7 +128,11 @@ func (l *Lab) Up(ctx context.Context) error {
 	if err := l.Topology().Up(ctx); err != nil {
 		return err
 	}
-	l.say("starting etcd (embedded in twillctl) at %s in %s", EtcdURL(), l.Topology().UnderlayNS())
+	if l.EtcdMembers > 1 {
+		l.say("starting an etcd cluster of %d members at %s in %s", l.EtcdMembers, l.EtcdEndpoints(), l.Topology().UnderlayNS())
+	} else {
+		l.say("starting etcd (embedded in twillctl) at %s in %s", EtcdURL(), l.Topology().UnderlayNS())
+	}
 	if err := l.startEtcd(ctx); err != nil {
 		return err
 	}
@@ -177,6 +186,14 @@ func (l *Lab) preflight(ctx context.Context) error {
 			return fmt.Errorf("%s not found: run `make build` (or pass --bin-dir)", bin)
 		}
 	}
+	if l.EtcdMembers > 1 {
+		if l.Datastore != "etcd" {
+			return fmt.Errorf("an etcd cluster of %d members is for --datastore etcd", l.EtcdMembers)
+		}
+		if _, err := os.Stat(l.EtcdBinary); err != nil {
+			return fmt.Errorf("etcd binary for a %d-member cluster not found at %q: run `make tools`", l.EtcdMembers, l.EtcdBinary)
+		}
+	}
 	switch l.Datastore {
 	case "etcd":
 	case "kube":
@@ -213,6 +230,9 @@ func (l *Lab) hostDir(i int) string { return filepath.Join(l.Dir, fmt.Sprintf("h
 func (l *Lab) EnvFile(i int) string { return filepath.Join(l.hostDir(i), "subnet.env") }
 
 func (l *Lab) startEtcd(ctx context.Context) error {
+	if l.EtcdMembers > 1 {
+		return l.startEtcdCluster(ctx)
+	}
 	self := filepath.Join(l.BinDir, "twillctl")
 	if err := l.spawn("etcd", l.Topology().UnderlayNS(), self, "lab", "etcd",
 		"--data-dir", filepath.Join(l.Dir, "etcd"), "--listen", net.JoinHostPort(WorldAddr.String(), strconv.Itoa(EtcdPort))); err != nil {
@@ -237,7 +257,7 @@ func (l *Lab) StartDaemon(i int, extra ...string) error {
 	if l.Datastore == "kube" {
 		args = append(args, "--kube-subnet-mgr", "--kubeconfig", l.kubeconfig(i), "--net-config", filepath.Join(l.Dir, "net-conf.json"))
 	} else {
-		args = append(args, "--etcd-endpoints", EtcdURL())
+		args = append(args, "--etcd-endpoints", l.EtcdEndpoints())
 	}
 	if l.IPMasq {
 		args = append(args, "--ip-masq")
@@ -287,7 +307,7 @@ func (l *Lab) DaemonLog(i int) string { return filepath.Join(l.hostDir(i), "twil
 
 // Ctl runs twillctl against the lab's etcd, from inside the underlay namespace.
 func (l *Lab) Ctl(ctx context.Context, args ...string) (string, error) {
-	return InNS(ctx, l.Topology().UnderlayNS(), filepath.Join(l.BinDir, "twillctl"), append(args, "--etcd-endpoints", EtcdURL())...)
+	return InNS(ctx, l.Topology().UnderlayNS(), filepath.Join(l.BinDir, "twillctl"), append(args, "--etcd-endpoints", l.EtcdEndpoints())...)
 }
 
 // Down stops the lab's processes and deletes its namespaces. Logs stay in

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
 )
@@ -39,14 +40,28 @@ func (l *Lab) cni(i int) (*libcni.CNIConfig, *libcni.NetworkConfigList, error) {
 	return c, list, nil
 }
 
-// podNS is the namespace of pod j on host i.
-func (l *Lab) podNS(i, j int) string { return fmt.Sprintf("%sh%d-p%d", l.Prefix, i, j) }
+// addPod creates pod j on host i.
+func (l *Lab) addPod(ctx context.Context, i, j int) (Pod, error) {
+	return l.addPodNamed(ctx, i, fmt.Sprintf("h%d-p%d", i, j))
+}
 
-// addPod creates pod j on host i the way a container runtime does: a fresh
+// AddPod creates a pod named name (its container ID) on host i, adds it to
+// l.Pods and saves the lab's state. Its namespace is the lab's prefix and the
+// name, so `lab down` removes it.
+func (l *Lab) AddPod(ctx context.Context, i int, name string) (Pod, error) {
+	p, err := l.addPodNamed(ctx, i, name)
+	if err != nil {
+		return p, err
+	}
+	l.Pods = append(l.Pods, p)
+	return p, l.save()
+}
+
+// addPodNamed creates a pod the way a container runtime does: a fresh
 // namespace, then ADD through the CNI chain, run from inside the host's
 // namespace so that the bridge and veth ends are made there.
-func (l *Lab) addPod(ctx context.Context, i, j int) (Pod, error) {
-	p := Pod{Name: fmt.Sprintf("h%d-p%d", i, j), Host: i, NS: l.podNS(i, j)}
+func (l *Lab) addPodNamed(ctx context.Context, i int, name string) (Pod, error) {
+	p := Pod{Name: name, Host: i, NS: l.Prefix + name}
 	if _, err := IP(ctx, "netns", "add", p.NS); err != nil {
 		return p, err
 	}
@@ -96,4 +111,23 @@ func (l *Lab) delPod(ctx context.Context, p Pod) error {
 	}
 	_, err = IP(ctx, "netns", "del", p.NS)
 	return err
+}
+
+// GC runs the CNI chain's GC on host i with valid as the attachments that
+// still exist, the way a runtime does after it lost track of some pods (a
+// reboot). The runtime's cache is not consulted: whatever is not valid is
+// left to the plugins' own GC.
+func (l *Lab) GC(ctx context.Context, i int, valid []Pod) error {
+	_, list, err := l.cni(i)
+	if err != nil {
+		return err
+	}
+	c := libcni.NewCNIConfigWithCacheDir([]string{l.BinDir, l.CNIBinDir}, filepath.Join(l.hostDir(i), "cni-cache-gc"), nil)
+	args := &libcni.GCArgs{}
+	for _, p := range valid {
+		args.ValidAttachments = append(args.ValidAttachments, types.GCAttachment{ContainerID: p.Name, IfName: "eth0"})
+	}
+	return ns.WithNetNSPath("/run/netns/"+l.Topology().HostNS(i), func(ns.NetNS) error {
+		return c.GCNetworkList(ctx, list, args)
+	})
 }

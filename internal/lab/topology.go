@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"os/exec"
 	"strings"
+	"time"
 )
 
 // Underlay is the network the lab's hosts share.
@@ -59,18 +60,49 @@ func (t Topology) Up(ctx context.Context) error {
 		{"-n", u, "link", "set", "underlay", "up"},
 	}
 	for i := 1; i <= t.Hosts; i++ {
-		h := t.HostNS(i)
-		steps = append(steps,
-			[]string{"netns", "add", h},
-			[]string{"-n", h, "link", "set", "lo", "up"},
-			// Both ends are created in their namespaces: nothing touches ours.
-			[]string{"link", "add", "name", fmt.Sprintf("h%d", i), "netns", u, "type", "veth", "peer", "name", "eth0", "netns", h},
-			[]string{"-n", u, "link", "set", fmt.Sprintf("h%d", i), "master", "underlay", "up"},
-			[]string{"-n", h, "addr", "add", netip.PrefixFrom(t.HostAddr(i), Underlay.Bits()).String(), "dev", "eth0"},
-			[]string{"-n", h, "link", "set", "eth0", "up"},
-			[]string{"-n", h, "route", "add", "default", "via", WorldAddr.String()},
-		)
+		steps = append(steps, t.hostSteps(i)...)
 	}
+	return runIP(ctx, steps)
+}
+
+// UpHost creates host i's namespace and its link to the underlay again, as
+// they are after Up: a host that rebooted. The underlay must exist and the
+// host's namespace must not.
+func (t Topology) UpHost(ctx context.Context, i int) error {
+	if i < 1 || i > t.Hosts {
+		return fmt.Errorf("lab: no host h%d", i)
+	}
+	// The kernel dismantles a deleted namespace in the background; until it
+	// has, the underlay end of the old link is still there.
+	link := fmt.Sprintf("h%d", i)
+	for {
+		if _, err := IP(ctx, "-n", t.UnderlayNS(), "link", "show", link); err != nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the old link %s of h%d is still in the underlay: %w", link, i, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return runIP(ctx, t.hostSteps(i))
+}
+
+func (t Topology) hostSteps(i int) [][]string {
+	h, u := t.HostNS(i), t.UnderlayNS()
+	return [][]string{
+		{"netns", "add", h},
+		{"-n", h, "link", "set", "lo", "up"},
+		// Both ends are created in their namespaces: nothing touches ours.
+		{"link", "add", "name", fmt.Sprintf("h%d", i), "netns", u, "type", "veth", "peer", "name", "eth0", "netns", h},
+		{"-n", u, "link", "set", fmt.Sprintf("h%d", i), "master", "underlay", "up"},
+		{"-n", h, "addr", "add", netip.PrefixFrom(t.HostAddr(i), Underlay.Bits()).String(), "dev", "eth0"},
+		{"-n", h, "link", "set", "eth0", "up"},
+		{"-n", h, "route", "add", "default", "via", WorldAddr.String()},
+	}
+}
+
+func runIP(ctx context.Context, steps [][]string) error {
 	for _, s := range steps {
 		if _, err := IP(ctx, s...); err != nil {
 			return err

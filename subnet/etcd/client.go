@@ -23,6 +23,8 @@ import (
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 )
 
 // DefaultPrefix is where twill keeps a network's keys.
@@ -75,6 +77,14 @@ func NewClient(o ClientOptions) (*clientv3.Client, error) {
 		// Keepalive pings notice a dead connection well before the lease TTL.
 		DialKeepAliveTime:    10 * time.Second,
 		DialKeepAliveTimeout: 5 * time.Second,
+		// gRPC's reconnect backoff grows to 2 minutes by default, so a node
+		// could go on ignoring its peers that long after etcd came back.
+		// Capped at 5s (with gRPC's jitter, which spreads a cluster's nodes),
+		// twilld reconnects within seconds of etcd's return.
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           grpcbackoff.Config{BaseDelay: time.Second, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 5 * time.Second},
+			MinConnectTimeout: 5 * time.Second,
+		})},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("connect to etcd at %s: %w", strings.Join(o.Endpoints, ","), err)

@@ -133,6 +133,11 @@ func (m *Manager) Run(ctx context.Context) error {
 		}
 		old := m.Own()
 		m.log.Warn("lease lost; acquiring again", "subnet", old.Subnet, "reason", lost)
+		if errors.Is(lost, errKeyDeleted) {
+			// The etcd lease outlives the key an operator deleted and would
+			// linger, holding nothing, until its TTL ran out.
+			m.reg.revoke(old.EtcdLease)
+		}
 		a, err := m.Acquire(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -189,7 +194,7 @@ func (m *Manager) hold(ctx context.Context) error {
 			l, ok := m.cache.Get(own.Subnet)
 			if !ok {
 				m.lost()
-				return errors.New("lease key deleted")
+				return errKeyDeleted
 			}
 			if l.Attrs.PublicIP != own.Attrs.PublicIP {
 				m.lost()
@@ -198,6 +203,9 @@ func (m *Manager) hold(ctx context.Context) error {
 		}
 	}
 }
+
+// errKeyDeleted is why a lease whose key was deleted (by an operator) is lost.
+var errKeyDeleted = errors.New("lease key deleted")
 
 func (m *Manager) lost() {
 	m.mu.Lock()

@@ -58,6 +58,45 @@ func TestDeletedLeaseIsReacquired(t *testing.T) {
 	if got := m.Own().Subnet; got != first.Subnet {
 		t.Fatalf("re-acquired %s, want the same free subnet %s", got, first.Subnet)
 	}
+	// The etcd lease the deleted key was attached to is revoked, not left
+	// to hold nothing until its TTL runs out.
+	waitFor(t, "the old etcd lease to be revoked", 5*time.Second, func() bool {
+		ttl, err := f.cli.TimeToLive(ctx, first.EtcdLease)
+		return err == nil && ttl.TTL == -1
+	})
+}
+
+// Leases carry their etcd create revision, from the listing and from the
+// watch alike: an overlapping key written later is the one peers skip.
+func TestLeasesCarryTheirClaimOrder(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	a := runManager(t, f.reg, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.1"), TTL: time.Minute})
+	b := runManager(t, f.reg, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.2"), TTL: time.Minute})
+	var peer subnet.Lease
+	waitFor(t, "a to see b", 10*time.Second, func() bool {
+		peers, _ := a.Peers()
+		if len(peers) == 1 {
+			peer = peers[0]
+		}
+		return len(peers) == 1
+	})
+	resp, err := f.cli.Get(ctx, f.reg.SubnetKey(b.Own().Subnet))
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("read b's key: %v", err)
+	}
+	if peer.Claimed == 0 || peer.Claimed != resp.Kvs[0].CreateRevision {
+		t.Fatalf("watched lease claims %d, the key's create revision is %d", peer.Claimed, resp.Kvs[0].CreateRevision)
+	}
+	listed, _, err := f.reg.Leases(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range listed {
+		if l.Subnet == b.Own().Subnet && l.Claimed != resp.Kvs[0].CreateRevision {
+			t.Fatalf("listed lease claims %d, want %d", l.Claimed, resp.Kvs[0].CreateRevision)
+		}
+	}
 }
 
 func TestExpiredLeaseIsReacquired(t *testing.T) {

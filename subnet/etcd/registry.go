@@ -121,7 +121,7 @@ func (r *Registry) list(ctx context.Context) ([]StoredLease, map[netip.Prefix]bo
 			r.log.Warn("skipping malformed lease", "key", string(kv.Key), "err", err)
 			continue
 		}
-		l.EtcdLease, l.ModRevision = clientv3.LeaseID(kv.Lease), kv.ModRevision
+		l.EtcdLease, l.ModRevision, l.Claimed = clientv3.LeaseID(kv.Lease), kv.ModRevision, kv.CreateRevision
 		out = append(out, l)
 	}
 	return out, occupied, resp.Header.Revision, nil
@@ -141,7 +141,7 @@ func (r *Registry) Lease(ctx context.Context, p netip.Prefix) (*StoredLease, err
 	if err != nil {
 		return nil, err
 	}
-	l.EtcdLease, l.ModRevision = clientv3.LeaseID(kv.Lease), kv.ModRevision
+	l.EtcdLease, l.ModRevision, l.Claimed = clientv3.LeaseID(kv.Lease), kv.ModRevision, kv.CreateRevision
 	if l.EtcdLease != clientv3.NoLease {
 		ttl, err := r.cli.TimeToLive(ctx, l.EtcdLease)
 		if err == nil && ttl.TTL > 0 {

@@ -171,6 +171,7 @@ func (r *Registry) watchFrom(ctx context.Context, cache *LeaseCache, backoff *ba
 				}
 				continue
 			}
+			l.Claimed = ev.Kv.CreateRevision
 			puts = append(puts, l.Lease)
 		}
 		cache.apply(wr.Header.Revision, puts, dels)

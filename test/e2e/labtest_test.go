@@ -34,6 +34,9 @@ func newLab(t *testing.T, o lab.Options) *lab.Lab {
 	if !o.Network.IsValid() {
 		o.Network = netip.MustParsePrefix("10.244.0.0/16")
 	}
+	if o.Datastore == "" {
+		o.Datastore = "etcd"
+	}
 	var out bytes.Buffer
 	l := lab.New(o, &out, slog.New(slog.DiscardHandler))
 	t.Cleanup(func() {
