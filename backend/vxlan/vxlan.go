@@ -295,7 +295,7 @@ func (b *Backend) createDevice(ctx context.Context, mac dataplane.MAC) (*netlink
 	if !ok {
 		return nil, fmt.Errorf("vxlan backend: %s was created but reads back as %s", name, link.Type())
 	}
-	b.log.Info("created device", "index", vx.Index, "mac", vx.HardwareAddr, "mtu", vx.MTU)
+	b.log.Info("created device", "index", vx.Index, "mac", vx.HardwareAddr.String(), "mtu", vx.MTU)
 	return vx, nil
 }
 

@@ -11,6 +11,7 @@ package daemon
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -396,8 +397,18 @@ func fingerprint(own subnet.Lease, peers []subnet.Lease) [32]byte {
 	sorted := slices.Clone(peers)
 	slices.SortFunc(sorted, func(a, b subnet.Lease) int { return a.Subnet.Addr().Compare(b.Subnet.Addr()) })
 	h := sha256.New()
+	buf := make([]byte, 0, 256)
 	for _, l := range append([]subnet.Lease{own}, sorted...) {
-		fmt.Fprintf(h, "%s|%s|%s|%s\n", l.Subnet, l.Attrs.PublicIP, l.Attrs.BackendType, l.Attrs.BackendData)
+		// Fixed-size binary fields and length-prefixed strings: no
+		// formatting, and no two inputs encode alike.
+		buf = append(buf[:0], l.Subnet.Addr().AsSlice()...)
+		buf = append(buf, byte(l.Subnet.Bits()))
+		buf = append(buf, l.Attrs.PublicIP.AsSlice()...)
+		buf = binary.AppendUvarint(buf, uint64(len(l.Attrs.BackendType)))
+		buf = append(buf, l.Attrs.BackendType...)
+		buf = binary.AppendUvarint(buf, uint64(len(l.Attrs.BackendData)))
+		buf = append(buf, l.Attrs.BackendData...)
+		h.Write(buf)
 	}
 	var sum [32]byte
 	copy(sum[:], h.Sum(nil))

@@ -20,9 +20,10 @@ import (
 // kubeStore is the Kubernetes datastore: the lease is the Node's podCIDR,
 // the network config a file (a ConfigMap in the DaemonSet).
 type kubeStore struct {
-	client kubernetes.Interface
-	c      Config
-	log    *slog.Logger
+	client   kubernetes.Interface
+	c        Config
+	log      *slog.Logger
+	notReady func(string) // from Config: /readyz says why twilld still waits
 }
 
 func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
@@ -53,6 +54,7 @@ func (s *kubeStore) Close() {}
 func (s *kubeStore) watchUp(context.Context, func(bool, string)) {}
 
 func (s *kubeStore) Config(ctx context.Context, notReady func(string)) (*subnet.Config, error) {
+	s.notReady = notReady
 	return waitFor(ctx, s.log, notReady, func() (*subnet.Config, string) {
 		data, err := os.ReadFile(s.c.NetConfig)
 		if err != nil {
@@ -73,5 +75,6 @@ func (s *kubeStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, _ netip.
 		AnnotationPrefix: s.c.KubeAnnotationPrefix,
 		SetNodeCondition: s.c.SetNodeCondition,
 		Log:              s.log,
+		Waiting:          s.notReady,
 	}, cfg, attrs)
 }

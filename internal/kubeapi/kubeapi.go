@@ -116,7 +116,7 @@ func (s Server) Config(token string, dial Dialer) *rest.Config {
 		Dial:            dial,
 		QPS:             200,
 		Burst:           400,
-		Timeout:         30 * time.Second,
+		// No Timeout: it would cut watches and long lists short.
 	}
 }
 

@@ -64,10 +64,10 @@ func (k AnnotationKeys) owned(attrs subnet.LeaseAttrs) map[string]string {
 	}
 }
 
-// ParseAnnotations reads the lease attributes a node publishes. ok is false,
-// with no error, while the node has not published them yet (no backend type or
-// no public IP); an error means they are present but malformed. A
-// public-ip-overwrite replaces the public IP.
+// ParseAnnotations reads the lease attributes a node publishes under prefix
+// ("" means the default). ok is false, with no error, while the node has not
+// published them yet (no backend type or no public IP); an error means they
+// are present but malformed. A public-ip-overwrite replaces the public IP.
 func ParseAnnotations(ann map[string]string, prefix string) (attrs subnet.LeaseAttrs, ok bool, err error) {
 	k := Keys(prefix)
 	bt, pip := ann[k.BackendType], ann[k.PublicIP]
@@ -142,9 +142,10 @@ func PodSubnet(node *corev1.Node) (p netip.Prefix, ok bool, err error) {
 	return netip.Prefix{}, false, fmt.Errorf("node %s: no IPv4 podCIDR among %s (twill is IPv4 only)", node.Name, strings.Join(cidrs, ", "))
 }
 
-// NodeToLease converts a Node to the lease its twilld published. ok is false,
-// with no error, while the node lacks a podCIDR or twill's annotations (it is
-// skipped until it has them); an error means something is malformed.
+// NodeToLease converts a Node to the lease its twilld published, reading the
+// annotations under prefix ("" means the default). ok is false, with no
+// error, while the node lacks a podCIDR or twill's annotations (it is skipped
+// until it has them); an error means something is malformed.
 func NodeToLease(node *corev1.Node, prefix string) (subnet.Lease, bool, error) {
 	p, ok, err := PodSubnet(node)
 	if !ok || err != nil {

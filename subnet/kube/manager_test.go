@@ -267,6 +267,16 @@ func TestSyncNodeSeeded(t *testing.T) {
 	}
 }
 
+// waitChanged waits for Changed.
+func waitChanged(t *testing.T, m *Manager, what string) {
+	t.Helper()
+	select {
+	case <-m.Changed():
+	case <-time.After(5 * time.Second):
+		t.Errorf("Changed not signalled for %s", what)
+	}
+}
+
 // drain reports whether Changed was signalled, and clears it.
 func drain(m *Manager) bool {
 	select {
@@ -312,6 +322,17 @@ func TestRunFollowsNodes(t *testing.T) {
 		ann := getNode(t, cs, "a").Annotations
 		return m.published(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Annotations: ann}}) && ann["other"] == "x"
 	})
+
+	// The own Node comes back with another podCIDR (deleted and registered
+	// again): the own lease follows.
+	drain(m)
+	n = getNode(t, cs, "a")
+	n.Spec.PodCIDR, n.Spec.PodCIDRs = "10.244.9.0/24", []string{"10.244.9.0/24"}
+	if _, err := cs.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the own lease to follow the podCIDR", 5*time.Second, func() bool { return m.Own().Subnet.String() == "10.244.9.0/24" })
+	waitChanged(t, m, "the new podCIDR")
 }
 
 func TestReleaseAndDatapathReady(t *testing.T) {

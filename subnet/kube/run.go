@@ -42,7 +42,14 @@ func (m *Manager) Run(ctx context.Context) error {
 	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    enqueue,
 		UpdateFunc: func(_, obj any) { enqueue(obj) },
-		DeleteFunc: enqueue, // a tombstone's key is the Node's name too
+		DeleteFunc: func(obj any) {
+			// A deletion missed while the watch was down comes from the
+			// relist as a tombstone; its key is the Node's name all the same.
+			if ts, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				m.log.Debug("node deletion learnt from a relist", "peer", ts.Key)
+			}
+			enqueue(obj)
+		},
 	}); err != nil {
 		return fmt.Errorf("kube lease manager: node informer: %w", err)
 	}

@@ -1,0 +1,165 @@
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+
+	"github.com/twillnet/twill/backend/dataplane"
+	"github.com/twillnet/twill/backend/vxlan"
+	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/subnet"
+	"github.com/twillnet/twill/subnet/etcd"
+)
+
+// etcdServer is the real etcd (bin/tools/etcd) serving in the underlay
+// namespace, with its Prometheus metrics on a port of their own.
+type etcdServer struct {
+	proc       *Proc
+	netns      string
+	url        string
+	metricsURL string
+	cli        *clientv3.Client
+	reg        *etcd.Registry
+}
+
+const etcdMetricsPort = 2381
+
+func startEtcd(ctx context.Context, bin, netns, dir string) (*etcdServer, error) {
+	host := lab.WorldAddr.String()
+	url := "http://" + net.JoinHostPort(host, strconv.Itoa(lab.EtcdPort))
+	murl := "http://" + net.JoinHostPort(host, strconv.Itoa(etcdMetricsPort))
+	p, err := startInNS(netns, filepath.Join(dir, "etcd.log"), bin,
+		"--name", "bench", "--data-dir", filepath.Join(dir, "etcd"),
+		"--listen-client-urls", url, "--advertise-client-urls", url,
+		"--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+		"--initial-cluster", "bench=http://127.0.0.1:2380",
+		"--listen-metrics-urls", murl, "--log-level", "warn")
+	if err != nil {
+		return nil, err
+	}
+	e := &etcdServer{proc: p, netns: netns, url: url, metricsURL: murl + "/metrics"}
+	e.cli, err = clientv3.New(clientv3.Config{
+		Endpoints:   []string{url},
+		DialTimeout: 5 * time.Second,
+		Logger:      zap.NewNop(),
+		DialOptions: []grpc.DialOption{grpc.WithContextDialer(nsDialer(netns))},
+	})
+	if err != nil {
+		p.Stop()
+		return nil, fmt.Errorf("etcd client: %w", err)
+	}
+	e.reg = etcd.NewRegistry(e.cli, etcd.DefaultPrefix, nil)
+	err = waitFor(ctx, 30*time.Second, 50*time.Millisecond, "etcd to serve", func() error {
+		if p.Exited() {
+			return fmt.Errorf("etcd exited (see %s)", p.Log)
+		}
+		rctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		_, err := e.cli.Get(rctx, "/health-probe")
+		return err
+	})
+	if err != nil {
+		e.close()
+		return nil, err
+	}
+	return e, nil
+}
+
+func (e *etcdServer) close() {
+	if e.cli != nil {
+		e.cli.Close()
+	}
+	e.proc.Stop()
+}
+
+// metrics scrapes etcd's own /metrics.
+func (e *etcdServer) metrics(ctx context.Context) ([]promSample, error) {
+	body, err := nsHTTPGet(ctx, e.netns, e.metricsURL)
+	if err != nil {
+		return nil, err
+	}
+	return parseProm(body), nil
+}
+
+// benchNetwork is the network of the etcd-mode figures: room for 65,536 /24
+// subnets. twilld picks its own from the start of it; fake peers come from
+// 10.64.0.0 on, the peers added while measuring change latency from 10.200.0.0 on.
+var benchNetwork = netip.MustParsePrefix("10.0.0.0/8")
+
+func (e *etcdServer) setConfig(ctx context.Context) error {
+	conf := fmt.Sprintf(`{"Network":%q,"SubnetLen":24,"Backend":{"Type":"vxlan"}}`, benchNetwork)
+	_, err := e.reg.SetConfig(ctx, []byte(conf))
+	return err
+}
+
+// fakePeer is a peer lease that exists only in etcd: nothing answers at its
+// public IP and no traffic is ever sent there.
+type fakePeer struct {
+	Subnet   netip.Prefix
+	PublicIP netip.Addr
+	MAC      dataplane.MAC
+}
+
+// peerAt returns fake peer i (0 <= i < 65536) of a series: series 0 are the
+// peers present before twilld starts, series 1 those added while measuring.
+// Subnets, public IPs and MACs are all distinct.
+func peerAt(series, i int) fakePeer {
+	n := i + 1
+	base := byte(64)
+	if series == 1 {
+		base = 200
+	}
+	return fakePeer{
+		Subnet:   netip.PrefixFrom(netip.AddrFrom4([4]byte{10, base + byte(i>>8), byte(i), 0}), 24),
+		PublicIP: netip.AddrFrom4([4]byte{198, 19 + byte(series), byte(n >> 8), byte(n)}),
+		MAC:      dataplane.MAC{0x02, 0x62, byte(series), 0, byte(n >> 8), byte(n)},
+	}
+}
+
+// value is the lease value twilld on that peer would have written.
+func (p fakePeer) value() string {
+	data, _ := json.Marshal(vxlan.Data{VNI: 1, VtepMAC: p.MAC})
+	v, _ := json.Marshal(subnet.LeaseAttrs{PublicIP: p.PublicIP, BackendType: subnet.BackendVXLAN, BackendData: data,
+		NodeName: "fake-" + p.Subnet.Addr().String()})
+	return string(v)
+}
+
+// putPeers writes peers [from, to) of series 0, 128 per transaction (etcd's
+// default limit of operations in one transaction).
+func (e *etcdServer) putPeers(ctx context.Context, from, to int) error {
+	for start := from; start < to; start += 128 {
+		var ops []clientv3.Op
+		for i := start; i < min(start+128, to); i++ {
+			p := peerAt(0, i)
+			ops = append(ops, clientv3.OpPut(e.reg.SubnetKey(p.Subnet), p.value()))
+		}
+		if _, err := e.cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+			return fmt.Errorf("write fake peers %d..%d: %w", start, start+len(ops), err)
+		}
+	}
+	return nil
+}
+
+// deletePeers removes peers [from, to) of series 0.
+func (e *etcdServer) deletePeers(ctx context.Context, from, to int) error {
+	for start := from; start < to; start += 128 {
+		var ops []clientv3.Op
+		for i := start; i < min(start+128, to); i++ {
+			ops = append(ops, clientv3.OpDelete(e.reg.SubnetKey(peerAt(0, i).Subnet)))
+		}
+		if _, err := e.cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+			return fmt.Errorf("delete fake peers: %w", err)
+		}
+	}
+	return nil
+}

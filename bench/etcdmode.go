@@ -1,0 +1,215 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/twillnet/twill/backend/vxlan"
+	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/subnet"
+)
+
+// etcdMode is the set-up of the etcd-mode figures (1, 2 and 6): the lab's
+// topology with one host, the real etcd serving in the underlay namespace with
+// fake peer leases in it, and one twilld in the host namespace.
+type etcdMode struct {
+	h     *Harness
+	topo  lab.Topology
+	dir   string
+	etcd  *etcdServer
+	peers int // fake peers now in etcd
+
+	twilld *Proc
+}
+
+const benchNode = "bench-h1"
+
+func newEtcdMode(ctx context.Context, h *Harness) (*etcdMode, error) {
+	e := &etcdMode{h: h, topo: lab.Topology{Prefix: h.cfg.Prefix, Hosts: 1}, dir: filepath.Join(h.work, "etcd-mode")}
+	if err := os.MkdirAll(filepath.Join(e.dir, "h1"), 0o755); err != nil {
+		return nil, err
+	}
+	if err := e.topo.Up(ctx); err != nil {
+		e.topo.Down(context.Background())
+		return nil, err
+	}
+	var err error
+	if e.etcd, err = startEtcd(ctx, filepath.Join(h.cfg.ToolsDir, "etcd"), e.topo.UnderlayNS(), e.dir); err != nil {
+		e.topo.Down(context.Background())
+		return nil, err
+	}
+	if err := e.etcd.setConfig(ctx); err != nil {
+		e.close()
+		return nil, err
+	}
+	return e, nil
+}
+
+func (e *etcdMode) close() {
+	e.twilld.Stop()
+	if e.etcd != nil {
+		e.etcd.close()
+	}
+	e.topo.Down(context.Background())
+}
+
+func (e *etcdMode) hostNS() string  { return e.topo.HostNS(1) }
+func (e *etcdMode) envFile() string { return filepath.Join(e.dir, "h1", "subnet.env") }
+
+// setPeers makes etcd hold exactly n fake peers (0..n-1 of series 0).
+func (e *etcdMode) setPeers(ctx context.Context, n int) error {
+	var err error
+	switch {
+	case n > e.peers:
+		err = e.etcd.putPeers(ctx, e.peers, n)
+	case n < e.peers:
+		err = e.etcd.deletePeers(ctx, n, e.peers)
+	}
+	if err == nil {
+		e.peers = n
+	}
+	return err
+}
+
+// startTwilld starts twilld in the host namespace.
+func (e *etcdMode) startTwilld(extra ...string) error {
+	args := append([]string{
+		"--etcd-endpoints", e.etcd.url,
+		"--subnet-file", e.envFile(),
+		"--node-name", benchNode,
+		"--http-addr", "127.0.0.1:9867",
+	}, extra...)
+	p, err := startInNSEnv(e.hostNS(), filepath.Join(e.dir, "h1", "twilld.log"), e.h.cfg.TwilldEnv, e.h.twilld(), args...)
+	e.twilld = p
+	return err
+}
+
+// reset stops twilld and returns the host to a fresh machine's state: no
+// device, no twill routes, no lease of its own in etcd, no env file. The fake
+// peers stay.
+func (e *etcdMode) reset(ctx context.Context) error {
+	var errs []error
+	if err := e.twilld.Stop(); err != nil {
+		errs = append(errs, err)
+	}
+	e.twilld = nil
+	// The device is absent after a failed start: an error here is fine.
+	ipCmd(ctx, "-n", e.hostNS(), "link", "del", vxlan.DeviceName(subnet.DefaultVNI))
+	if _, err := ipCmd(ctx, "-n", e.hostNS(), "route", "flush", "proto", "116"); err != nil {
+		errs = append(errs, err)
+	}
+	leases, _, err := e.etcd.reg.Leases(ctx)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, l := range leases {
+		if l.Attrs.NodeName == benchNode {
+			if err := e.etcd.reg.DeleteLease(ctx, l.Subnet); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := os.Remove(e.envFile()); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// coldStart is one measured start of twilld with n peers in etcd. twilld is
+// left running with w still watching, for the figures that follow a start.
+type coldStart struct {
+	Env, All          time.Duration
+	FDB, Neigh, Route time.Duration
+	CPU, HWM, RSS     float64
+	UserCPU, SysCPU   float64
+	// HarnessCPU is what the harness itself spent (mostly following the
+	// notifications) between the fork and the last entry: it competes
+	// with twilld for the machine's cores.
+	HarnessCPU float64
+	Phases     map[string]time.Duration
+	w          *kernelWatch
+}
+
+func (e *etcdMode) coldStart(ctx context.Context, n int, extra ...string) (*coldStart, error) {
+	if err := e.reset(ctx); err != nil {
+		return nil, fmt.Errorf("reset h1 before a start: %w", err)
+	}
+	w, err := watchKernel(e.hostNS())
+	if err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			w.close()
+		}
+	}()
+	w.trackCount(n)
+	self0, _ := usage(os.Getpid())
+	if err := e.startTwilld(append([]string{"--log-level", "debug"}, extra...)...); err != nil {
+		return nil, err
+	}
+	p := e.twilld
+	var envAt time.Time
+	err = waitFor(ctx, 30*time.Second, time.Millisecond, "the subnet env file", func() error {
+		if p.Exited() {
+			return fmt.Errorf("twilld exited (see %s)", p.Log)
+		}
+		if _, err := os.Stat(e.envFile()); err != nil {
+			return err
+		}
+		envAt = time.Now()
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	allAt, err := w.await(ctx, 2*time.Minute, fmt.Sprintf("%d routes, neighbours and FDB entries", n), allAtLeast(n))
+	if err != nil {
+		return nil, fmt.Errorf("%w (twilld log: %s)", err, p.Log)
+	}
+	u, err := usage(p.Pid())
+	if err != nil {
+		return nil, err
+	}
+	self1, _ := usage(os.Getpid())
+	r := &coldStart{Env: envAt.Sub(p.Started), All: allAt.Sub(p.Started), CPU: u.CPUSeconds, UserCPU: u.UserSeconds, SysCPU: u.SysSeconds,
+		HWM: u.HWMMiB, RSS: u.RSSMiB, HarnessCPU: self1.CPUSeconds - self0.CPUSeconds, w: w}
+	for kind, d := range map[string]*time.Duration{"fdb": &r.FDB, "neigh": &r.Neigh, "route": &r.Route} {
+		if t, ok := w.reachedAt(kind); ok {
+			*d = t.Sub(p.Started)
+		}
+	}
+	// The peak may come just after the last entry (the pass's own
+	// bookkeeping); look again a moment later.
+	if err := sleep(ctx, 300*time.Millisecond); err != nil {
+		return nil, err
+	}
+	if u2, err := usage(p.Pid()); err == nil {
+		r.HWM, r.RSS = max(r.HWM, u2.HWMMiB), u2.RSSMiB
+	}
+	if err := e.verify(ctx, n); err != nil {
+		return nil, err
+	}
+	r.Phases = logPhases(p.Log, p.Started)
+	ok = true
+	return r, nil
+}
+
+// verify dumps the host's tables (after the measurement) and checks that
+// they hold exactly n entries of each kind.
+func (e *etcdMode) verify(ctx context.Context, n int) error {
+	l := &lab.Lab{State: lab.State{Options: lab.Options{Prefix: e.topo.Prefix, Hosts: 1}}}
+	c, err := l.Counts(ctx, 1)
+	if err != nil {
+		return err
+	}
+	if c.Routes != n || c.Neigh != n || c.FDB != n {
+		return fmt.Errorf("h1 holds %d routes, %d neighbours, %d FDB entries; want %d of each", c.Routes, c.Neigh, c.FDB, n)
+	}
+	return nil
+}
