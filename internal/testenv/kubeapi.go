@@ -4,12 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/rand"
-	"crypto/rsa"
 	"crypto/tls"
-	"crypto/x509"
-	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -25,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/twillnet/twill/internal/kubeapi"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -101,7 +97,7 @@ type KubeAPI struct {
 }
 
 // AdminUser is the user of the static admin token; it is in system:masters.
-const AdminUser = "twill-admin"
+const AdminUser = kubeapi.AdminUser
 
 // StartKubeAPI starts a kube-apiserver for the test and waits until it is ready.
 func StartKubeAPI(t testing.TB, o KubeAPIOptions) *KubeAPI {
@@ -132,32 +128,13 @@ func StartKubeAPI(t testing.TB, o KubeAPIOptions) *KubeAPI {
 		k.EtcdURL = Etcd(t)
 	}
 
-	k.adminToken = randomHex(t, 16)
-	tokens := fmt.Sprintf("%s,%s,%s,\"system:masters\"\n", k.adminToken, AdminUser, AdminUser)
-	writeFile(t, filepath.Join(dir, "tokens.csv"), []byte(tokens))
-	writeServiceAccountKey(t, dir)
-
-	k.args = append(append([]string{}, o.Wrap...), bin,
-		"--etcd-servers="+k.EtcdURL,
-		"--storage-backend=etcd3",
-		"--bind-address="+o.Host,
-		"--advertise-address="+o.Host,
-		"--secure-port="+strconv.Itoa(o.Port),
-		"--cert-dir="+filepath.Join(dir, "certs"),
-		"--authorization-mode=RBAC",
-		"--token-auth-file="+filepath.Join(dir, "tokens.csv"),
-		"--service-account-issuer=https://kubernetes.default.svc",
-		"--service-account-key-file="+filepath.Join(dir, "sa.pub"),
-		"--service-account-signing-key-file="+filepath.Join(dir, "sa.key"),
-		"--service-cluster-ip-range=10.96.0.0/16",
-		// The lease reconciler would wait for this server's own endpoint to
-		// be reachable; without it startup takes ~2 s instead of ~10 s.
-		"--endpoint-reconciler-type=none",
-		"--profiling=false",
-	)
-	if o.EtcdPrefix != "" {
-		k.args = append(k.args, "--etcd-prefix="+o.EtcdPrefix)
+	srv := kubeapi.Server{Binary: bin, Dir: dir, Host: o.Host, Port: o.Port, EtcdURL: k.EtcdURL, EtcdPrefix: o.EtcdPrefix}
+	argv, token, err := srv.Prepare()
+	if err != nil {
+		t.Fatalf("prepare kube-apiserver: %v", err)
 	}
+	k.adminToken = token
+	k.args = append(append([]string{}, o.Wrap...), argv...)
 	k.args = append(k.args, o.Args...)
 
 	t.Cleanup(func() {
@@ -420,38 +397,6 @@ func freePort(t testing.TB, host string) int {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
-}
-
-// writeServiceAccountKey writes the RSA key pair that signs (sa.key) and
-// verifies (sa.pub) service account tokens.
-func writeServiceAccountKey(t testing.TB, dir string) {
-	t.Helper()
-	key, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	writeFile(t, filepath.Join(dir, "sa.key"), pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}))
-	writeFile(t, filepath.Join(dir, "sa.pub"), pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}))
-}
-
-func writeFile(t testing.TB, path string, data []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func randomHex(t testing.TB, n int) string {
-	t.Helper()
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b)
 }
 
 // tail returns the last n lines of a file.
