@@ -30,6 +30,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"sync"
 
 	"github.com/vishvananda/netlink"
 )
@@ -316,14 +317,37 @@ type Counters struct {
 	Routes, FDB, Neighs, Devices uint64
 }
 
-// Add counts the entries of an applied plan.
-func (c *Counters) Add(p Plan) {
-	c.Routes += uint64(len(p.SetRoutes) + len(p.DelRoutes))
-	c.FDB += uint64(len(p.SetFDB) + len(p.DelFDB))
-	c.Neighs += uint64(len(p.SetNeighs) + len(p.DelNeighs))
-}
-
 // Sub returns c minus o, kind by kind.
 func (c Counters) Sub(o Counters) Counters {
 	return Counters{Routes: c.Routes - o.Routes, FDB: c.FDB - o.FDB, Neighs: c.Neighs - o.Neighs, Devices: c.Devices - o.Devices}
+}
+
+// Tally keeps a backend's Counters; safe for concurrent use. Backends embed
+// it, which gives them their Counters method.
+type Tally struct {
+	mu sync.Mutex
+	c  Counters
+}
+
+// Applied counts the entries of an applied plan.
+func (t *Tally) Applied(p Plan) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.c.Routes += uint64(len(p.SetRoutes) + len(p.DelRoutes))
+	t.c.FDB += uint64(len(p.SetFDB) + len(p.DelFDB))
+	t.c.Neighs += uint64(len(p.SetNeighs) + len(p.DelNeighs))
+}
+
+// DeviceCreated counts a device made.
+func (t *Tally) DeviceCreated() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.c.Devices++
+}
+
+// Counters returns the counts so far.
+func (t *Tally) Counters() Counters {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.c
 }

@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
-	"sync"
 
 	"github.com/vishvananda/netlink"
 
@@ -34,12 +33,7 @@ var ErrUnreachable = errors.New("not directly reachable")
 func Desired(own subnet.Lease, peers []subnet.Lease, ext dataplane.ExternalInterface) (dataplane.State, error) {
 	s := dataplane.NewState()
 	sorted := slices.Clone(peers)
-	slices.SortFunc(sorted, func(a, b subnet.Lease) int {
-		if c := a.Subnet.Addr().Compare(b.Subnet.Addr()); c != 0 {
-			return c
-		}
-		return a.Subnet.Bits() - b.Subnet.Bits()
-	})
+	slices.SortFunc(sorted, func(a, b subnet.Lease) int { return subnet.ComparePrefix(a.Subnet, b.Subnet) })
 	var errs []error
 	for _, peer := range sorted {
 		if peer.Attrs.BackendType != subnet.BackendHostGW || peer.Subnet == own.Subnet {
@@ -78,15 +72,7 @@ type Backend struct {
 	h   *netlink.Handle
 	log *slog.Logger
 
-	mu       sync.Mutex
-	counters dataplane.Counters
-}
-
-// Counters returns what the backend has written to the kernel so far.
-func (b *Backend) Counters() dataplane.Counters {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.counters
+	dataplane.Tally // what was written to the kernel
 }
 
 // New checks the configuration. h is a netlink handle in the namespace to
@@ -127,9 +113,7 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 		b.log.Info("reconciling", "peers", len(peers), "routes", len(desired.Routes), "set", len(plan.SetRoutes), "remove", len(plan.DelRoutes))
 	}
 	applyErr := dataplane.Apply(ctx, b.h, plan)
-	b.mu.Lock()
-	b.counters.Add(plan)
-	b.mu.Unlock()
+	b.Applied(plan)
 	if err := errors.Join(peerErr, applyErr); err != nil {
 		return fmt.Errorf("host-gw backend: reconcile: %w", err)
 	}

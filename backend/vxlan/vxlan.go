@@ -54,16 +54,10 @@ type Backend struct {
 	h             *netlink.Handle
 	log           *slog.Logger
 
-	mu       sync.Mutex
-	mac      dataplane.MAC // the VTEP MAC: the device's since the first Prepare or Reconcile
-	counters dataplane.Counters
-}
+	mu  sync.Mutex
+	mac dataplane.MAC // the VTEP MAC: the device's since the first Prepare or Reconcile
 
-// Counters returns what the backend has written to the kernel so far.
-func (b *Backend) Counters() dataplane.Counters {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.counters
+	dataplane.Tally // what was written to the kernel
 }
 
 // New checks the configuration. h is a netlink handle in the namespace to
@@ -143,9 +137,7 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 			"remove", len(plan.DelRoutes)+len(plan.DelNeighs)+len(plan.DelFDB))
 	}
 	applyErr := dataplane.Apply(ctx, b.h, plan)
-	b.mu.Lock()
-	b.counters.Add(plan)
-	b.mu.Unlock()
+	b.Applied(plan)
 	if err := errors.Join(addrErr, peerErr, applyErr); err != nil {
 		return fmt.Errorf("vxlan backend: reconcile: %w", err)
 	}
@@ -215,9 +207,7 @@ func (b *Backend) ensureDevice(ctx context.Context) (*netlink.Vxlan, error) {
 		if err != nil {
 			return nil, err
 		}
-		b.mu.Lock()
-		b.counters.Devices++
-		b.mu.Unlock()
+		b.DeviceCreated()
 	}
 	if vx.MTU != b.mtu {
 		if err := h.LinkSetMTU(vx, b.mtu); err != nil {
