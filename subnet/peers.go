@@ -34,7 +34,8 @@ type Skipped struct {
 // Between overlapping peers the earlier claim wins (lower Lease.Claimed,
 // then the lower address, then the shorter prefix), so a key written later
 // cannot take the traffic of a node that was there before it. The work is
-// O(n log n): it runs on every reconcile pass.
+// O(n log n): it runs on every reconcile pass. kept comes back in
+// ComparePrefix order.
 func FilterPeers(p PeerPolicy, own Lease, peers []Lease) (kept []Lease, skipped []Skipped) {
 	order := slices.Clone(peers)
 	slices.SortFunc(order, func(a, b Lease) int {
@@ -48,7 +49,7 @@ func FilterPeers(p PeerPolicy, own Lease, peers []Lease) (kept []Lease, skipped 
 			}
 			return cmp.Compare(a.Claimed, b.Claimed)
 		}
-		if c := comparePrefix(a.Subnet, b.Subnet); c != 0 {
+		if c := ComparePrefix(a.Subnet, b.Subnet); c != 0 {
 			return c
 		}
 		return a.Attrs.PublicIP.Compare(b.Attrs.PublicIP)
@@ -65,8 +66,8 @@ func FilterPeers(p PeerPolicy, own Lease, peers []Lease) (kept []Lease, skipped 
 		taken.add(l.Subnet)
 		kept = append(kept, l)
 	}
-	slices.SortFunc(kept, func(a, b Lease) int { return comparePrefix(a.Subnet, b.Subnet) })
-	slices.SortFunc(skipped, func(a, b Skipped) int { return comparePrefix(a.Lease.Subnet, b.Lease.Subnet) })
+	slices.SortFunc(kept, func(a, b Lease) int { return ComparePrefix(a.Subnet, b.Subnet) })
+	slices.SortFunc(skipped, func(a, b Skipped) int { return ComparePrefix(a.Lease.Subnet, b.Lease.Subnet) })
 	return kept, skipped
 }
 
@@ -94,7 +95,7 @@ func (p PeerPolicy) reject(own Lease, l Lease, taken *intervals) string {
 }
 
 // comparePrefix orders by address, then shorter prefix first.
-func comparePrefix(a, b netip.Prefix) int {
+func ComparePrefix(a, b netip.Prefix) int {
 	if c := a.Addr().Compare(b.Addr()); c != 0 {
 		return c
 	}

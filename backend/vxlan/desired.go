@@ -63,12 +63,7 @@ type Params struct {
 func Desired(own subnet.Lease, peers []subnet.Lease, p Params) (dataplane.State, error) {
 	s := dataplane.NewState()
 	sorted := slices.Clone(peers)
-	slices.SortFunc(sorted, func(a, b subnet.Lease) int {
-		if c := a.Subnet.Addr().Compare(b.Subnet.Addr()); c != 0 {
-			return c
-		}
-		return a.Subnet.Bits() - b.Subnet.Bits()
-	})
+	slices.SortFunc(sorted, func(a, b subnet.Lease) int { return subnet.ComparePrefix(a.Subnet, b.Subnet) })
 	var errs []error
 	subnets := map[netip.Prefix]bool{}
 	macs := map[dataplane.MAC]netip.Prefix{}

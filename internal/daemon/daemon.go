@@ -227,16 +227,17 @@ func (d *daemon) pass(ctx context.Context) {
 		}
 		d.met.leaseAcquired.Inc()
 	}
-	peers, synced := d.mgr.Peers()
-	peers = d.admit(own, peers)
-	inputs := fingerprint(own, peers)
-	before, rulesBefore := d.be.Counters(), d.ruleWrites()
+	rulesBefore := d.ruleWrites()
 	d.ensureRules(ctx, own.Subnet)
+	peers, synced := d.mgr.Peers()
 	if !synced {
 		// Reconciling against an empty peer list would tear down every
 		// peer's entries until the first listing arrives.
 		return
 	}
+	peers = d.admit(own, peers)
+	inputs := fingerprint(own, peers)
+	before := d.be.Counters()
 	start := time.Now()
 	err := d.be.Reconcile(ctx, own, peers)
 	took := time.Since(start)
@@ -394,8 +395,11 @@ func (d *daemon) ruleWrites() uint64 {
 // fingerprint identifies the inputs of a reconcile pass: the own lease and
 // every peer's, in a fixed order.
 func fingerprint(own subnet.Lease, peers []subnet.Lease) [32]byte {
-	sorted := slices.Clone(peers)
-	slices.SortFunc(sorted, func(a, b subnet.Lease) int { return a.Subnet.Addr().Compare(b.Subnet.Addr()) })
+	byPrefix := func(a, b subnet.Lease) int { return subnet.ComparePrefix(a.Subnet, b.Subnet) }
+	sorted := peers
+	if !slices.IsSortedFunc(peers, byPrefix) { // FilterPeers already sorts them
+		sorted = slices.SortedFunc(slices.Values(peers), byPrefix)
+	}
 	h := sha256.New()
 	buf := make([]byte, 0, 256)
 	for _, l := range append([]subnet.Lease{own}, sorted...) {
