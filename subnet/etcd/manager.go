@@ -58,6 +58,8 @@ func (m *Manager) Acquire(ctx context.Context) (*Acquired, error) {
 	for {
 		a, err := m.reg.Acquire(ctx, m.req)
 		if err == nil {
+			m.cache.seed(a.listing, a.listedAt)
+			a.listing = nil
 			m.setOwn(a)
 			return a, nil
 		}

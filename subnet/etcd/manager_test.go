@@ -248,3 +248,23 @@ func TestWatchRelistsAfterCompaction(t *testing.T) {
 		return len(l) == 1 && l[0].Subnet == b.Subnet
 	})
 }
+
+// Events of one watch response are applied in order: a lease written and
+// deleted in the same response is gone, one deleted and written again stays.
+func TestCacheAppliesEventsInOrder(t *testing.T) {
+	c := NewLeaseCache()
+	a, b := netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("10.244.2.0/24")
+	la := subnet.Lease{Subnet: a, Attrs: attrs("198.18.0.1")}
+	lb := subnet.Lease{Subnet: b, Attrs: attrs("198.18.0.2")}
+	c.apply(5, []change{{Subnet: b, Lease: &lb}})
+	c.apply(6, []change{{Subnet: a, Lease: &la}, {Subnet: a}, {Subnet: b}, {Subnet: b, Lease: &lb}})
+	if _, ok := c.Get(a); ok {
+		t.Error("a lease written then deleted in one response is still cached")
+	}
+	if _, ok := c.Get(b); !ok {
+		t.Error("a lease deleted then written again in one response is missing")
+	}
+	if c.Revision() != 6 {
+		t.Errorf("revision %d, want 6", c.Revision())
+	}
+}

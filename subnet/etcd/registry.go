@@ -197,6 +197,11 @@ type Acquired struct {
 	// Revision is the etcd revision that wrote the lease.
 	Revision int64
 	Attrs    subnet.LeaseAttrs
+
+	// The listing the choice was made from, at revision listedAt: it
+	// seeds the peer cache, so start-up lists the leases once, not twice.
+	listing  []StoredLease
+	listedAt int64
 }
 
 // Lease returns the acquired lease in the shared form.
@@ -216,7 +221,7 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 		ttlSec = 1
 	}
 	for attempt := 1; ; attempt++ {
-		leases, taken, _, err := r.list(ctx)
+		leases, taken, rev, err := r.list(ctx)
 		if err != nil {
 			return nil, err
 		}
@@ -259,7 +264,8 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 				// The key moved to the new etcd lease; the old one holds nothing now.
 				r.revoke(mine.EtcdLease)
 			}
-			return &Acquired{Subnet: target, EtcdLease: grant.ID, Reused: reused, Revision: resp.Header.Revision, Attrs: req.Attrs}, nil
+			return &Acquired{Subnet: target, EtcdLease: grant.ID, Reused: reused, Revision: resp.Header.Revision, Attrs: req.Attrs,
+				listing: leases, listedAt: rev}, nil
 		}
 		r.revoke(grant.ID)
 		r.log.Debug("lost the race for a subnet, retrying", "subnet", target, "attempt", attempt)

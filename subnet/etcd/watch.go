@@ -83,29 +83,52 @@ func (c *LeaseCache) replace(leases []StoredLease, rev int64) {
 	c.notify()
 }
 
-func (c *LeaseCache) apply(rev int64, puts []subnet.Lease, dels []netip.Prefix) {
-	c.events.Add(uint64(len(puts) + len(dels)))
+func (c *LeaseCache) isSynced() bool {
 	c.mu.Lock()
-	for _, p := range dels {
-		delete(c.leases, p)
+	defer c.mu.Unlock()
+	return c.synced
+}
+
+// seed fills a cache that was never filled; a filled one is newer than any
+// listing taken before it.
+func (c *LeaseCache) seed(leases []StoredLease, rev int64) {
+	if !c.isSynced() && rev > 0 {
+		c.replace(leases, rev)
 	}
-	for _, l := range puts {
-		c.leases[l.Subnet] = l
+}
+
+// change is one watch event: a lease written, or (Lease nil) gone.
+type change struct {
+	Subnet netip.Prefix
+	Lease  *subnet.Lease
+}
+
+// apply applies one watch response's events in their order: a key written
+// and deleted in the same response is gone afterwards.
+func (c *LeaseCache) apply(rev int64, changes []change) {
+	c.events.Add(uint64(len(changes)))
+	c.mu.Lock()
+	for _, ch := range changes {
+		if ch.Lease == nil {
+			delete(c.leases, ch.Subnet)
+		} else {
+			c.leases[ch.Subnet] = *ch.Lease
+		}
 	}
 	c.rev = rev
 	c.mu.Unlock()
-	if len(puts)+len(dels) > 0 {
+	if len(changes) > 0 {
 		c.notify()
 	}
 }
 
-// Watch fills cache from a listing and keeps it current until ctx ends: one
-// prefix watch, resumed from the last revision seen after the connection drops,
-// and a fresh listing only when etcd has compacted that revision away. It
-// returns only when ctx ends.
+// Watch fills cache from a listing, unless it was filled before, and keeps it
+// current until ctx ends: one prefix watch, resumed from the last revision
+// seen after the connection drops, and a fresh listing only when etcd has
+// compacted that revision away. It returns only when ctx ends.
 func (r *Registry) Watch(ctx context.Context, cache *LeaseCache) error {
 	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
-	needList := true
+	needList := !cache.isSynced() // a cache seeded by Acquire is watched from its revision
 	for {
 		if needList {
 			leases, rev, err := r.Leases(ctx)
@@ -153,13 +176,12 @@ func (r *Registry) watchFrom(ctx context.Context, cache *LeaseCache, backoff *ba
 			return false, err
 		}
 		backoff.reset()
-		var puts []subnet.Lease
-		var dels []netip.Prefix
+		changes := make([]change, 0, len(wr.Events))
 		for _, ev := range wr.Events {
 			p, perr := subnet.ParseKeyName(strings.TrimPrefix(string(ev.Kv.Key), r.SubnetsPrefix()))
 			if ev.Type == mvccpb.DELETE {
 				if perr == nil {
-					dels = append(dels, p)
+					changes = append(changes, change{Subnet: p})
 				}
 				continue
 			}
@@ -167,14 +189,14 @@ func (r *Registry) watchFrom(ctx context.Context, cache *LeaseCache, backoff *ba
 			if err != nil {
 				r.log.Warn("skipping malformed lease", "key", string(ev.Kv.Key), "err", err)
 				if perr == nil {
-					dels = append(dels, p) // a lease overwritten with garbage is gone
+					changes = append(changes, change{Subnet: p}) // a lease overwritten with garbage is gone
 				}
 				continue
 			}
 			l.Claimed = ev.Kv.CreateRevision
-			puts = append(puts, l.Lease)
+			changes = append(changes, change{Subnet: l.Subnet, Lease: &l.Lease})
 		}
-		cache.apply(wr.Header.Revision, puts, dels)
+		cache.apply(wr.Header.Revision, changes)
 	}
 	if ctx.Err() != nil {
 		return false, ctx.Err()
