@@ -45,19 +45,27 @@ func labUpFlags(fs *flag.FlagSet) *lab.Options {
 	return o
 }
 
-func labUp(ctx context.Context, args []string, out, errOut io.Writer) error {
-	fs := newFlagSet("lab up", errOut)
+// newLab parses the flags of `lab up` and `lab run`.
+func newLab(name string, args []string, out, errOut io.Writer) (*lab.Lab, error) {
+	fs := newFlagSet(name, errOut)
 	dir := labFlags(fs)
 	o := labUpFlags(fs)
 	if err := parseNoArgs(fs, args); err != nil {
-		return err
+		return nil, err
 	}
 	o.Dir = *dir
-	l := lab.New(*o, out, logger(errOut))
-	if err := l.Up(ctx); err != nil {
-		return fmt.Errorf("lab up: %w\n(logs in %s; `twillctl lab down --dir %s` removes what was made)", err, *dir, *dir)
+	return lab.New(*o, out, logger(errOut)), nil
+}
+
+func labUp(ctx context.Context, args []string, out, errOut io.Writer) error {
+	l, err := newLab("lab up", args, out, errOut)
+	if err != nil {
+		return err
 	}
-	fmt.Fprintf(out, "lab is up; `twillctl lab status --dir %s` shows it\n", *dir)
+	if err := l.Up(ctx); err != nil {
+		return fmt.Errorf("lab up: %w\n(logs in %s; `twillctl lab down --dir %s` removes what was made)", err, l.Dir, l.Dir)
+	}
+	fmt.Fprintf(out, "lab is up; `twillctl lab status --dir %s` shows it\n", l.Dir)
 	return nil
 }
 
@@ -121,14 +129,10 @@ func labDown(ctx context.Context, args []string, out, errOut io.Writer) error {
 // labRun is up, status, check and down; the exit code says whether every pod
 // reached every other. On failure the logs are kept.
 func labRun(ctx context.Context, args []string, out, errOut io.Writer) (err error) {
-	fs := newFlagSet("lab run", errOut)
-	dir := labFlags(fs)
-	o := labUpFlags(fs)
-	if err := parseNoArgs(fs, args); err != nil {
+	l, err := newLab("lab run", args, out, errOut)
+	if err != nil {
 		return err
 	}
-	o.Dir = *dir
-	l := lab.New(*o, out, logger(errOut))
 	start := time.Now()
 	defer func() {
 		// Tear down even when ctx was cancelled (Ctrl-C).
@@ -139,7 +143,7 @@ func labRun(ctx context.Context, args []string, out, errOut io.Writer) (err erro
 			err = errors.Join(err, fmt.Errorf("lab down: %w", derr))
 		}
 		if keep {
-			fmt.Fprintf(out, "logs kept in %s\n", *dir)
+			fmt.Fprintf(out, "logs kept in %s\n", l.Dir)
 		} else {
 			fmt.Fprintf(out, "lab removed (%s in all)\n", time.Since(start).Round(100*time.Millisecond))
 		}
