@@ -21,12 +21,8 @@ import (
 	"time"
 
 	"github.com/twillnet/twill/internal/kubeapi"
-	authenticationv1 "k8s.io/api/authentication/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
-	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 )
 
 // KubeAPIOptions places and wires a test kube-apiserver. The zero value is a
@@ -87,6 +83,7 @@ type KubeAPI struct {
 	StartupTime time.Duration
 
 	opts       KubeAPIOptions
+	srv        kubeapi.Server
 	adminToken string
 	args       []string
 	logPath    string
@@ -128,8 +125,8 @@ func StartKubeAPI(t testing.TB, o KubeAPIOptions) *KubeAPI {
 		k.EtcdURL = Etcd(t)
 	}
 
-	srv := kubeapi.Server{Binary: bin, Dir: dir, Host: o.Host, Port: o.Port, EtcdURL: k.EtcdURL, EtcdPrefix: o.EtcdPrefix}
-	argv, token, err := srv.Prepare()
+	k.srv = kubeapi.Server{Binary: bin, Dir: dir, Host: o.Host, Port: o.Port, EtcdURL: k.EtcdURL, EtcdPrefix: o.EtcdPrefix}
+	argv, token, err := k.srv.Prepare()
 	if err != nil {
 		t.Fatalf("prepare kube-apiserver: %v", err)
 	}
@@ -265,13 +262,7 @@ func (k *KubeAPI) httpClient() *http.Client {
 
 // CAData is the PEM certificate bundle that verifies the serving certificate
 // (the self-signed one kube-apiserver generated in its cert dir).
-func (k *KubeAPI) CAData() []byte {
-	data, err := os.ReadFile(filepath.Join(k.Dir, "certs", "apiserver.crt"))
-	if err != nil {
-		return nil
-	}
-	return data
-}
+func (k *KubeAPI) CAData() []byte { return k.srv.CAData() }
 
 // AdminConfig is a client config of the system:masters admin, rate limits
 // raised for tests that create many objects.
@@ -303,17 +294,7 @@ func (k *KubeAPI) AdminClient(t testing.TB) kubernetes.Interface {
 // Kubeconfig writes a kubeconfig file for the server that authenticates with
 // token and verifies the server with the embedded CA (for programs such as
 // twilld, which cannot be handed a dialer: run them where URL is reachable).
-func (k *KubeAPI) Kubeconfig(path, token string) error {
-	cfg := clientcmdapi.NewConfig()
-	cfg.Clusters["twill-test"] = &clientcmdapi.Cluster{Server: k.URL, CertificateAuthorityData: k.CAData()}
-	cfg.AuthInfos["twill-test"] = &clientcmdapi.AuthInfo{Token: token}
-	cfg.Contexts["twill-test"] = &clientcmdapi.Context{Cluster: "twill-test", AuthInfo: "twill-test"}
-	cfg.CurrentContext = "twill-test"
-	if err := clientcmd.WriteToFile(*cfg, path); err != nil {
-		return fmt.Errorf("write kubeconfig %s: %w", path, err)
-	}
-	return nil
-}
+func (k *KubeAPI) Kubeconfig(path, token string) error { return k.srv.WriteKubeconfig(path, token) }
 
 // ServiceAccountToken returns a one-hour token of an existing service account,
 // issued through the TokenRequest API.
@@ -321,13 +302,11 @@ func (k *KubeAPI) ServiceAccountToken(t testing.TB, ns, name string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	exp := int64(3600)
-	tr, err := k.AdminClient(t).CoreV1().ServiceAccounts(ns).CreateToken(ctx, name,
-		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &exp}}, metav1.CreateOptions{})
+	token, err := kubeapi.ServiceAccountToken(ctx, k.AdminClient(t), ns, name, time.Hour)
 	if err != nil {
-		t.Fatalf("token of service account %s/%s: %v", ns, name, err)
+		t.Fatal(err)
 	}
-	return tr.Status.Token
+	return token
 }
 
 // startEtcdProcess runs bin/tools/etcd through Wrap, listening on Host.
