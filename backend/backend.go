@@ -21,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 
 	"github.com/vishvananda/netlink"
 
@@ -58,6 +59,17 @@ type Backend interface {
 	// joined error naming each peer that failed after programming all the
 	// others.
 	Reconcile(ctx context.Context, own subnet.Lease, peers []subnet.Lease) error
+	// Update programs the change of a few peers since the last Reconcile or
+	// Update without reading the kernel: changed are the leases added or
+	// changed, removed the subnets of the leases gone. It builds on what the
+	// last successful Reconcile wrote and leaves every other peer's entries
+	// alone, so its cost does not grow with the number of peers. It returns
+	// false, having written nothing, when it cannot decide from those peers
+	// alone (no successful Reconcile since the last failure, another own
+	// subnet, a changed peer that cannot be programmed or clashes with
+	// another): the caller then runs Reconcile. After an error the next
+	// Update declines too.
+	Update(ctx context.Context, own subnet.Lease, changed []subnet.Lease, removed []netip.Prefix) (bool, error)
 	// Cleanup removes everything the backend made: device, routes.
 	Cleanup(ctx context.Context) error
 	// Counters returns what the backend has written to the kernel so far.
@@ -106,6 +118,10 @@ func (a *alloc) Prepare(ctx context.Context) (json.RawMessage, int, error) {
 
 func (a *alloc) Reconcile(ctx context.Context, _ subnet.Lease, _ []subnet.Lease) error {
 	return ctx.Err()
+}
+
+func (a *alloc) Update(ctx context.Context, _ subnet.Lease, _ []subnet.Lease, _ []netip.Prefix) (bool, error) {
+	return true, ctx.Err()
 }
 
 func (a *alloc) Cleanup(ctx context.Context) error { return ctx.Err() }

@@ -121,3 +121,46 @@ func (s *intervals) add(p netip.Prefix) {
 	i, _ := slices.BinarySearchFunc(*s, p.Addr(), func(m netip.Prefix, a netip.Addr) int { return m.Addr().Compare(a) })
 	*s = slices.Insert(*s, i, p)
 }
+
+// PeerFilter is FilterPeers kept up to date one lease at a time. It is only
+// exact while every peer was kept: then the order of claims decides nothing,
+// and a lease is admitted exactly when FilterPeers would keep it. The daemon
+// uses it for a pass over a few changed leases and falls back to FilterPeers
+// when a lease is refused or some lease was skipped.
+type PeerFilter struct {
+	policy PeerPolicy
+	own    Lease
+	taken  intervals // the own subnet and every admitted peer's
+}
+
+// NewPeerFilter starts from kept, the peers FilterPeers kept (and skipped
+// none of) for own.
+func NewPeerFilter(p PeerPolicy, own Lease, kept []Lease) *PeerFilter {
+	f := &PeerFilter{policy: p, own: own, taken: make(intervals, 0, len(kept)+1)}
+	for _, l := range kept {
+		f.taken = append(f.taken, l.Subnet)
+	}
+	if own.Subnet.IsValid() {
+		f.taken = append(f.taken, own.Subnet)
+	}
+	slices.SortFunc(f.taken, ComparePrefix)
+	return f
+}
+
+// Admit admits l and returns "", or returns why FilterPeers would skip it
+// (and admits nothing). A changed lease must be dropped first.
+func (f *PeerFilter) Admit(l Lease) string {
+	if reason := f.policy.reject(f.own, l, &f.taken); reason != "" {
+		return reason
+	}
+	f.taken.add(l.Subnet)
+	return ""
+}
+
+// Drop forgets the admitted lease on p.
+func (f *PeerFilter) Drop(p netip.Prefix) {
+	i, ok := slices.BinarySearchFunc(f.taken, p, ComparePrefix)
+	if ok && p != f.own.Subnet {
+		f.taken = slices.Delete(f.taken, i, i+1)
+	}
+}

@@ -2,6 +2,7 @@ package subnet
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -156,5 +157,86 @@ func BenchmarkFilterPeers(b *testing.B) {
 	}
 	for b.Loop() {
 		FilterPeers(PeerPolicy{Network: network}, own, peers)
+	}
+}
+
+// PeerFilter, fed one change at a time, admits a lease exactly when
+// FilterPeers over the whole new set would skip nothing.
+func TestPeerFilterAgreesWithFilterPeers(t *testing.T) {
+	policy := PeerPolicy{Network: netip.MustParsePrefix("10.244.0.0/16"), PublicIPs: []netip.Prefix{netip.MustParsePrefix("198.18.0.0/16")}}
+	own := lease("10.244.1.0/24", "198.18.0.1", 1)
+	rng := uint64(1)
+	next := func(n int) int { // xorshift: fixed, so a failure reproduces
+		rng ^= rng << 13
+		rng ^= rng >> 7
+		rng ^= rng << 17
+		return int(rng % uint64(n))
+	}
+	candidate := func() Lease {
+		sn := fmt.Sprintf("10.244.%d.0/24", next(40))
+		switch next(10) {
+		case 0:
+			sn = fmt.Sprintf("10.244.%d.0/23", 2*next(20)) // may overlap two /24s
+		case 1:
+			sn = "10.245.0.0/24" // outside the network
+		}
+		ip := fmt.Sprintf("198.18.%d.%d", next(3), 2+next(200))
+		switch next(12) {
+		case 0:
+			ip = "198.18.0.1" // the own public IP
+		case 1:
+			ip = "203.0.113.7" // not allowed
+		}
+		return lease(sn, ip, int64(next(1000)))
+	}
+	current := map[netip.Prefix]Lease{}
+	var f *PeerFilter
+	agreed, admitted := 0, 0
+	for step := 0; step < 3000; step++ {
+		if f == nil {
+			all := slices.Collect(maps.Values(current))
+			kept, skipped := FilterPeers(policy, own, all)
+			if len(skipped) > 0 {
+				// Start over from a clean set, as the daemon's full pass would.
+				clear(current)
+				continue
+			}
+			f = NewPeerFilter(policy, own, kept)
+		}
+		var changed Lease
+		var removed bool
+		if len(current) > 0 && next(3) == 0 {
+			keys := slices.SortedFunc(maps.Keys(current), ComparePrefix)
+			changed, removed = current[keys[next(len(keys))]], true
+		} else {
+			changed = candidate()
+		}
+		after := maps.Clone(current)
+		if removed {
+			delete(after, changed.Subnet)
+			f.Drop(changed.Subnet)
+		} else {
+			after[changed.Subnet] = changed
+			f.Drop(changed.Subnet)
+		}
+		_, skipped := FilterPeers(policy, own, slices.Collect(maps.Values(after)))
+		ok := true
+		if !removed {
+			ok = f.Admit(changed) == ""
+		}
+		if ok != (len(skipped) == 0) {
+			t.Fatalf("step %d: %v (removed %t): PeerFilter admits %t, FilterPeers skips %v", step, changed.Subnet, removed, ok, skipped)
+		}
+		agreed++
+		current = after
+		if !ok {
+			f = nil // the daemon runs the full pass
+			continue
+		}
+		admitted++
+	}
+	t.Logf("%d changes admitted, %d refused", admitted, agreed-admitted)
+	if admitted < 500 || agreed-admitted < 100 {
+		t.Fatalf("the walk tested too little: %d steps admitted, %d refused", admitted, agreed-admitted)
 	}
 }

@@ -90,7 +90,7 @@ func prefixOf(n *net.IPNet) netip.Prefix {
 // op is one netlink write, with the peer it serves for the error message.
 type op struct {
 	peer netip.Prefix
-	what string
+	what func() string // formatted only when the write fails
 	do   func(h *netlink.Handle) error
 }
 
@@ -109,8 +109,9 @@ func Apply(ctx context.Context, h *netlink.Handle, p Plan) error {
 	steps := [][]op{
 		fdbOps(p.SetFDB, true),
 		neighOps(p.SetNeighs, true),
-		routeOps(p.SetRoutes, true),
-		routeOps(p.DelRoutes, false),
+		routeOps(p.SetRoutes, replaceRoute),
+		routeOps(p.NewRoutes, createRoute),
+		routeOps(p.DelRoutes, deleteRoute),
 		neighOps(p.DelNeighs, false),
 		fdbOps(p.DelFDB, false),
 	}
@@ -123,7 +124,7 @@ func Apply(ctx context.Context, h *netlink.Handle, p Plan) error {
 				}
 			}
 			if err := o.do(h); err != nil {
-				failed = append(failed, opError{peer: o.peer, err: fmt.Errorf("%s: %w", o.what, err)})
+				failed = append(failed, opError{peer: o.peer, err: fmt.Errorf("%s: %w", o.what(), err)})
 			}
 		}
 	}
@@ -174,7 +175,15 @@ func (e *PeerError) Error() string { return fmt.Sprintf("peer %s: %v", e.Peer, e
 
 func (e *PeerError) Unwrap() error { return e.Err }
 
-func routeOps(rs []Route, set bool) []op {
+type routeWrite int
+
+const (
+	replaceRoute routeWrite = iota
+	createRoute             // fails if the kernel has a route with that key
+	deleteRoute
+)
+
+func routeOps(rs []Route, how routeWrite) []op {
 	ops := make([]op, 0, len(rs))
 	for _, r := range rs {
 		nr := &netlink.Route{
@@ -187,16 +196,22 @@ func routeOps(rs []Route, set bool) []op {
 		if r.Gw.IsValid() {
 			nr.Gw = r.Gw.AsSlice()
 		}
-		if set {
-			if r.Onlink {
-				nr.Flags = int(netlink.FLAG_ONLINK)
-			}
-			ops = append(ops, op{peer: r.Peer, what: "set route " + r.String(), do: func(h *netlink.Handle) error {
+		if r.Onlink && how != deleteRoute {
+			nr.Flags = int(netlink.FLAG_ONLINK)
+		}
+		switch how {
+		case replaceRoute:
+			ops = append(ops, op{peer: r.Peer, what: func() string { return "set route " + r.String() }, do: func(h *netlink.Handle) error {
 				return h.RouteReplace(nr)
 			}})
 			continue
+		case createRoute:
+			ops = append(ops, op{peer: r.Peer, what: func() string { return "add route " + r.String() }, do: func(h *netlink.Handle) error {
+				return h.RouteAdd(nr)
+			}})
+			continue
 		}
-		ops = append(ops, op{what: "remove stale route " + r.String(), do: func(h *netlink.Handle) error {
+		ops = append(ops, op{what: func() string { return "remove stale route " + r.String() }, do: func(h *netlink.Handle) error {
 			return ignore(h.RouteDel(nr), unix.ESRCH)
 		}})
 	}
@@ -214,13 +229,13 @@ func neighOps(ns []Neigh, set bool) []op {
 			HardwareAddr: n.MAC.HardwareAddr(),
 		}
 		if set {
-			ops = append(ops, op{peer: n.Peer, what: "set neighbour " + n.String(), do: func(h *netlink.Handle) error {
+			ops = append(ops, op{peer: n.Peer, what: func() string { return "set neighbour " + n.String() }, do: func(h *netlink.Handle) error {
 				return h.NeighSet(nn)
 			}})
 			continue
 		}
 		nn.HardwareAddr = nil
-		ops = append(ops, op{what: "remove stale neighbour " + n.String(), do: func(h *netlink.Handle) error {
+		ops = append(ops, op{what: func() string { return "remove stale neighbour " + n.String() }, do: func(h *netlink.Handle) error {
 			return ignore(h.NeighDel(nn), unix.ENOENT)
 		}})
 	}
@@ -241,12 +256,12 @@ func fdbOps(fs []FDB, set bool) []op {
 			nf.IP = f.Dst.AsSlice()
 		}
 		if set {
-			ops = append(ops, op{peer: f.Peer, what: "set FDB entry " + f.String(), do: func(h *netlink.Handle) error {
+			ops = append(ops, op{peer: f.Peer, what: func() string { return "set FDB entry " + f.String() }, do: func(h *netlink.Handle) error {
 				return h.NeighSet(nf)
 			}})
 			continue
 		}
-		ops = append(ops, op{what: "remove stale FDB entry " + f.String(), do: func(h *netlink.Handle) error {
+		ops = append(ops, op{what: func() string { return "remove stale FDB entry " + f.String() }, do: func(h *netlink.Handle) error {
 			return ignore(h.NeighDel(nf), unix.ENOENT)
 		}})
 	}

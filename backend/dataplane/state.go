@@ -203,11 +203,16 @@ type State struct {
 }
 
 // NewState returns an empty state.
-func NewState() State {
+func NewState() State { return NewStateFor(0) }
+
+// NewStateFor returns an empty state with room for the entries of peers
+// peers, so building a large desired state does not grow its maps step by
+// step.
+func NewStateFor(peers int) State {
 	return State{
-		Routes:  map[RouteKey]Route{},
-		Neighs:  map[netip.Addr]Neigh{},
-		FDB:     map[FDBKey]FDB{},
+		Routes:  make(map[RouteKey]Route, peers),
+		Neighs:  make(map[netip.Addr]Neigh, peers),
+		FDB:     make(map[FDBKey]FDB, peers),
 		Foreign: map[RouteKey]Route{},
 	}
 }
@@ -221,6 +226,10 @@ type Plan struct {
 	SetFDB    []FDB
 	SetNeighs []Neigh
 	SetRoutes []Route
+	// NewRoutes are routes to create where none may exist yet (an
+	// incremental update, which has not read the table): the write fails
+	// rather than replace a route twill did not make.
+	NewRoutes []Route
 	DelRoutes []Route
 	DelNeighs []Neigh
 	DelFDB    []FDB
@@ -231,7 +240,7 @@ type Plan struct {
 
 // Len counts the changes to make.
 func (p Plan) Len() int {
-	return len(p.SetFDB) + len(p.SetNeighs) + len(p.SetRoutes) + len(p.DelRoutes) + len(p.DelNeighs) + len(p.DelFDB)
+	return len(p.SetFDB) + len(p.SetNeighs) + len(p.SetRoutes) + len(p.NewRoutes) + len(p.DelRoutes) + len(p.DelNeighs) + len(p.DelFDB)
 }
 
 // Diff compares desired with actual. An entry that is missing or differs is
@@ -333,7 +342,7 @@ type Tally struct {
 func (t *Tally) Applied(p Plan) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.c.Routes += uint64(len(p.SetRoutes) + len(p.DelRoutes))
+	t.c.Routes += uint64(len(p.SetRoutes) + len(p.NewRoutes) + len(p.DelRoutes))
 	t.c.FDB += uint64(len(p.SetFDB) + len(p.DelFDB))
 	t.c.Neighs += uint64(len(p.SetNeighs) + len(p.DelNeighs))
 }

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"slices"
 
 	"github.com/vishvananda/netlink"
@@ -31,7 +32,7 @@ var ErrUnreachable = errors.New("not directly reachable")
 // own subnet are skipped; a peer that cannot be served gets a
 // *dataplane.PeerError in the joined error.
 func Desired(own subnet.Lease, peers []subnet.Lease, ext dataplane.ExternalInterface) (dataplane.State, error) {
-	s := dataplane.NewState()
+	s := dataplane.NewStateFor(len(peers))
 	sorted := slices.Clone(peers)
 	slices.SortFunc(sorted, func(a, b subnet.Lease) int { return subnet.ComparePrefix(a.Subnet, b.Subnet) })
 	var errs []error
@@ -39,30 +40,36 @@ func Desired(own subnet.Lease, peers []subnet.Lease, ext dataplane.ExternalInter
 		if peer.Attrs.BackendType != subnet.BackendHostGW || peer.Subnet == own.Subnet {
 			continue
 		}
-		sn, ip := peer.Subnet, peer.Attrs.PublicIP
-		var err error
-		switch {
-		case !sn.IsValid() || !sn.Addr().Is4() || sn.Masked() != sn:
-			err = fmt.Errorf("subnet %v is not an IPv4 network address", sn)
-		case own.Subnet.IsValid() && own.Subnet.Overlaps(sn):
-			err = fmt.Errorf("subnet overlaps this node's subnet %s", own.Subnet)
-		case s.Routes[dataplane.RouteKey{Dst: sn}].Dst.IsValid():
+		r, err := route(own, peer, ext)
+		if err == nil && s.Routes[r.Key()].Dst.IsValid() {
 			err = errors.New("another lease for the same subnet was seen first")
-		case !ip.Is4():
-			err = fmt.Errorf("public IP %v is not IPv4", ip)
-		case ip == ext.Addr:
-			err = fmt.Errorf("public IP %s is this node's own address", ip)
-		case !ext.Prefix.Contains(ip):
-			err = fmt.Errorf("public IP %s is %w from %s: host-gw needs every node on one L2 network, and %s is outside %s (the network of %s); use the vxlan backend (DirectRouting routes directly where it can)",
-				ip, ErrUnreachable, ext.Name, ip, ext.Prefix, ext.Name)
 		}
 		if err != nil {
-			errs = append(errs, &dataplane.PeerError{Peer: sn, Err: err})
+			errs = append(errs, &dataplane.PeerError{Peer: peer.Subnet, Err: err})
 			continue
 		}
-		s.Routes[dataplane.RouteKey{Dst: sn}] = dataplane.Route{Dst: sn, Gw: ip, LinkIndex: ext.Index, Peer: sn}
+		s.Routes[r.Key()] = r
 	}
 	return s, errors.Join(errs...)
+}
+
+// route is one peer's route, checked as far as the peer alone allows.
+func route(own, peer subnet.Lease, ext dataplane.ExternalInterface) (dataplane.Route, error) {
+	sn, ip := peer.Subnet, peer.Attrs.PublicIP
+	switch {
+	case !sn.IsValid() || !sn.Addr().Is4() || sn.Masked() != sn:
+		return dataplane.Route{}, fmt.Errorf("subnet %v is not an IPv4 network address", sn)
+	case own.Subnet.IsValid() && own.Subnet.Overlaps(sn):
+		return dataplane.Route{}, fmt.Errorf("subnet overlaps this node's subnet %s", own.Subnet)
+	case !ip.Is4():
+		return dataplane.Route{}, fmt.Errorf("public IP %v is not IPv4", ip)
+	case ip == ext.Addr:
+		return dataplane.Route{}, fmt.Errorf("public IP %s is this node's own address", ip)
+	case !ext.Prefix.Contains(ip):
+		return dataplane.Route{}, fmt.Errorf("public IP %s is %w from %s: host-gw needs every node on one L2 network, and %s is outside %s (the network of %s); use the vxlan backend (DirectRouting routes directly where it can)",
+			ip, ErrUnreachable, ext.Name, ip, ext.Prefix, ext.Name)
+	}
+	return dataplane.Route{Dst: sn, Gw: ip, LinkIndex: ext.Index, Peer: sn}, nil
 }
 
 // Backend programs host-gw routes.
@@ -73,6 +80,8 @@ type Backend struct {
 	log *slog.Logger
 
 	dataplane.Tally // what was written to the kernel
+
+	prog dataplane.Programmed // for Update: what the last full pass left, kept current
 }
 
 // New checks the configuration. h is a netlink handle in the namespace to
@@ -115,9 +124,41 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 	applyErr := dataplane.Apply(ctx, b.h, plan)
 	b.Applied(plan)
 	if err := errors.Join(peerErr, applyErr); err != nil {
+		b.prog.Invalidate()
 		return fmt.Errorf("host-gw backend: reconcile: %w", err)
 	}
+	b.prog.Reset(own.Subnet, desired, actual.Foreign)
 	return nil
+}
+
+// Update programs the routes of a few changed peers on top of the last full
+// pass (see backend.Backend). It declines, writing nothing, when a changed
+// peer cannot be programmed.
+func (b *Backend) Update(ctx context.Context, own subnet.Lease, changed []subnet.Lease, removed []netip.Prefix) (bool, error) {
+	if !b.prog.Usable(own.Subnet) {
+		return false, nil
+	}
+	next := make(map[netip.Prefix]dataplane.PeerEntries, len(changed)+len(removed))
+	for _, sn := range removed {
+		next[sn] = dataplane.PeerEntries{}
+	}
+	for _, peer := range changed {
+		if peer.Attrs.BackendType != subnet.BackendHostGW || peer.Subnet == own.Subnet {
+			next[peer.Subnet] = dataplane.PeerEntries{}
+			continue
+		}
+		r, err := route(own, peer, b.ext)
+		if err != nil {
+			return false, nil
+		}
+		next[peer.Subnet] = dataplane.PeerEntries{Route: r}
+	}
+	plan, err := b.prog.Update(ctx, b.h, next)
+	b.Applied(plan)
+	if err != nil {
+		return true, fmt.Errorf("host-gw backend: update: %w", err)
+	}
+	return true, nil
 }
 
 // Cleanup removes every route twill made.

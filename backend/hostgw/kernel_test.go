@@ -118,3 +118,34 @@ func TestUnreachablePeer(t *testing.T) {
 		t.Errorf("the reachable peers: %s, want %s", got, want)
 	}
 }
+
+func TestUpdate(t *testing.T) {
+	be, h, _ := setup(t)
+	ctx := context.Background()
+	pfx := netip.MustParsePrefix
+	if ok, err := be.Update(ctx, own, peers[:1], nil); ok || err != nil {
+		t.Fatalf("Update before Reconcile = %t, %v; want a refusal", ok, err)
+	}
+	if err := be.Reconcile(ctx, own, peers[:2]); err != nil {
+		t.Fatal(err)
+	}
+	moved := backendtest.HostGWPeer("10.244.3.0/24", "198.18.0.33")
+	if ok, err := be.Update(ctx, own, []subnet.Lease{peers[2], moved}, []netip.Prefix{pfx("10.244.2.0/24")}); !ok || err != nil {
+		t.Fatalf("Update = %t, %v", ok, err)
+	}
+	if got, want := routes(t, h), "10.244.3.0/24 via 198.18.0.33, 10.244.4.0/24 via 198.18.0.4"; got != want {
+		t.Fatalf("after Update: %s, want %s", got, want)
+	}
+	far := backendtest.HostGWPeer("10.244.9.0/24", "203.0.113.9")
+	if ok, err := be.Update(ctx, own, []subnet.Lease{far}, nil); ok || err != nil {
+		t.Fatalf("Update with an unreachable peer = %t, %v; want a refusal", ok, err)
+	}
+	// What Update left is what a full pass wants: it writes nothing.
+	before := be.Counters()
+	if err := be.Reconcile(ctx, own, []subnet.Lease{moved, peers[2]}); err != nil {
+		t.Fatal(err)
+	}
+	if w := be.Counters().Sub(before); w != (dataplane.Counters{}) {
+		t.Errorf("a full pass after Update wrote %+v", w)
+	}
+}

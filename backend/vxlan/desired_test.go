@@ -171,3 +171,29 @@ func TestNewMTU(t *testing.T) {
 // nlHandle is a handle that is never used to talk to the kernel (New only
 // keeps it).
 var nlHandle = &netlink.Handle{}
+
+// The fast path for twill's own encoding and encoding/json agree on every
+// input: same Data, and an error from the fast path never hides one.
+func FuzzParseData(f *testing.F) {
+	for _, s := range []string{
+		`{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}`, `{"VNI":4096,"VtepMAC":"02:42:AC:11:00:02"}`,
+		`{"VNI":01,"VtepMAC":"aa:bb:cc:dd:ee:ff"}`, `{"VNI":1,"VtepMAC":"00:00:00:00:00:00"}`,
+		`{"VNI":1,"VtepMAC":"aa-bb-cc-dd-ee-ff"}`, `{"VtepMAC":"aa:bb:cc:dd:ee:ff","VNI":1}`,
+		`{"VNI":99999999,"VtepMAC":"aa:bb:cc:dd:ee:ff"}`, `{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"} `, `null`, ``,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		fast, ok := parseCanonical(raw)
+		if !ok {
+			return
+		}
+		var slow Data
+		if err := json.Unmarshal(raw, &slow); err != nil {
+			t.Fatalf("%q: fast path accepted what encoding/json refuses: %v", raw, err)
+		}
+		if fast != slow {
+			t.Fatalf("%q: fast path %+v, encoding/json %+v", raw, fast, slow)
+		}
+	})
+}

@@ -58,6 +58,9 @@ type Backend struct {
 	mac dataplane.MAC // the VTEP MAC: the device's since the first Prepare or Reconcile
 
 	dataplane.Tally // what was written to the kernel
+
+	prog dataplane.Programmed // for Update: what the last full pass left, kept current
+	dev  int                  // the device's index at the last full pass
 }
 
 // New checks the configuration. h is a netlink handle in the namespace to
@@ -139,9 +142,62 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 	applyErr := dataplane.Apply(ctx, b.h, plan)
 	b.Applied(plan)
 	if err := errors.Join(addrErr, peerErr, applyErr); err != nil {
+		b.prog.Invalidate()
 		return fmt.Errorf("vxlan backend: reconcile: %w", err)
 	}
+	b.prog.Reset(own.Subnet, desired, actual.Foreign)
+	b.dev = dev
 	return nil
+}
+
+// Update programs the changes of a few peers on top of the last full pass
+// (see backend.Backend). It declines, writing nothing, when a changed peer
+// cannot be programmed or takes a VTEP MAC another peer holds: only a full
+// pass can tell which of two clashing peers wins.
+func (b *Backend) Update(ctx context.Context, own subnet.Lease, changed []subnet.Lease, removed []netip.Prefix) (bool, error) {
+	if !b.prog.Usable(own.Subnet) {
+		return false, nil
+	}
+	p := Params{Dev: b.dev, VNI: b.vni, Ext: b.ext, DirectRouting: b.directRouting}
+	next := make(map[netip.Prefix]dataplane.PeerEntries, len(changed)+len(removed))
+	for _, sn := range removed {
+		next[sn] = dataplane.PeerEntries{}
+	}
+	for _, peer := range changed {
+		if peer.Attrs.BackendType != subnet.BackendVXLAN || peer.Subnet == own.Subnet {
+			next[peer.Subnet] = dataplane.PeerEntries{}
+			continue
+		}
+		e, err := p.Entries(own, peer)
+		if err != nil {
+			return false, nil
+		}
+		next[peer.Subnet] = e
+	}
+	// A VTEP MAC must stay with one peer, counting the peers left as they are.
+	owners := make(map[dataplane.MAC]netip.Prefix, len(next))
+	for sn, e := range next {
+		if !e.Neigh.IP.IsValid() {
+			continue
+		}
+		if _, dup := owners[e.Neigh.MAC]; dup {
+			return false, nil
+		}
+		owners[e.Neigh.MAC] = sn
+	}
+	for mac, sn := range owners {
+		if other, held := b.prog.NeighMACOwner(mac); held && other != sn {
+			if _, changing := next[other]; !changing {
+				return false, nil
+			}
+		}
+	}
+	plan, err := b.prog.Update(ctx, b.h, next)
+	b.Applied(plan)
+	if err != nil {
+		return true, fmt.Errorf("vxlan backend: update: %w", err)
+	}
+	return true, nil
 }
 
 // Cleanup removes twill's routes and the device (which takes its neighbour

@@ -479,3 +479,115 @@ func TestPeerErrorsDoNotStopOthers(t *testing.T) {
 	}
 	e.expect(threePeers)
 }
+
+func (e *env) update(changed []subnet.Lease, removed ...string) (bool, error) {
+	e.t.Helper()
+	var gone []netip.Prefix
+	for _, r := range removed {
+		gone = append(gone, netip.MustParsePrefix(r))
+	}
+	return e.be.Update(context.Background(), e.own, changed, gone)
+}
+
+// Update programs a few peers on top of a full pass, and the kernel ends up
+// exactly as a full pass would leave it.
+func TestUpdateMatchesAFullPass(t *testing.T) {
+	e := newEnv(t, subnet.BackendConfig{VNI: 1, Port: 8472})
+	e.prepare()
+	if ok, err := e.update(threePeers[:1]); ok || err != nil {
+		t.Fatalf("Update before any Reconcile: %t, %v; want a refusal", ok, err)
+	}
+	if n := len(backendtest.Routes(t, e.h)); n != 0 {
+		t.Fatalf("a refused Update wrote %d routes", n)
+	}
+	e.reconcile(threePeers[:2])
+	before := e.be.Counters()
+
+	added := threePeers[2]
+	moved := backendtest.VXLANPeer("10.244.3.0/24", "198.18.0.33", "02:77:00:00:00:03")
+	for _, step := range []struct {
+		name    string
+		changed []subnet.Lease
+		removed []string
+		want    []subnet.Lease
+		writes  uint64
+	}{
+		{"peer added", []subnet.Lease{added}, nil, []subnet.Lease{threePeers[0], threePeers[1], added}, 3},
+		{"new public IP", []subnet.Lease{moved}, nil, []subnet.Lease{threePeers[0], moved, added}, 2}, // new FDB entry, old one removed
+		{"peer removed", nil, []string{"10.244.2.0/24"}, []subnet.Lease{moved, added}, 3},
+		{"same again", []subnet.Lease{moved}, nil, []subnet.Lease{moved, added}, 0},
+	} {
+		ok, err := e.update(step.changed, step.removed...)
+		if !ok || err != nil {
+			t.Fatalf("%s: Update = %t, %v", step.name, ok, err)
+		}
+		e.expect(step.want)
+		w := e.be.Counters().Sub(before)
+		if got := w.Routes + w.Neighs + w.FDB; got != step.writes {
+			t.Errorf("%s: %d kernel writes (%+v), want %d", step.name, got, w, step.writes)
+		}
+		before = e.be.Counters()
+	}
+}
+
+func TestUpdateDeclinesWhatOnlyAFullPassDecides(t *testing.T) {
+	e := newEnv(t, subnet.BackendConfig{VNI: 1, Port: 8472})
+	e.prepare()
+	e.reconcile(threePeers)
+	for _, tc := range []struct {
+		name  string
+		peers []subnet.Lease
+	}{
+		{"MAC of another peer", []subnet.Lease{backendtest.VXLANPeer("10.244.9.0/24", "198.18.0.9", "02:77:00:00:00:02")}},
+		{"two new peers, one MAC", []subnet.Lease{
+			backendtest.VXLANPeer("10.244.9.0/24", "198.18.0.9", "02:77:00:00:00:99"),
+			backendtest.VXLANPeer("10.244.8.0/24", "198.18.0.8", "02:77:00:00:00:99")}},
+		{"no backend data", []subnet.Lease{{Subnet: netip.MustParsePrefix("10.244.9.0/24"),
+			Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.9"), BackendType: subnet.BackendVXLAN}}}},
+	} {
+		if ok, err := e.update(tc.peers); ok || err != nil {
+			t.Errorf("%s: Update = %t, %v; want a refusal", tc.name, ok, err)
+		}
+	}
+	e.expect(threePeers)
+
+	// A MAC handed from a removed peer to a new one in the same update is fine.
+	heir := backendtest.VXLANPeer("10.244.9.0/24", "198.18.0.9", "02:77:00:00:00:02")
+	if ok, err := e.update([]subnet.Lease{heir}, "10.244.2.0/24"); !ok || err != nil {
+		t.Fatalf("MAC handed over: Update = %t, %v", ok, err)
+	}
+	e.expect([]subnet.Lease{heir, threePeers[1], threePeers[2]})
+
+	// A failed full pass leaves nothing to build on.
+	bad := append([]subnet.Lease{{Subnet: netip.MustParsePrefix("10.244.7.0/24"),
+		Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.7"), BackendType: subnet.BackendVXLAN}}}, threePeers...)
+	if err := e.be.Reconcile(context.Background(), e.own, bad); err == nil {
+		t.Fatal("Reconcile with a peer without backend data succeeded")
+	}
+	if ok, err := e.update(nil, "10.244.3.0/24"); ok || err != nil {
+		t.Errorf("Update after a failed Reconcile = %t, %v; want a refusal", ok, err)
+	}
+}
+
+// A route someone else added since the last full pass is not replaced: the
+// update fails, and the next update declines until a full pass ran.
+func TestUpdateNeverReplacesAForeignRoute(t *testing.T) {
+	e := newEnv(t, subnet.BackendConfig{VNI: 1, Port: 8472})
+	e.prepare()
+	e.reconcile(threePeers[:2])
+	_, dst, _ := net.ParseCIDR("10.244.4.0/24")
+	if err := e.h.RouteAdd(&netlink.Route{Dst: dst, Gw: net.ParseIP("198.18.0.254"), LinkIndex: e.ext.Index}); err != nil {
+		t.Fatal(err)
+	}
+	ok, err := e.update(threePeers[2:])
+	if !ok || !errors.Is(err, unix.EEXIST) {
+		t.Fatalf("Update over a foreign route = %t, %v; want an EEXIST error", ok, err)
+	}
+	rs, err := e.h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: dst}, netlink.RT_FILTER_DST)
+	if err != nil || len(rs) != 1 || rs[0].Protocol == dataplane.RouteProtocol || !rs[0].Gw.Equal(net.ParseIP("198.18.0.254")) {
+		t.Errorf("the foreign route was touched: %+v (%v)", rs, err)
+	}
+	if ok, err := e.update(nil, "10.244.2.0/24"); ok || err != nil {
+		t.Errorf("Update after a failed one = %t, %v; want a refusal", ok, err)
+	}
+}

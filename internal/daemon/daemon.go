@@ -2,16 +2,19 @@
 // env file, and keeps the datapath equal to the desired state.
 //
 // The shape is level-triggered. The lease manager feeds one cache of all
-// leases; whenever it signals a change (a burst of changes is one signal),
-// and on every resync tick, the daemon takes a snapshot and hands the whole
-// picture to the backend, which diffs it against the kernel. Nothing here
-// acts on the content of an individual event.
+// leases. At start and on every resync tick the daemon hands the whole
+// picture to the backend, which diffs it against the kernel: the full pass,
+// which also repairs drift. Whenever the cache signals a change (a burst of
+// changes is one signal), the daemon compares a snapshot with the leases of
+// the last good pass and has the backend program just the peers that
+// differ, on top of what it last wrote; anything that pass cannot decide
+// alone (a lease to skip, a clash, a failed write) takes the full pass at
+// once. Nothing here acts on the content of an individual event.
 package daemon
 
 import (
+	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -147,11 +150,20 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		if d.ipt, err = masq.NewIPTables(); err != nil {
 			return fmt.Errorf("--ip-masq: %w", err)
 		}
-	} else if ipt, err := masq.NewIPTables(); err == nil {
+	} else {
 		// Rules of an earlier run with --ip-masq must not outlive it.
-		if err := masq.Cleanup(ctx, ipt); err != nil {
-			log.Warn("remove masquerade rules of an earlier run", "err", err)
-		}
+		// Looking for them runs iptables several times (10-20 ms), so it
+		// happens beside the env file and the first pass, not before.
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			if ipt, err := masq.NewIPTables(); err == nil {
+				if err := masq.Cleanup(ctx, ipt); err != nil && ctx.Err() == nil {
+					log.Warn("remove masquerade rules of an earlier run", "err", err)
+				}
+			}
+		}()
+		defer func() { <-done }()
 	}
 	if err := d.writeEnv(own.Subnet); err != nil {
 		return err
@@ -190,9 +202,14 @@ type daemon struct {
 	policy  subnet.PeerPolicy
 	skipped map[string]bool // "subnet reason" of the leases skipped in the last pass
 
-	envSubnet  netip.Prefix // the subnet the env file names
-	announced  bool         // DatapathReady was reported
-	lastInputs [32]byte     // fingerprint of the leases of the last good pass
+	envSubnet netip.Prefix // the subnet the env file names
+	announced bool         // DatapathReady was reported
+
+	// The inputs of the last good pass, to tell what a pass must change:
+	good     bool                          // the last pass succeeded
+	knownOwn subnet.Lease                  // its own lease
+	known    map[netip.Prefix]subnet.Lease // its peer leases, unfiltered
+	filter   *subnet.PeerFilter            // its admitted peers; nil when a lease was skipped
 
 	ipt         masq.IPTables // nil without --ip-masq
 	rules       *masq.Manager
@@ -202,24 +219,34 @@ type daemon struct {
 	retiredRuleWrites uint64
 }
 
-// loop reconciles after every change signal and every resync tick.
+// loop runs a full pass at start and on every resync tick, and a pass over
+// what changed after every change signal.
 func (d *daemon) loop(ctx context.Context) {
 	tick := time.NewTicker(d.c.ResyncInterval)
 	defer tick.Stop()
+	full := true
 	for {
-		d.pass(ctx)
+		d.pass(ctx, full)
 		select {
 		case <-ctx.Done():
 			return
 		case <-d.mgr.Changed():
+			full = false
 		case <-tick.C:
+			full = true
 		}
 	}
 }
 
+// maxIncremental is the most peer changes a pass programs one by one; a
+// larger burst takes the full pass.
+const maxIncremental = 128
+
 // pass is one reconcile: the env file follows the own lease, the datapath
-// follows all leases.
-func (d *daemon) pass(ctx context.Context) {
+// follows all leases. A full pass reads the kernel and programs every peer;
+// after a change signal, when the last pass succeeded and only a few peers
+// changed, only those peers are programmed (see backend.Backend.Update).
+func (d *daemon) pass(ctx context.Context, full bool) {
 	own := d.mgr.Own()
 	if own.Subnet != d.envSubnet {
 		if err := d.writeEnv(own.Subnet); err != nil {
@@ -227,27 +254,85 @@ func (d *daemon) pass(ctx context.Context) {
 		}
 		d.met.leaseAcquired.Inc()
 	}
-	rulesBefore := d.ruleWrites()
-	d.ensureRules(ctx, own.Subnet)
 	peers, synced := d.mgr.Peers()
 	if !synced {
 		// Reconciling against an empty peer list would tear down every
 		// peer's entries until the first listing arrives.
+		d.ensureRules(ctx, own.Subnet)
 		return
 	}
-	peers = d.admit(own, peers)
-	inputs := fingerprint(own, peers)
+	changed, removed := d.changes(peers)
+	ownSame := d.good && sameLease(own, d.knownOwn)
+	nothing := ownSame && len(changed) == 0 && len(removed) == 0
+	if !full && nothing {
+		return
+	}
+	if !full && ownSame && d.filter != nil && len(changed)+len(removed) <= maxIncremental {
+		if d.update(ctx, own, changed, removed) {
+			return
+		}
+	}
+	d.reconcile(ctx, own, peers, nothing)
+}
+
+// update programs the changed peers only. It returns false when a full pass
+// must follow: a changed lease FilterPeers would skip, a backend that
+// declines, or a write that failed.
+func (d *daemon) update(ctx context.Context, own subnet.Lease, changed []subnet.Lease, removed []netip.Prefix) bool {
+	f := d.filter
+	d.filter = nil // until this pass succeeds: the filter is changed below
+	for _, sn := range removed {
+		f.Drop(sn)
+	}
+	for _, l := range changed {
+		if _, had := d.known[l.Subnet]; had {
+			f.Drop(l.Subnet)
+		}
+	}
+	for _, l := range changed {
+		if reason := f.Admit(l); reason != "" {
+			return false // the full pass skips it, and logs why
+		}
+	}
+	start := time.Now()
+	ok, err := d.be.Update(ctx, own, changed, removed)
+	if !ok {
+		return false
+	}
+	if err != nil {
+		if ctx.Err() == nil {
+			d.log.Warn("updating the changed peers failed; running a full pass", "changed", len(changed), "removed", len(removed), "err", err)
+		}
+		return false
+	}
+	took := time.Since(start)
+	for _, sn := range removed {
+		delete(d.known, sn)
+	}
+	for _, l := range changed {
+		d.known[l.Subnet] = l
+	}
+	d.filter = f
+	d.observe(took, len(d.known))
+	d.met.incrementals.Inc()
+	d.met.reconciles.WithLabelValues("ok").Inc()
+	d.announce(ctx)
+	d.log.Debug("updated peers", "changed", len(changed), "removed", len(removed), "took", took)
+	return true
+}
+
+// reconcile is the full pass. unchanged says no lease changed since the
+// last good pass, so whatever it writes is drift it repairs.
+func (d *daemon) reconcile(ctx context.Context, own subnet.Lease, all []subnet.Lease, unchanged bool) {
+	rulesBefore := d.ruleWrites()
+	d.ensureRules(ctx, own.Subnet)
+	peers := d.admit(own, all)
 	before := d.be.Counters()
 	start := time.Now()
 	err := d.be.Reconcile(ctx, own, peers)
 	took := time.Since(start)
-	d.met.reconcileTime.Observe(took.Seconds())
-	d.met.lastDuration.Set(took.Seconds())
-	d.met.lastReconcile.SetToCurrentTime()
-	d.met.peers.WithLabelValues(d.cfg.Backend.Type).Set(float64(len(peers)))
-	if inputs == d.lastInputs {
-		// Nothing twill knows of changed since the last good pass, so
-		// whatever had to be written was drift.
+	d.observe(took, len(peers))
+	if unchanged {
 		w := d.be.Counters().Sub(before)
 		d.met.repairs.WithLabelValues("route").Add(float64(w.Routes))
 		d.met.repairs.WithLabelValues("fdb").Add(float64(w.FDB))
@@ -255,7 +340,9 @@ func (d *daemon) pass(ctx context.Context) {
 		d.met.repairs.WithLabelValues("device").Add(float64(w.Devices))
 		d.met.repairs.WithLabelValues("rule").Add(float64(d.ruleWrites() - rulesBefore))
 	}
+	d.filter = nil
 	if err != nil {
+		d.good = false
 		if ctx.Err() != nil {
 			return
 		}
@@ -264,18 +351,75 @@ func (d *daemon) pass(ctx context.Context) {
 		return
 	}
 	d.met.reconciles.WithLabelValues("ok").Inc()
-	d.lastInputs = inputs
-	if !d.announced {
-		// The first good pass: tell the datastore the node's network is up.
-		if n, ok := d.mgr.(datapathReadyNotifier); ok {
-			if err := n.DatapathReady(ctx); err != nil {
-				d.log.Warn("report the datapath ready", "err", err)
-				return
+	d.good, d.knownOwn = true, own
+	clear(d.known)
+	if d.known == nil {
+		d.known = make(map[netip.Prefix]subnet.Lease, len(all))
+	}
+	for _, l := range all {
+		d.known[l.Subnet] = l
+	}
+	if len(d.skipped) == 0 && len(d.known) == len(all) {
+		d.filter = subnet.NewPeerFilter(d.policy, own, peers)
+	}
+	d.announce(ctx)
+	d.log.Debug("reconciled", "peers", len(peers), "took", took)
+}
+
+func (d *daemon) observe(took time.Duration, peers int) {
+	d.met.reconcileTime.Observe(took.Seconds())
+	d.met.lastDuration.Set(took.Seconds())
+	d.met.lastReconcile.SetToCurrentTime()
+	d.met.peers.WithLabelValues(d.cfg.Backend.Type).Set(float64(peers))
+}
+
+// announce tells the datastore, after the first good pass, that the node's
+// network is up.
+func (d *daemon) announce(ctx context.Context) {
+	if d.announced {
+		return
+	}
+	if n, ok := d.mgr.(datapathReadyNotifier); ok {
+		if err := n.DatapathReady(ctx); err != nil {
+			d.log.Warn("report the datapath ready", "err", err)
+			return
+		}
+	}
+	d.announced = true
+}
+
+// changes compares peers with the leases of the last good pass.
+func (d *daemon) changes(peers []subnet.Lease) (changed []subnet.Lease, removed []netip.Prefix) {
+	seen := 0
+	for _, l := range peers {
+		k, ok := d.known[l.Subnet]
+		if ok {
+			seen++
+			if sameLease(k, l) {
+				continue
 			}
 		}
-		d.announced = true
+		changed = append(changed, l)
 	}
-	d.log.Debug("reconciled", "peers", len(peers), "took", time.Since(start))
+	if seen == len(d.known) {
+		return changed, nil
+	}
+	present := make(map[netip.Prefix]bool, len(peers))
+	for _, l := range peers {
+		present[l.Subnet] = true
+	}
+	for sn := range d.known {
+		if !present[sn] {
+			removed = append(removed, sn)
+		}
+	}
+	return changed, removed
+}
+
+// sameLease compares what programming a lease depends on.
+func sameLease(a, b subnet.Lease) bool {
+	return a.Subnet == b.Subnet && a.Claimed == b.Claimed && a.Attrs.PublicIP == b.Attrs.PublicIP &&
+		a.Attrs.BackendType == b.Attrs.BackendType && bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData)
 }
 
 // admit drops the peer leases that must not be programmed (FilterPeers:
@@ -390,31 +534,4 @@ func (d *daemon) ruleWrites() uint64 {
 		return d.retiredRuleWrites
 	}
 	return d.retiredRuleWrites + d.rules.Writes()
-}
-
-// fingerprint identifies the inputs of a reconcile pass: the own lease and
-// every peer's, in a fixed order.
-func fingerprint(own subnet.Lease, peers []subnet.Lease) [32]byte {
-	byPrefix := func(a, b subnet.Lease) int { return subnet.ComparePrefix(a.Subnet, b.Subnet) }
-	sorted := peers
-	if !slices.IsSortedFunc(peers, byPrefix) { // FilterPeers already sorts them
-		sorted = slices.SortedFunc(slices.Values(peers), byPrefix)
-	}
-	h := sha256.New()
-	buf := make([]byte, 0, 256)
-	for _, l := range append([]subnet.Lease{own}, sorted...) {
-		// Fixed-size binary fields and length-prefixed strings: no
-		// formatting, and no two inputs encode alike.
-		buf = append(buf[:0], l.Subnet.Addr().AsSlice()...)
-		buf = append(buf, byte(l.Subnet.Bits()))
-		buf = append(buf, l.Attrs.PublicIP.AsSlice()...)
-		buf = binary.AppendUvarint(buf, uint64(len(l.Attrs.BackendType)))
-		buf = append(buf, l.Attrs.BackendType...)
-		buf = binary.AppendUvarint(buf, uint64(len(l.Attrs.BackendData)))
-		buf = append(buf, l.Attrs.BackendData...)
-		h.Write(buf)
-	}
-	var sum [32]byte
-	copy(sum[:], h.Sum(nil))
-	return sum
 }

@@ -18,6 +18,7 @@ type metrics struct {
 	repairs       *prometheus.CounterVec
 	leaseAcquired prometheus.Counter
 	reconciles    *prometheus.CounterVec
+	incrementals  prometheus.Counter
 	reconcileTime prometheus.Histogram
 	envFileWrites prometheus.Counter
 	lastReconcile prometheus.Gauge
@@ -50,6 +51,10 @@ func newMetrics() *metrics {
 		reconciles: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "twill_reconcile_total", Help: "Datapath reconcile passes by result.",
 		}, []string{"result"}),
+		incrementals: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "twill_reconcile_incremental_total",
+			Help: "Successful passes that programmed only the peers changed since the last pass, without reading the kernel (also counted in twill_reconcile_total).",
+		}),
 		reconcileTime: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "twill_reconcile_duration_seconds", Help: "Time of one datapath reconcile pass.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 9),
@@ -64,7 +69,7 @@ func newMetrics() *metrics {
 			Name: "twill_subnet_file_writes_total", Help: "Writes of the subnet env file.",
 		}),
 	}
-	m.reg.MustRegister(m.ready, m.peers, m.peersSkipped, m.repairs, m.reconciles, m.reconcileTime,
+	m.reg.MustRegister(m.ready, m.peers, m.peersSkipped, m.repairs, m.reconciles, m.incrementals, m.reconcileTime,
 		m.envFileWrites, m.lastReconcile, m.lastDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, kind := range []string{"route", "fdb", "neigh", "device", "rule"} {

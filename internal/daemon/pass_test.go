@@ -1,0 +1,152 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/twillnet/twill/backend"
+	"github.com/twillnet/twill/subnet"
+)
+
+// The daemon's choice between a full pass and an update of the changed
+// peers, with a backend and a lease manager that only record what they are
+// asked. That the kernel ends up right either way is the backends' tests'
+// and the e2e tests' to show.
+
+type recordingBackend struct {
+	calls     []string // "full N" or "update +a,b -c"
+	decline   bool     // Update declines
+	updateErr error
+	writes    uint64 // what the next Reconcile pretends to write
+	counters  backend.Counters
+}
+
+func (b *recordingBackend) Prepare(context.Context) (json.RawMessage, int, error) {
+	return nil, 1450, nil
+}
+func (b *recordingBackend) Cleanup(context.Context) error { return nil }
+func (b *recordingBackend) Counters() backend.Counters    { return b.counters }
+
+func (b *recordingBackend) Reconcile(_ context.Context, _ subnet.Lease, peers []subnet.Lease) error {
+	b.calls = append(b.calls, fmt.Sprintf("full %d", len(peers)))
+	b.counters.Routes += b.writes
+	b.writes = 0
+	return nil
+}
+
+func (b *recordingBackend) Update(_ context.Context, _ subnet.Lease, changed []subnet.Lease, removed []netip.Prefix) (bool, error) {
+	if b.decline {
+		return false, nil
+	}
+	var add, del []string
+	for _, l := range changed {
+		add = append(add, l.Subnet.String())
+	}
+	for _, p := range removed {
+		del = append(del, p.String())
+	}
+	slices.Sort(add)
+	slices.Sort(del)
+	b.calls = append(b.calls, fmt.Sprintf("update +%v -%v", add, del))
+	return true, b.updateErr
+}
+
+type staticLeases struct {
+	own   subnet.Lease
+	peers []subnet.Lease
+}
+
+func (m *staticLeases) Acquire(context.Context) (subnet.Lease, error) { return m.own, nil }
+func (m *staticLeases) Own() subnet.Lease                             { return m.own }
+func (m *staticLeases) Peers() ([]subnet.Lease, bool)                 { return slices.Clone(m.peers), true }
+func (m *staticLeases) Changed() <-chan struct{}                      { return nil }
+func (m *staticLeases) Run(context.Context) error                     { return nil }
+func (m *staticLeases) Release(context.Context) error                 { return nil }
+
+func TestPassChoosesUpdateOrFull(t *testing.T) {
+	mk := func(sn, ip string) subnet.Lease {
+		return subnet.Lease{Subnet: netip.MustParsePrefix(sn), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr(ip), BackendType: "vxlan"}}
+	}
+	own := mk("10.244.1.0/24", "198.18.0.1")
+	mgr := &staticLeases{own: own, peers: []subnet.Lease{mk("10.244.2.0/24", "198.18.0.2"), mk("10.244.3.0/24", "198.18.0.3")}}
+	be := &recordingBackend{}
+	d := &daemon{cfg: &subnet.Config{Backend: subnet.BackendConfig{Type: "vxlan"}}, be: be, mgr: mgr, met: newMetrics(),
+		log: slog.New(slog.DiscardHandler), envSubnet: own.Subnet, policy: subnet.PeerPolicy{Network: netip.MustParsePrefix("10.244.0.0/16")}}
+	ctx := context.Background()
+	step := func(name string, full bool, want ...string) {
+		t.Helper()
+		be.calls = nil
+		d.pass(ctx, full)
+		if !slices.Equal(be.calls, want) {
+			t.Fatalf("%s: backend calls %q, want %q", name, be.calls, want)
+		}
+	}
+
+	step("a change before any full pass", false, "full 2")
+	mgr.peers = append(mgr.peers, mk("10.244.4.0/24", "198.18.0.4"))
+	step("peer added", false, "update +[10.244.4.0/24] -[]")
+	mgr.peers[0] = mk("10.244.2.0/24", "198.18.0.22")
+	mgr.peers = mgr.peers[:2]
+	step("one changed, one removed", false, "update +[10.244.2.0/24] -[10.244.4.0/24]")
+	step("nothing changed", false)
+	if v := counter(t, d.met.incrementals); v != 2 {
+		t.Errorf("twill_reconcile_incremental_total = %v, want 2", v)
+	}
+
+	// A lease FilterPeers would skip: the full pass decides, and while a
+	// skipped lease is there every change takes it.
+	mgr.peers = append(mgr.peers, mk("10.244.3.0/25", "198.18.0.9"))
+	step("an overlapping lease", false, "full 2")
+	mgr.peers = append(mgr.peers, mk("10.244.5.0/24", "198.18.0.5"))
+	step("a change beside a skipped lease", false, "full 3")
+	mgr.peers = slices.DeleteFunc(mgr.peers, func(l subnet.Lease) bool { return l.Subnet.Bits() == 25 })
+	step("the skipped lease gone", false, "full 3")
+	mgr.peers = append(mgr.peers, mk("10.244.6.0/24", "198.18.0.6"))
+	step("incremental again", false, "update +[10.244.6.0/24] -[]")
+
+	// The own lease changed: full.
+	mgr.own = mk("10.244.1.0/24", "198.18.0.100")
+	step("own public IP changed", false, "full 4")
+
+	// The backend declines or fails: the full pass follows at once.
+	mgr.peers = append(mgr.peers, mk("10.244.7.0/24", "198.18.0.7"))
+	be.decline = true
+	step("backend declines", false, "full 5")
+	be.decline = false
+	be.updateErr = errors.New("netlink said no")
+	mgr.peers = append(mgr.peers, mk("10.244.8.0/24", "198.18.0.8"))
+	step("update fails", false, "update +[10.244.8.0/24] -[]", "full 6")
+	be.updateErr = nil
+
+	// More changes than maxIncremental: one full pass.
+	for i := range maxIncremental + 1 {
+		mgr.peers = append(mgr.peers, mk(fmt.Sprintf("10.244.%d.0/24", 20+i), fmt.Sprintf("198.18.1.%d", i)))
+	}
+	step("a large burst", false, fmt.Sprintf("full %d", 6+maxIncremental+1))
+
+	// The resync tick is a full pass; with nothing changed, its writes are repairs.
+	be.writes = 3
+	step("resync", true, fmt.Sprintf("full %d", 6+maxIncremental+1))
+	var m dto.Metric
+	if err := d.met.repairs.WithLabelValues("route").Write(&m); err != nil || m.GetCounter().GetValue() != 3 {
+		t.Errorf("route repairs = %v (%v), want 3", m.GetCounter().GetValue(), err)
+	}
+}
+
+func counter(t *testing.T, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
