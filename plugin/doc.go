@@ -17,12 +17,14 @@
 // The delegate configuration depends on the env file at the time of ADD. A
 // later DEL must undo exactly what ADD did even if twilld has since leased a
 // different subnet or is not running at all, so ADD saves the delegate
-// configuration it used (atomically, 0600) before it runs the delegate, and DEL,
-// CHECK and GC work from that record:
+// configuration it used (atomically, 0600), and DEL, CHECK and GC work from
+// that record:
 //
-//   - ADD saves the state, then delegates. If the delegate fails, the plugin
-//     rolls back with a delegate DEL and removes the state once that succeeded,
-//     so nothing is recorded for an attachment that does not exist.
+//   - ADD starts the delegate and saves the state while it runs (see Add for
+//     why the order is safe). If the delegate fails or the state cannot be
+//     saved, the plugin rolls back with a delegate DEL and removes the state
+//     once that succeeded, so nothing is recorded for an attachment that does
+//     not exist.
 //   - DEL delegates with the saved configuration and removes the state only
 //     after the delegate succeeded, so a failed DEL can be retried. When the
 //     state is missing or corrupt it rebuilds the configuration from the env
@@ -44,4 +46,14 @@
 //
 // The plugin writes nothing to stdout but its result; errors are CNI error
 // objects with the codes listed in Documentation/cni-plugin.md.
+//
+// # Cost
+//
+// A runtime starts the plugin for every verb, and the plugin starts its
+// delegate, so the plugin's own cost is one process start plus what it does
+// before and after the delegate. Hence: no package with heavy initialisers
+// (libcni's invoke imports OpenTelemetry, net/http and crypto/tls; see Exec),
+// the delegate started without os/exec's pidfd probe and with its stdio in
+// memory files, the state file written without fsync (see replaceFile) and
+// while the delegate runs.
 package plugin
