@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"os"
 
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -20,7 +19,7 @@ import (
 // kubeStore is the Kubernetes datastore: the lease is the Node's podCIDR,
 // the network config a file (a ConfigMap in the DaemonSet).
 type kubeStore struct {
-	client   kubernetes.Interface
+	client   kube.NodeClient
 	c        Config
 	log      *slog.Logger
 	notReady func(string) // from Config: /readyz says why twilld still waits
@@ -41,7 +40,7 @@ func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
 		return nil, fmt.Errorf("Kubernetes client config: %w", err)
 	}
 	rc.UserAgent = "twilld/" + version.Version
-	client, err := kubernetes.NewForConfig(rc)
+	client, err := kube.NewNodeClient(rc)
 	if err != nil {
 		return nil, fmt.Errorf("Kubernetes client: %w", err)
 	}

@@ -70,7 +70,12 @@ func (k AnnotationKeys) owned(attrs subnet.LeaseAttrs) map[string]string {
 // are present but malformed. A public-ip-overwrite replaces the public IP.
 func ParseAnnotations(ann map[string]string, prefix string) (attrs subnet.LeaseAttrs, ok bool, err error) {
 	k := Keys(prefix)
-	bt, pip := ann[k.BackendType], ann[k.PublicIP]
+	return parseAttrs(k, ann[k.BackendType], ann[k.BackendData], ann[k.PublicIP], ann[k.PublicIPOverwrite])
+}
+
+// parseAttrs is ParseAnnotations on the values of the annotations named by k
+// ("" for an absent one).
+func parseAttrs(k AnnotationKeys, bt, data, pip, ow string) (attrs subnet.LeaseAttrs, ok bool, err error) {
 	if bt == "" || pip == "" {
 		return attrs, false, nil
 	}
@@ -78,12 +83,12 @@ func ParseAnnotations(ann map[string]string, prefix string) (attrs subnet.LeaseA
 	if attrs.PublicIP, err = parseIPv4(pip); err != nil {
 		return subnet.LeaseAttrs{}, false, fmt.Errorf("annotation %s: %w", k.PublicIP, err)
 	}
-	if ow := ann[k.PublicIPOverwrite]; ow != "" {
+	if ow != "" {
 		if attrs.PublicIP, err = parseIPv4(ow); err != nil {
 			return subnet.LeaseAttrs{}, false, fmt.Errorf("annotation %s: %w", k.PublicIPOverwrite, err)
 		}
 	}
-	if attrs.BackendData, err = parseBackendData(ann[k.BackendData]); err != nil {
+	if attrs.BackendData, err = parseBackendData(data); err != nil {
 		return subnet.LeaseAttrs{}, false, fmt.Errorf("annotation %s: %w", k.BackendData, err)
 	}
 	return attrs, true, nil
@@ -119,27 +124,27 @@ func parseBackendData(s string) (json.RawMessage, error) {
 // spec.podCIDRs, or spec.podCIDR when podCIDRs is empty. ok is false, with no
 // error, while the node has none assigned yet.
 func PodSubnet(node *corev1.Node) (p netip.Prefix, ok bool, err error) {
-	cidrs := node.Spec.PodCIDRs
-	if len(cidrs) == 0 && node.Spec.PodCIDR != "" {
-		cidrs = []string{node.Spec.PodCIDR}
-	}
-	if len(cidrs) == 0 {
+	return slim(node, AnnotationKeys{}).podSubnet()
+}
+
+func (n *cachedNode) podSubnet() (p netip.Prefix, ok bool, err error) {
+	if len(n.podCIDRs) == 0 {
 		return p, false, nil
 	}
-	for _, c := range cidrs {
+	for _, c := range n.podCIDRs {
 		p, err := netip.ParsePrefix(c)
 		if err != nil {
-			return netip.Prefix{}, false, fmt.Errorf("node %s: podCIDR %q is not a CIDR", node.Name, c)
+			return netip.Prefix{}, false, fmt.Errorf("node %s: podCIDR %q is not a CIDR", n.Name, c)
 		}
 		if !p.Addr().Is4() {
 			continue
 		}
 		if p.Masked() != p {
-			return netip.Prefix{}, false, fmt.Errorf("node %s: podCIDR %s has host bits set", node.Name, p)
+			return netip.Prefix{}, false, fmt.Errorf("node %s: podCIDR %s has host bits set", n.Name, p)
 		}
 		return p, true, nil
 	}
-	return netip.Prefix{}, false, fmt.Errorf("node %s: no IPv4 podCIDR among %s (twill is IPv4 only)", node.Name, strings.Join(cidrs, ", "))
+	return netip.Prefix{}, false, fmt.Errorf("node %s: no IPv4 podCIDR among %s (twill is IPv4 only)", n.Name, strings.Join(n.podCIDRs, ", "))
 }
 
 // NodeToLease converts a Node to the lease its twilld published, reading the
@@ -147,18 +152,25 @@ func PodSubnet(node *corev1.Node) (p netip.Prefix, ok bool, err error) {
 // error, while the node lacks a podCIDR or twill's annotations (it is skipped
 // until it has them); an error means something is malformed.
 func NodeToLease(node *corev1.Node, prefix string) (subnet.Lease, bool, error) {
-	p, ok, err := PodSubnet(node)
+	k := Keys(prefix)
+	return slim(node, k).lease(k)
+}
+
+// lease is NodeToLease on the informer's form of a Node, whose annotation
+// values were read with the keys k.
+func (n *cachedNode) lease(k AnnotationKeys) (subnet.Lease, bool, error) {
+	p, ok, err := n.podSubnet()
 	if !ok || err != nil {
 		return subnet.Lease{}, false, err
 	}
-	attrs, ok, err := ParseAnnotations(node.Annotations, prefix)
+	attrs, ok, err := parseAttrs(k, n.backendType, n.backendData, n.publicIP, n.publicIPOverwrite)
 	if !ok || err != nil {
 		if err != nil {
-			err = fmt.Errorf("node %s: %w", node.Name, err)
+			err = fmt.Errorf("node %s: %w", n.Name, err)
 		}
 		return subnet.Lease{}, false, err
 	}
-	attrs.NodeName = node.Name
+	attrs.NodeName = n.Name
 	return subnet.Lease{Subnet: p, Attrs: attrs}, true, nil
 }
 

@@ -122,24 +122,36 @@ func TestSlimNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	slim := out.(*corev1.Node)
-	want := &corev1.Node{
-		ObjectMeta: metav1.ObjectMeta{Name: "worker-1", UID: fat.UID, ResourceVersion: "12345", Annotations: published("192.0.2.7")},
-		Spec:       corev1.NodeSpec{PodCIDR: "10.244.7.0/24", PodCIDRs: []string{"10.244.7.0/24"}},
+	cached := out.(*cachedNode)
+	pub := published("192.0.2.7")
+	k := Keys("")
+	want := &cachedNode{
+		ObjectMeta:  metav1.ObjectMeta{Name: "worker-1", ResourceVersion: "12345"},
+		podCIDRs:    []string{"10.244.7.0/24"},
+		backendType: pub[k.BackendType], backendData: pub[k.BackendData], publicIP: pub[k.PublicIP],
 	}
-	if !reflect.DeepEqual(slim, want) {
-		t.Fatalf("slim node\n%+v\nwant\n%+v", slim, want)
+	if !reflect.DeepEqual(cached, want) {
+		t.Fatalf("slim node\n%+v\nwant\n%+v", cached, want)
+	}
+	// The informer keys it by name, as it does the Node.
+	if key, err := cache.MetaNamespaceKeyFunc(cached); key != "worker-1" || err != nil {
+		t.Fatalf("key %q, %v", key, err)
 	}
 	// The lease is the same before and after.
 	l1, ok1, err1 := NodeToLease(fat, "")
-	l2, ok2, err2 := NodeToLease(slim, "")
+	l2, ok2, err2 := cached.lease(k)
 	if !ok1 || !ok2 || err1 != nil || err2 != nil || !leaseEqual(l1, l2) {
 		t.Fatalf("lease changed by the transform: %+v %v %v / %+v %v %v", l1, ok1, err1, l2, ok2, err2)
 	}
 	// Idempotent.
-	again, _ := tr(slim)
-	if !reflect.DeepEqual(again, any(want)) {
+	if again, _ := tr(cached); again != any(cached) {
 		t.Fatalf("transform not idempotent: %+v", again)
+	}
+	// spec.podCIDR alone, as older clusters set it.
+	old := fatNode()
+	old.Spec.PodCIDRs = nil
+	if got, _ := tr(old); !reflect.DeepEqual(got.(*cachedNode).podCIDRs, []string{"10.244.7.0/24"}) {
+		t.Fatalf("podCIDR alone: %v", got.(*cachedNode).podCIDRs)
 	}
 	// Tombstones pass through.
 	ts := cache.DeletedFinalStateUnknown{Key: "worker-1", Obj: fat}
@@ -149,7 +161,7 @@ func TestSlimNode(t *testing.T) {
 	// A node without twill's annotations keeps none.
 	bare := fatNode()
 	bare.Annotations = map[string]string{"node.alpha.kubernetes.io/ttl": "0"}
-	if got, _ := tr(bare); got.(*corev1.Node).Annotations != nil {
-		t.Fatalf("kept foreign annotations: %v", got.(*corev1.Node).Annotations)
+	if got, _ := tr(bare); got.(*cachedNode).backendType != "" || got.(*cachedNode).Annotations != nil {
+		t.Fatalf("kept foreign annotations: %+v", got)
 	}
 }

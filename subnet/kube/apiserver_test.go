@@ -37,6 +37,7 @@ type cluster struct {
 	api   *testenv.KubeAPI
 	admin kubernetes.Interface
 	sa    kubernetes.Interface // authenticated as the service account
+	nodes NodeClient           // twilld's own client, as the service account
 }
 
 // newCluster starts a real kube-apiserver (RBAC on) and a client of a service
@@ -60,11 +61,15 @@ func newCluster(t *testing.T) *cluster {
 		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "twill"},
 		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: saNamespace, Name: saName}},
 	}, metav1.CreateOptions{}))
-	sa, err := kubernetes.NewForConfig(api.ConfigForToken(api.ServiceAccountToken(t, saNamespace, saName)))
+	saConfig := api.ConfigForToken(api.ServiceAccountToken(t, saNamespace, saName))
+	sa, err := kubernetes.NewForConfig(saConfig)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.sa = sa
+	if c.nodes, err = NewNodeClient(saConfig); err != nil {
+		t.Fatal(err)
+	}
 	// The RBAC authorizer learns the binding through its informer.
 	waitFor(t, "the service account's binding to take effect", 10*time.Second, func() bool {
 		_, err := sa.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
@@ -105,7 +110,7 @@ func strMap(m map[string]string) map[string]any {
 // saManager is a manager of node name authenticated as the service account.
 func (c *cluster) saManager(t *testing.T, name string, o Options) (*Manager, *logRecorder) {
 	t.Helper()
-	m, rec := newTestManager(t, c.sa, name, o)
+	m, rec := newManagerWith(t, c.nodes, name, o)
 	m.retryMax = 200 * time.Millisecond
 	return m, rec
 }

@@ -20,9 +20,9 @@
 // DatapathReady sets.
 //
 // Peers come from one Node informer. Its transform (SlimNode) keeps only the
-// name, UID, resourceVersion, twill's annotations and the podCIDRs, so the
-// cache of thousands of Nodes stays small: a kubelet's Node is mostly status
-// (images, conditions) and managedFields. The event handlers only put Node
+// name, resourceVersion, the values of twill's annotations and the podCIDRs,
+// in a struct of their own, so the cache of thousands of Nodes stays small: a
+// kubelet's Node is mostly status (images, conditions) and managedFields. The event handlers only put Node
 // names on a rate-limited workqueue; one worker reads each Node's current
 // state from the cache and updates the lease cache (level-triggered, so a
 // burst of updates, a relist after a 410 Gone, or a tombstone for a deletion
@@ -31,6 +31,9 @@
 // twill's costs no reconcile. Nodes without a podCIDR or without twill's
 // annotations are not peers until they have both. Watches that expire are
 // re-listed by client-go's reflector.
+//
+// The client (NewNodeClient) is a REST client for Nodes alone, not
+// client-go's Clientset: see NewNodeClient for why.
 //
 // The own Node is watched as well: its annotations are written again when
 // someone removes or changes them, and the own lease follows a new podCIDR or

@@ -35,8 +35,8 @@ func FuzzNodeToLease(f *testing.F) {
 		if ok && err != nil {
 			t.Fatalf("ok with error %v", err)
 		}
-		slim, _ := SlimNode("")(n)
-		l2, ok2, err2 := NodeToLease(slim.(*corev1.Node), "")
+		cached, _ := SlimNode("")(n)
+		l2, ok2, err2 := cached.(*cachedNode).lease(Keys(""))
 		if ok2 != ok || (err == nil) != (err2 == nil) || !leaseEqual(l, l2) {
 			t.Fatalf("transform changed the result: %+v %v %v / %+v %v %v", l, ok, err, l2, ok2, err2)
 		}

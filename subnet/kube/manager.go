@@ -14,7 +14,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/twillnet/twill/subnet"
@@ -31,9 +30,9 @@ const (
 
 // Options configures a Manager.
 type Options struct {
-	// Client talks to the API server. It needs nodes get, list and watch,
-	// and nodes/status patch; nothing else.
-	Client kubernetes.Interface
+	// Client talks to the API server (NewNodeClient). It needs nodes get,
+	// list and watch, and nodes/status patch; nothing else.
+	Client NodeClient
 	// NodeName is the Node this twilld runs on (--node-name, NODE_NAME).
 	NodeName string
 	// AnnotationPrefix prefixes twill's annotations; default "twill.io".
@@ -51,7 +50,7 @@ type Options struct {
 // Node's podCIDR, the attributes are published as Node annotations and the
 // peers are learnt from a Node informer.
 type Manager struct {
-	client  kubernetes.Interface
+	client  NodeClient
 	node    string
 	prefix  string
 	keys    AnnotationKeys
@@ -148,18 +147,19 @@ func (m *Manager) Acquire(ctx context.Context) (subnet.Lease, error) {
 
 // tryAcquire returns the lease, or why there is none yet.
 func (m *Manager) tryAcquire(ctx context.Context) (subnet.Lease, string) {
-	node, err := m.client.CoreV1().Nodes().Get(ctx, m.node, metav1.GetOptions{})
+	node, err := m.client.Get(ctx, m.node, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		return subnet.Lease{}, fmt.Sprintf("Node %s does not exist yet (the kubelet registers it)", m.node)
 	}
 	if err != nil {
 		return subnet.Lease{}, fmt.Sprintf("read Node %s: %v", m.node, err)
 	}
-	l, err := m.ownLease(node)
+	own := slim(node, m.keys)
+	l, err := m.ownLease(own)
 	if err != nil {
 		return subnet.Lease{}, err.Error()
 	}
-	if !m.published(node) {
+	if !m.published(own) {
 		if err := m.publish(ctx); err != nil {
 			return subnet.Lease{}, err.Error()
 		}
@@ -169,8 +169,8 @@ func (m *Manager) tryAcquire(ctx context.Context) (subnet.Lease, string) {
 
 // ownLease is the lease the own Node gives: its podCIDR, this node's
 // attributes, and the operator's public-ip-overwrite if any.
-func (m *Manager) ownLease(node *corev1.Node) (subnet.Lease, error) {
-	p, ok, err := PodSubnet(node)
+func (m *Manager) ownLease(node *cachedNode) (subnet.Lease, error) {
+	p, ok, err := node.podSubnet()
 	if err != nil {
 		return subnet.Lease{}, err
 	}
@@ -181,7 +181,7 @@ func (m *Manager) ownLease(node *corev1.Node) (subnet.Lease, error) {
 		return subnet.Lease{}, fmt.Errorf("podCIDR %s of Node %s is outside the Network %s of the network config: change one of them", p, m.node, m.cfg.Network)
 	}
 	attrs := m.attrs
-	if ow := node.Annotations[m.keys.PublicIPOverwrite]; ow != "" {
+	if ow := node.publicIPOverwrite; ow != "" {
 		if attrs.PublicIP, err = parseIPv4(ow); err != nil {
 			return subnet.Lease{}, fmt.Errorf("annotation %s on Node %s: %w", m.keys.PublicIPOverwrite, m.node, err)
 		}
@@ -189,14 +189,12 @@ func (m *Manager) ownLease(node *corev1.Node) (subnet.Lease, error) {
 	return subnet.Lease{Subnet: p, Attrs: attrs}, nil
 }
 
-// published reports whether the Node carries this node's annotations.
-func (m *Manager) published(node *corev1.Node) bool {
-	for k, v := range m.keys.owned(m.attrs) {
-		if got, ok := node.Annotations[k]; !ok || got != v {
-			return false
-		}
-	}
-	return true
+// published reports whether the Node carries this node's annotations. None
+// of them is ever empty, so an absent one ("") never matches.
+func (m *Manager) published(node *cachedNode) bool {
+	want := m.keys.owned(m.attrs)
+	return node.backendType == want[m.keys.BackendType] && node.backendData == want[m.keys.BackendData] &&
+		node.publicIP == want[m.keys.PublicIP]
 }
 
 // publish writes this node's annotations with a JSON merge patch on the
@@ -213,7 +211,7 @@ func (m *Manager) patchAnnotations(ctx context.Context, ann any) error {
 	if err != nil {
 		return err
 	}
-	_, err = m.client.CoreV1().Nodes().Patch(ctx, m.node, types.MergePatchType, patch,
+	_, err = m.client.Patch(ctx, m.node, types.MergePatchType, patch,
 		metav1.PatchOptions{FieldManager: FieldManager}, "status")
 	if err != nil {
 		return fmt.Errorf("patch annotations of Node %s (nodes/status): %w", m.node, err)
@@ -300,7 +298,7 @@ func (m *Manager) DatapathReady(ctx context.Context) error {
 	if !m.setCond {
 		return nil
 	}
-	node, err := m.client.CoreV1().Nodes().Get(ctx, m.node, metav1.GetOptions{})
+	node, err := m.client.Get(ctx, m.node, metav1.GetOptions{})
 	if err != nil {
 		return fmt.Errorf("set NetworkUnavailable condition: read Node %s: %w", m.node, err)
 	}
@@ -319,7 +317,7 @@ func (m *Manager) DatapathReady(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if _, err := m.client.CoreV1().Nodes().Patch(ctx, m.node, types.StrategicMergePatchType, patch,
+	if _, err := m.client.Patch(ctx, m.node, types.StrategicMergePatchType, patch,
 		metav1.PatchOptions{FieldManager: FieldManager}, "status"); err != nil {
 		return fmt.Errorf("set NetworkUnavailable condition of Node %s (nodes/status): %w", m.node, err)
 	}

@@ -18,10 +18,22 @@ import (
 	"k8s.io/client-go/tools/cache"
 )
 
+// fakeNodes is the Node client of a fake clientset. Like the fake clientset
+// itself, it tells the reflector that it cannot stream the initial list as a
+// watch (WatchList).
+type fakeNodes struct{ NodeClient }
+
+func (fakeNodes) IsWatchListSemanticsUnSupported() bool { return true }
+
 func newTestManager(t *testing.T, cs kubernetes.Interface, name string, o Options) (*Manager, *logRecorder) {
 	t.Helper()
+	return newManagerWith(t, fakeNodes{cs.CoreV1().Nodes()}, name, o)
+}
+
+func newManagerWith(t *testing.T, c NodeClient, name string, o Options) (*Manager, *logRecorder) {
+	t.Helper()
 	rec := newLogRecorder(t)
-	o.Client, o.NodeName, o.Log = cs, name, slog.New(rec)
+	o.Client, o.NodeName, o.Log = c, name, slog.New(rec)
 	m, err := NewManager(o, testConfig(t), vxlanAttrs("192.0.2.1"))
 	if err != nil {
 		t.Fatal(err)
@@ -56,15 +68,15 @@ func getNode(t *testing.T, cs kubernetes.Interface, name string) *corev1.Node {
 func TestNewManagerChecks(t *testing.T) {
 	cs := fake.NewClientset()
 	cfg := testConfig(t)
-	good := Options{Client: cs, NodeName: "a"}
+	good := Options{Client: cs.CoreV1().Nodes(), NodeName: "a"}
 	for _, tc := range []struct {
 		name string
 		o    Options
 		want string
 	}{
 		{"no client", Options{NodeName: "a"}, "no Kubernetes client"},
-		{"no node", Options{Client: cs}, "no node name"},
-		{"bad prefix", Options{Client: cs, NodeName: "a", AnnotationPrefix: "twill.io/x"}, "annotation prefix"},
+		{"no node", Options{Client: good.Client}, "no node name"},
+		{"bad prefix", Options{Client: good.Client, NodeName: "a", AnnotationPrefix: "twill.io/x"}, "annotation prefix"},
 	} {
 		if _, err := NewManager(tc.o, cfg, vxlanAttrs("192.0.2.1")); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: got %v, want %q", tc.name, err, tc.want)
@@ -123,8 +135,8 @@ func TestAcquireWaitsForPodCIDR(t *testing.T) {
 	if own := m.Own(); own.Subnet.String() != "10.244.5.0/24" || own.Attrs.PublicIP.String() != "192.0.2.1" || own.Attrs.NodeName != "a" {
 		t.Fatalf("own lease %+v", own)
 	}
-	if got := getNode(t, cs, "a").Annotations; !m.published(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Annotations: got}}) {
-		t.Fatalf("annotations not published: %v", got)
+	if got := getNode(t, cs, "a"); !m.published(slim(got, m.keys)) {
+		t.Fatalf("annotations not published: %v", got.Annotations)
 	}
 	// Each reason is logged once, however often it was retried.
 	if c := rec.count("waiting", "has no podCIDR yet"); c != 1 {
@@ -277,6 +289,41 @@ func waitChanged(t *testing.T, m *Manager, what string) {
 	}
 }
 
+// TestRunRetriesFirstListing: a Node of the first listing whose sync fails
+// is retried, although the handlers do not queue the Nodes of that listing.
+func TestRunRetriesFirstListing(t *testing.T) {
+	ctx := ctxT(t)
+	cs := fake.NewClientset(node("a", "10.244.1.0/24", nil))
+	m, rec := newTestManager(t, cs, "a", Options{})
+	if _, err := m.Acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The annotations go missing before Run, and the first patch to restore
+	// them fails.
+	n := getNode(t, cs, "a")
+	n.Annotations = nil
+	if _, err := cs.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	patches := 0
+	cs.PrependReactor("patch", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if patches++; patches == 1 {
+			return true, nil, errors.New("injected: the API server is away")
+		}
+		return false, nil, nil
+	})
+	runManager(t, m)
+	waitFor(t, "the own annotations to be restored", 5*time.Second, func() bool {
+		return m.published(slim(getNode(t, cs, "a"), m.keys))
+	})
+	if rec.count("sync node; will retry", "injected") != 1 {
+		t.Error("the failed sync was not logged once")
+	}
+}
+
 // drain reports whether Changed was signalled, and clears it.
 func drain(m *Manager) bool {
 	select {
@@ -319,8 +366,8 @@ func TestRunFollowsNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "the own annotations to be restored", 5*time.Second, func() bool {
-		ann := getNode(t, cs, "a").Annotations
-		return m.published(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Annotations: ann}}) && ann["other"] == "x"
+		n := getNode(t, cs, "a")
+		return m.published(slim(n, m.keys)) && n.Annotations["other"] == "x"
 	})
 
 	// The own Node comes back with another podCIDR (deleted and registered

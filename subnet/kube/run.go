@@ -8,7 +8,9 @@ import (
 
 	"github.com/go-logr/logr"
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/client-go/informers"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
 	"k8s.io/klog/v2"
@@ -29,8 +31,7 @@ func (m *Manager) Run(ctx context.Context) error {
 	// client-go's reflector logs through the context's logger: ours.
 	ctx = klog.NewContext(ctx, logr.FromSlogHandler(m.log.Handler()))
 
-	factory := informers.NewSharedInformerFactoryWithOptions(m.client, 0, informers.WithTransform(SlimNode(m.prefix)))
-	inf := factory.Core().V1().Nodes().Informer()
+	inf := m.nodeInformer()
 	queue := workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]())
 	// The handlers only say which Node to look at; the worker reads the
 	// Node's current state from the cache (level-triggered).
@@ -39,8 +40,13 @@ func (m *Manager) Run(ctx context.Context) error {
 			queue.Add(key)
 		}
 	}
-	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    enqueue,
+	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerDetailedFuncs{
+		AddFunc: func(obj any, isInInitialList bool) {
+			// syncAll reads the whole first listing from the cache.
+			if !isInInitialList {
+				enqueue(obj)
+			}
+		},
 		UpdateFunc: func(_, obj any) { enqueue(obj) },
 		DeleteFunc: func(obj any) {
 			// A deletion missed while the watch was down comes from the
@@ -56,40 +62,66 @@ func (m *Manager) Run(ctx context.Context) error {
 	m.store = inf.GetStore()
 
 	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer factory.Shutdown() // returns once the informer has stopped with ctx
+	defer wg.Wait() // the informer stops with ctx, the worker with the queue
 	defer queue.ShutDown()
-	factory.StartWithContext(ctx)
+	wg.Go(func() { inf.RunWithContext(ctx) })
 	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
 		return ctx.Err()
 	}
-	m.syncAll(ctx)
+	for _, key := range m.syncAll(ctx) {
+		queue.AddRateLimited(key)
+	}
 
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	wg.Go(func() {
 		for m.processNext(ctx, queue) {
 		}
-	}()
+	})
 	<-ctx.Done()
 	return ctx.Err()
 }
 
+// nodeInformer is an informer of every Node, slimmed by SlimNode before it
+// is cached. It is built from the NodeClient rather than with client-go's
+// informer factory, which would link a typed client of every API group, and
+// it has no index: the factory's namespace index is of no use for Nodes.
+func (m *Manager) nodeInformer() cache.SharedIndexInformer {
+	lw := &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
+			return m.client.List(ctx, opts)
+		},
+		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+			return m.client.Watch(ctx, opts)
+		},
+	}
+	// The reflector lists with a watch that streams the Nodes one by one
+	// (WatchList) unless the client says it cannot, as fakes do.
+	inf := cache.NewSharedIndexInformerWithOptions(cache.ToListWatcherWithWatchListSemantics(lw, m.client),
+		&corev1.Node{}, cache.SharedIndexInformerOptions{})
+	if err := inf.SetTransform(SlimNode(m.prefix)); err != nil {
+		panic(err) // only if the informer had started
+	}
+	return inf
+}
+
 // syncAll builds the peer cache from the first complete listing before Peers
 // reports synced, so a consumer never sees a partial peer list as complete.
-// The queued keys of that listing are processed again afterwards, harmlessly.
-func (m *Manager) syncAll(ctx context.Context) {
-	for _, key := range m.store.ListKeys() {
+// It returns the Nodes to retry. The Nodes of that listing are not queued
+// by the handlers, so 5,000 of them are parsed once, not twice.
+func (m *Manager) syncAll(ctx context.Context) (retry []string) {
+	keys := m.store.ListKeys()
+	for _, key := range keys {
 		if err := m.syncNode(ctx, key); err != nil {
 			m.log.Warn("sync node; will retry", "peer", key, "err", err)
+			retry = append(retry, key)
 		}
 	}
 	m.mu.Lock()
 	m.synced = true
 	n := len(m.peers)
 	m.mu.Unlock()
-	m.log.Info("nodes listed", "nodes", len(m.store.ListKeys()), "peers", n)
+	m.log.Info("nodes listed", "nodes", len(keys), "peers", n)
 	m.notify()
+	return retry
 }
 
 func (m *Manager) processNext(ctx context.Context, queue workqueue.TypedRateLimitingInterface[string]) bool {
@@ -116,9 +148,9 @@ func (m *Manager) syncNode(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	var node *corev1.Node
+	var node *cachedNode
 	if exists {
-		if node, _ = obj.(*corev1.Node); node == nil {
+		if node, _ = obj.(*cachedNode); node == nil {
 			return fmt.Errorf("node cache holds a %T", obj)
 		}
 	}
@@ -133,7 +165,7 @@ func (m *Manager) syncNode(ctx context.Context, name string) error {
 		m.dropPeer(name, "", true)
 		return nil
 	}
-	l, ok, err := NodeToLease(node, m.prefix)
+	l, ok, err := node.lease(m.keys)
 	switch {
 	case err != nil:
 		m.dropPeer(name, "malformed: "+err.Error(), false)
@@ -184,7 +216,7 @@ func (m *Manager) dropPeer(name, reason string, deleted bool) {
 
 // syncOwn restores the node's annotations if they were removed or changed,
 // and lets the own lease follow the Node's podCIDR and public-ip-overwrite.
-func (m *Manager) syncOwn(ctx context.Context, node *corev1.Node) error {
+func (m *Manager) syncOwn(ctx context.Context, node *cachedNode) error {
 	m.mu.Lock()
 	released := m.released
 	m.mu.Unlock()
