@@ -19,8 +19,9 @@
 //   - twilld is forked on a thread inside the host namespace, so its start
 //     time is its own, without `ip netns exec` in front.
 //   - etcd is bin/tools/etcd in the underlay namespace with its metrics on a
-//     port of their own; the harness talks to it (and to twilld's /metrics)
-//     with sockets made inside the namespaces, so no traffic leaves them.
+//     port of their own (section 3 adds bin/tools/kube-apiserver beside it);
+//     the harness talks to them (and to twilld's /metrics) with sockets made
+//     inside the namespaces, so no traffic leaves them.
 package bench
 
 import (
@@ -42,8 +43,8 @@ import (
 type Config struct {
 	RepoRoot string
 	BinDir   string // twilld, twillctl, twill
-	Twilld   string // the twilld of figures 1, 2 and 6 (default BinDir/twilld), for A/B runs
-	ToolsDir string // etcd
+	Twilld   string // the twilld of figures 1, 2, 3 and 6 (default BinDir/twilld), for A/B runs
+	ToolsDir string // etcd, kube-apiserver
 	CNIDir   string // bridge, host-local, loopback, portmap
 	Out      string // report.json
 	Prefix   string // namespace name prefix
@@ -58,7 +59,7 @@ type Config struct {
 	// or GOGC=50 when looking into its memory).
 	TwilldEnv []string
 
-	Sections []string // of "1", "2", "4", "5", "6", "go"
+	Sections []string // of "1", "2", "3", "4", "5", "6", "go"
 
 	Sizes          []int // peers for figure 1
 	Runs           int   // cold starts per size
@@ -68,6 +69,8 @@ type Config struct {
 	CNIPods        int
 	CNIParallel    int
 	CNIRounds      int
+	KubeNodes      int // realistic peer Nodes for section 3
+	KubeSamples    int // Nodes added (and removed) one by one in section 3
 	SteadyPeers    int
 	SteadyDuration time.Duration
 	IperfSeconds   int
@@ -88,6 +91,7 @@ type Harness struct {
 var sectionTitles = []struct{ id, title string }{
 	{"1", "Convergence, etcd mode: cold start of twilld with N peer leases in etcd"},
 	{"2", "Change latency with 5,000 peers: etcd write returned -> kernel matches"},
+	{"3", "Kubernetes mode: twilld --kube-subnet-mgr with realistic Nodes in a real kube-apiserver"},
 	{"4", "CNI: twill -> bridge + host-local vs bridge + host-local alone, same config"},
 	{"5", "Datapath, 2 lab hosts: pod to pod across hosts vs host to host on the underlay"},
 	{"6", "Steady state: twilld idle with 1,000 peers"},
@@ -127,6 +131,9 @@ func Run(ctx context.Context, cfg Config, log io.Writer) (*Report, error) {
 
 	if h.want("1") || h.want("2") || h.want("6") {
 		h.runEtcdMode(ctx)
+	}
+	if h.want("3") {
+		h.timed(ctx, "3", h.runKubeMode)
 	}
 	if h.want("4") {
 		h.timed(ctx, "4", h.runCNI)
@@ -215,6 +222,11 @@ func preflight(cfg Config) error {
 	} {
 		if _, err := os.Stat(f); err != nil {
 			missing = append(missing, f)
+		}
+	}
+	if slices.Contains(cfg.Sections, "3") {
+		if _, err := os.Stat(filepath.Join(cfg.ToolsDir, "kube-apiserver")); err != nil {
+			missing = append(missing, filepath.Join(cfg.ToolsDir, "kube-apiserver")+" (section 3; `make tools`)")
 		}
 	}
 	for _, p := range []string{"ip", "bridge", "ping", "iperf3"} {

@@ -163,6 +163,7 @@ func (b *Backend) Update(ctx context.Context, own subnet.Lease, changed []subnet
 
 // Cleanup removes every route twill made.
 func (b *Backend) Cleanup(ctx context.Context) error {
+	b.prog.Invalidate()
 	actual, err := dataplane.ReadActual(ctx, b.h, 0)
 	if err == nil {
 		err = dataplane.Apply(ctx, b.h, dataplane.Diff(dataplane.NewState(), actual))

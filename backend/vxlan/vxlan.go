@@ -203,6 +203,7 @@ func (b *Backend) Update(ctx context.Context, own subnet.Lease, changed []subnet
 // Cleanup removes twill's routes and the device (which takes its neighbour
 // and FDB entries with it).
 func (b *Backend) Cleanup(ctx context.Context) error {
+	b.prog.Invalidate()
 	actual, err := dataplane.ReadActual(ctx, b.h, 0)
 	if err != nil {
 		return fmt.Errorf("vxlan backend: cleanup: %w", err)

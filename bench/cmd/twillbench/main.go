@@ -37,7 +37,7 @@ func run(args []string) error {
 	fs.StringVar(&c.Out, "out", "bench/out/report.json", "where to write the JSON report")
 	fs.StringVar(&c.Prefix, "prefix", "twbench-", "name prefix of every network namespace the harness makes")
 	fs.StringVar(&c.Go, "go", "go", "the go command, for the testing.B benchmarks")
-	fs.StringVar(&c.Twilld, "twilld", "", "twilld binary for figures 1, 2 and 6 (default: bin/twilld), to compare builds")
+	fs.StringVar(&c.Twilld, "twilld", "", "twilld binary for figures 1, 2, 3 and 6 (default: bin/twilld), to compare builds")
 	fs.StringVar(&c.PerfDir, "perf", "", "folder for perf recordings of a 5,000-peer cold start and change series (slows those figures)")
 	fs.BoolVar(&c.Keep, "keep", false, "keep the work folder (daemon logs, etcd data) after the run")
 	fs.Func("twilld-env", "NAME=VALUE added to twilld's environment, e.g. GODEBUG=gctrace=1 (repeatable)", func(s string) error {
@@ -47,12 +47,14 @@ func run(args []string) error {
 		c.TwilldEnv = append(c.TwilldEnv, s)
 		return nil
 	})
-	fs.StringVar(&sections, "sections", "1,2,4,5,6,go", "sections to run: 1 convergence, 2 change latency, 4 CNI, 5 datapath, 6 steady state, go testing.B")
+	fs.StringVar(&sections, "sections", "1,2,3,4,5,6,go", "sections to run: 1 convergence, 2 change latency, 3 Kubernetes mode, 4 CNI, 5 datapath, 6 steady state, go testing.B")
 	fs.StringVar(&sizes, "sizes", "100,1000,5000", "peer counts for the convergence figure")
 	fs.IntVar(&c.Runs, "runs", 7, "cold starts per size (and batch-limit runs)")
 	fs.IntVar(&c.ChangePeers, "change-peers", 5000, "peers present while measuring change latency")
 	fs.IntVar(&c.ChangeSamples, "change-samples", 50, "samples per kind of change")
 	fs.IntVar(&c.MasqSamples, "masq-samples", 20, "change samples with --ip-masq (0: skip)")
+	fs.IntVar(&c.KubeNodes, "kube-nodes", 5000, "realistic peer Nodes in the kube-apiserver for the Kubernetes-mode figures")
+	fs.IntVar(&c.KubeSamples, "kube-samples", 20, "Nodes added and removed one by one in the Kubernetes-mode figures (0: skip)")
 	fs.IntVar(&c.CNIPods, "cni-pods", 100, "pods per CNI phase")
 	fs.IntVar(&c.CNIParallel, "cni-parallel", 10, "concurrent CNI operations in the parallel phases")
 	fs.IntVar(&c.CNIRounds, "cni-rounds", 4, "rounds of the CNI comparison (sides alternate)")
@@ -70,6 +72,7 @@ func run(args []string) error {
 	if *quick {
 		sizes = "100,1000"
 		c.Runs, c.ChangePeers, c.ChangeSamples, c.MasqSamples = 2, 1000, 10, 5
+		c.KubeNodes, c.KubeSamples = 500, 5
 		c.CNIPods, c.CNIRounds, c.SteadyDuration = 20, 1, 10*time.Second
 		c.IperfSeconds, c.IperfRepeats, c.PingCount = 2, 1, 50
 	}
@@ -79,6 +82,9 @@ func run(args []string) error {
 			return fmt.Errorf("--sizes: %q is not a peer count (1 to 65000)", s)
 		}
 		c.Sizes = append(c.Sizes, n)
+	}
+	if c.KubeNodes < 1 || c.KubeNodes > 65000 || c.KubeSamples < 0 || c.KubeSamples > 65000 {
+		return fmt.Errorf("--kube-nodes %d, --kube-samples %d: want 1 to 65000 Nodes and 0 to 65000 samples", c.KubeNodes, c.KubeSamples)
 	}
 	c.Sections = strings.Split(sections, ",")
 	root, err := filepath.Abs(c.RepoRoot)

@@ -1,0 +1,380 @@
+package bench
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/twillnet/twill/backend/vxlan"
+	"github.com/twillnet/twill/bench/kubenode"
+	"github.com/twillnet/twill/deploy"
+	"github.com/twillnet/twill/internal/kubeapi"
+	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/subnet"
+	"github.com/twillnet/twill/subnet/kube"
+)
+
+// kubeMode is the set-up of section 3: the lab's topology with one host, the
+// real etcd and the real kube-apiserver (bin/tools) serving in the underlay
+// namespace, realistic peer Nodes in it (bench/kubenode), the own Node with
+// a podCIDR, and twilld in the host namespace in Kubernetes mode with the
+// ServiceAccount and RBAC of deploy/kube-twill.yaml.
+type kubeMode struct {
+	h     *Harness
+	topo  lab.Topology
+	dir   string
+	etcd  *etcdServer
+	srv   kubeapi.Server
+	api   *Proc
+	admin kubernetes.Interface // protobuf, no client-side rate limit
+	json  kubernetes.Interface // JSON only, to weigh a Node as JSON
+	nodes int                  // peer Nodes (series 0) now in the API server
+
+	twilld *Proc
+}
+
+// ownPodCIDR is the own Node's podCIDR: inside benchNetwork, apart from the
+// peers' (10.64.0.0 on) and the added ones' (10.200.0.0 on).
+const ownPodCIDR = "10.1.0.0/24"
+
+// kubeWorkers is how many clients create the peer Nodes at once.
+const kubeWorkers = 16
+
+func newKubeMode(ctx context.Context, h *Harness) (k *kubeMode, err error) {
+	k = &kubeMode{h: h, topo: lab.Topology{Prefix: h.cfg.Prefix, Hosts: 1}, dir: filepath.Join(h.work, "kube-mode")}
+	if err := os.MkdirAll(filepath.Join(k.dir, "h1"), 0o755); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			k.close()
+		}
+	}()
+	if err := k.topo.Up(ctx); err != nil {
+		return k, err
+	}
+	if k.etcd, err = startEtcd(ctx, filepath.Join(h.cfg.ToolsDir, "etcd"), k.topo.UnderlayNS(), k.dir); err != nil {
+		return k, err
+	}
+	k.srv = kubeapi.Server{
+		Binary: filepath.Join(h.cfg.ToolsDir, "kube-apiserver"), Dir: filepath.Join(k.dir, "kube"),
+		Host: lab.WorldAddr.String(), Port: lab.KubePort, EtcdURL: k.etcd.url,
+	}
+	argv, token, err := k.srv.Prepare()
+	if err != nil {
+		return k, err
+	}
+	if k.api, err = startInNS(k.topo.UnderlayNS(), filepath.Join(k.dir, "kube-apiserver.log"), argv[0], argv[1:]...); err != nil {
+		return k, err
+	}
+	dial := lab.DialInNS(k.topo.UnderlayNS())
+	if err := kubeapi.WaitReady(ctx, k.srv.URL(), dial, 90*time.Second); err != nil {
+		return k, fmt.Errorf("%w (see %s)", err, k.api.Log)
+	}
+	cfg := k.srv.Config(token, dial)
+	jcfg := rest.CopyConfig(cfg)
+	jcfg.AcceptContentTypes, jcfg.ContentType = "application/json", "application/json"
+	if k.json, err = kubernetes.NewForConfig(jcfg); err != nil {
+		return k, err
+	}
+	fast := rest.CopyConfig(cfg)
+	fast.QPS = -1 // no client-side limit: the workers bound the load
+	fast.ContentType = "application/vnd.kubernetes.protobuf"
+	if k.admin, err = kubernetes.NewForConfig(fast); err != nil {
+		return k, err
+	}
+	// twilld runs with exactly the permissions the manifest grants.
+	if _, err := kubeapi.Apply(ctx, cfg, deploy.KubeManifest, false); err != nil {
+		return k, err
+	}
+	saToken, err := kubeapi.ServiceAccountToken(ctx, k.admin, "kube-twill", "twill", 24*time.Hour)
+	if err != nil {
+		return k, err
+	}
+	if err := k.srv.WriteKubeconfig(k.kubeconfig(), saToken); err != nil {
+		return k, err
+	}
+	conf := fmt.Sprintf(`{"Network":%q,"SubnetLen":24,"Backend":{"Type":"vxlan"}}`, benchNetwork)
+	if err := os.WriteFile(k.netConf(), []byte(conf), 0o644); err != nil {
+		return k, err
+	}
+	// The own Node as the kubelet and the node IPAM controller leave it;
+	// twilld publishes its annotations at every start.
+	own := kubenode.Spec{Name: benchNode, Index: 65535, InternalIP: k.topo.HostAddr(1).String(), PodCIDR: ownPodCIDR}
+	if err := kubenode.Register(ctx, k.admin, own); err != nil {
+		return k, err
+	}
+	return k, nil
+}
+
+func (k *kubeMode) close() {
+	k.twilld.Stop()
+	k.api.Stop()
+	if k.etcd != nil {
+		k.etcd.close()
+	}
+	k.topo.Down(context.Background())
+}
+
+func (k *kubeMode) hostNS() string     { return k.topo.HostNS(1) }
+func (k *kubeMode) envFile() string    { return filepath.Join(k.dir, "h1", "subnet.env") }
+func (k *kubeMode) kubeconfig() string { return filepath.Join(k.dir, "h1", "kubeconfig") }
+func (k *kubeMode) netConf() string    { return filepath.Join(k.dir, "net-conf.json") }
+
+// peerNode is the Node of fake peer i of a series (peerAt): its podCIDR,
+// its InternalIP and public IP in 198.19.0.0/16 (reached by nothing), its VTEP
+// MAC in twill's annotations as twilld on that node would publish them.
+func peerNode(series, i int) kubenode.Spec {
+	p := peerAt(series, i)
+	data, _ := json.Marshal(vxlan.Data{VNI: 1, VtepMAC: p.MAC})
+	keys := kube.Keys("")
+	return kubenode.Spec{
+		Name: fmt.Sprintf("peer-%d-%05d", series, i), Index: series<<16 | i,
+		InternalIP: p.PublicIP.String(), PodCIDR: p.Subnet.String(),
+		Annotations: map[string]string{
+			keys.BackendType: subnet.BackendVXLAN,
+			keys.BackendData: string(data),
+			keys.PublicIP:    p.PublicIP.String(),
+		},
+	}
+}
+
+// addNodes creates peer Nodes of series 0 until there are n.
+func (k *kubeMode) addNodes(ctx context.Context, n int) error {
+	if n < k.nodes {
+		return fmt.Errorf("the API server holds %d peer Nodes; fewer (%d) are not supported", k.nodes, n)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+	defer cancel()
+	from := k.nodes
+	err := kubenode.CreateAll(ctx, k.admin, n-from, kubeWorkers, func(i int) kubenode.Spec { return peerNode(0, from+i) }, kube.FieldManager)
+	if err != nil {
+		return err
+	}
+	k.nodes = n
+	return nil
+}
+
+// startTwilld starts twilld in Kubernetes mode in the host namespace, as the
+// DaemonSet runs it (but forked directly, see startInNSEnv).
+func (k *kubeMode) startTwilld(extra ...string) error {
+	args := append([]string{
+		"--kube-subnet-mgr", "--kubeconfig", k.kubeconfig(), "--net-config", k.netConf(),
+		"--node-name", benchNode,
+		"--subnet-file", k.envFile(),
+		"--http-addr", "127.0.0.1:9867",
+	}, extra...)
+	p, err := startInNSEnv(k.hostNS(), filepath.Join(k.dir, "h1", "twilld.log"), k.h.cfg.TwilldEnv, k.h.twilld(), args...)
+	k.twilld = p
+	return err
+}
+
+// reset stops twilld and returns the host and its Node to a fresh node's
+// state: no device, no twill routes, no env file, and a Node without twill's
+// annotations and NetworkUnavailable condition (as the kubelet and the node
+// IPAM controller leave it). The peer Nodes stay.
+func (k *kubeMode) reset(ctx context.Context) error {
+	var errs []error
+	if err := k.twilld.Stop(); err != nil {
+		errs = append(errs, err)
+	}
+	k.twilld = nil
+	ipCmd(ctx, "-n", k.hostNS(), "link", "del", vxlan.DeviceName(subnet.DefaultVNI))
+	if _, err := ipCmd(ctx, "-n", k.hostNS(), "route", "flush", "proto", "116"); err != nil {
+		errs = append(errs, err)
+	}
+	if err := os.Remove(k.envFile()); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	if err := k.resetOwnNode(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// resetOwnNode removes what twilld wrote on its Node, in one status update
+// (annotations can be changed through nodes/status, which is how twilld
+// writes them).
+func (k *kubeMode) resetOwnNode(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for attempt := 0; ; attempt++ {
+		node, err := k.admin.CoreV1().Nodes().Get(ctx, benchNode, metav1.GetOptions{})
+		if err != nil {
+			return fmt.Errorf("reset Node %s: %w", benchNode, err)
+		}
+		keys := kube.Keys("")
+		changed := false
+		for _, a := range []string{keys.BackendType, keys.BackendData, keys.PublicIP} {
+			if _, ok := node.Annotations[a]; ok {
+				delete(node.Annotations, a)
+				changed = true
+			}
+		}
+		conds := slices.DeleteFunc(slices.Clone(node.Status.Conditions), func(c corev1.NodeCondition) bool {
+			return c.Type == corev1.NodeNetworkUnavailable
+		})
+		if len(conds) != len(node.Status.Conditions) {
+			node.Status.Conditions, changed = conds, true
+		}
+		if !changed {
+			return nil
+		}
+		_, err = k.admin.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{FieldManager: "twillbench"})
+		if err == nil || !apierrors.IsConflict(err) || attempt >= 5 {
+			if err != nil {
+				return fmt.Errorf("reset Node %s: %w", benchNode, err)
+			}
+			return nil
+		}
+	}
+}
+
+// kubeColdStart is one measured start of twilld in Kubernetes mode with n
+// peer Nodes. twilld is left running with w still watching.
+type kubeColdStart struct {
+	coldStart
+	// APICPU and EtcdCPU are what kube-apiserver and etcd spent between
+	// the fork and the last entry: the server side of the start.
+	APICPU, EtcdCPU float64
+	// AnonMiB and FileMiB split twilld's RSS 0.5 s after the last entry:
+	// anonymous memory (Go heap, stacks, runtime) and file-backed pages (the
+	// binary's code and data it touched).
+	AnonMiB, FileMiB float64
+	// Go's own view then, from twilld's /metrics (scraped after the RSS
+	// was read): the heap in use, the heap the runtime holds from the
+	// kernel (obtained minus released), and everything it obtained.
+	HeapInuseMiB, HeapHeldMiB, GoSysMiB float64
+}
+
+func (k *kubeMode) coldStart(ctx context.Context, n int, extra ...string) (*kubeColdStart, error) {
+	if err := k.reset(ctx); err != nil {
+		return nil, fmt.Errorf("reset h1 before a start: %w", err)
+	}
+	w, err := watchKernel(k.hostNS())
+	if err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			w.close()
+		}
+	}()
+	w.trackCount(n)
+	self0, _ := usage(os.Getpid())
+	api0, _ := usage(k.api.Pid())
+	etcd0, _ := usage(k.etcd.proc.Pid())
+	if err := k.startTwilld(extra...); err != nil {
+		return nil, err
+	}
+	p := k.twilld
+	var envAt time.Time
+	err = waitFor(ctx, 60*time.Second, time.Millisecond, "the subnet env file", func() error {
+		if p.Exited() {
+			return fmt.Errorf("twilld exited (see %s)", p.Log)
+		}
+		if _, err := os.Stat(k.envFile()); err != nil {
+			return err
+		}
+		envAt = time.Now()
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	allAt, err := w.await(ctx, 3*time.Minute, fmt.Sprintf("%d routes, neighbours and FDB entries", n), allAtLeast(n))
+	if err != nil {
+		return nil, fmt.Errorf("%w (twilld log: %s)", err, p.Log)
+	}
+	u, err := usage(p.Pid())
+	if err != nil {
+		return nil, err
+	}
+	self1, _ := usage(os.Getpid())
+	api1, _ := usage(k.api.Pid())
+	etcd1, _ := usage(k.etcd.proc.Pid())
+	r := &kubeColdStart{coldStart: coldStart{Env: envAt.Sub(p.Started), All: allAt.Sub(p.Started),
+		CPU: u.CPUSeconds, UserCPU: u.UserSeconds, SysCPU: u.SysSeconds, HWM: u.HWMMiB, RSS: u.RSSMiB,
+		HarnessCPU: self1.CPUSeconds - self0.CPUSeconds, w: w},
+		APICPU: api1.CPUSeconds - api0.CPUSeconds, EtcdCPU: etcd1.CPUSeconds - etcd0.CPUSeconds}
+	for kind, d := range map[string]*time.Duration{"fdb": &r.FDB, "neigh": &r.Neigh, "route": &r.Route} {
+		if t, ok := w.reachedAt(kind); ok {
+			*d = t.Sub(p.Started)
+		}
+	}
+	// The peak may come after the last entry (the second pass, the
+	// NetworkUnavailable patch): look again a moment later.
+	if err := sleep(ctx, 500*time.Millisecond); err != nil {
+		return nil, err
+	}
+	if u2, err := usage(p.Pid()); err == nil {
+		r.HWM, r.RSS = max(r.HWM, u2.HWMMiB), u2.RSSMiB
+	}
+	r.AnonMiB, r.FileMiB = rssSplit(p.Pid())
+	if body, err := nsHTTPGet(ctx, k.hostNS(), "http://127.0.0.1:9867/metrics"); err == nil {
+		m := parseProm(body)
+		mib := func(name string) float64 { return promValue(m, name, nil) / (1 << 20) }
+		r.HeapInuseMiB = mib("go_memstats_heap_inuse_bytes")
+		r.HeapHeldMiB = mib("go_memstats_heap_sys_bytes") - mib("go_memstats_heap_released_bytes")
+		r.GoSysMiB = mib("go_memstats_sys_bytes")
+	}
+	if err := verifyHost(ctx, k.topo, n); err != nil {
+		return nil, err
+	}
+	r.Phases = logPhases(p.Log, p.Started)
+	if d, ok := logFirst(p.Log, p.Started, "nodes listed"); ok {
+		r.Phases["Nodes listed (informer synced)"] = d
+	}
+	ok = true
+	return r, nil
+}
+
+// verifyHost dumps host 1's tables (after a measurement) and checks that
+// they hold exactly n entries of each kind.
+func verifyHost(ctx context.Context, topo lab.Topology, n int) error {
+	l := &lab.Lab{State: lab.State{Options: lab.Options{Prefix: topo.Prefix, Hosts: 1}}}
+	c, err := l.Counts(ctx, 1)
+	if err != nil {
+		return err
+	}
+	if c.Routes != n || c.Neigh != n || c.FDB != n {
+		return fmt.Errorf("h1 holds %d routes, %d neighbours, %d FDB entries; want %d of each", c.Routes, c.Neigh, c.FDB, n)
+	}
+	return nil
+}
+
+// rssSplit reads RssAnon and RssFile (+ RssShmem) of pid in MiB.
+func rssSplit(pid int) (anon, file float64) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		var kb float64
+		fmt.Sscanf(strings.TrimSpace(v), "%f kB", &kb)
+		switch k {
+		case "RssAnon":
+			anon = kb / 1024
+		case "RssFile", "RssShmem":
+			file += kb / 1024
+		}
+	}
+	return anon, file
+}
