@@ -65,7 +65,9 @@ func (m *Manager) Run(ctx context.Context) error {
 	defer wg.Wait() // the informer stops with ctx, the worker with the queue
 	defer queue.ShutDown()
 	wg.Go(func() { inf.RunWithContext(ctx) })
-	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+	// cache.WaitFor is told when the store is filled; WaitForCacheSync polls
+	// every 100 ms, which was up to 100 ms of every start.
+	if !cache.WaitFor(ctx, "", inf.HasSyncedChecker()) {
 		return ctx.Err()
 	}
 	for _, key := range m.syncAll(ctx) {
