@@ -67,6 +67,6 @@ clean: ## remove built programs (keeps bin/tools unless you delete it)
 # e.g. BENCHFLAGS='--sections 1,2' for some figures only.
 BENCHFLAGS ?=
 .PHONY: bench
-bench: deps build cni-plugins $(TOOLS_BIN)/etcd $(TOOLS_BIN)/kube-apiserver ## measure twill against its targets and the kernel's limits (root, ~12 min): bench/out/report.json
+bench: deps build cni-plugins $(TOOLS_BIN)/etcd $(TOOLS_BIN)/kube-apiserver ## measure twill against its targets and the kernel's limits (root, ~8 min): bench/out/report.json
 	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $(BIN)/twillbench ./bench/cmd/twillbench
 	$(BIN)/twillbench --repo $(CURDIR) --go $(GO) $(BENCHFLAGS)
