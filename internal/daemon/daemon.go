@@ -206,10 +206,11 @@ type daemon struct {
 	announced bool         // DatapathReady was reported
 
 	// The inputs of the last good pass, to tell what a pass must change:
-	good     bool                          // the last pass succeeded
-	knownOwn subnet.Lease                  // its own lease
-	known    map[netip.Prefix]subnet.Lease // its peer leases, unfiltered
-	filter   *subnet.PeerFilter            // its admitted peers; nil when a lease was skipped
+	good     bool                        // the last pass succeeded
+	knownOwn subnet.Lease                // its own lease
+	known    map[netip.Prefix]knownLease // its peer leases, unfiltered
+	epoch    uint64                      // counts calls of changes
+	filter   *subnet.PeerFilter          // its admitted peers; nil when a lease was skipped
 
 	ipt         masq.IPTables // nil without --ip-masq
 	rules       *masq.Manager
@@ -261,13 +262,13 @@ func (d *daemon) pass(ctx context.Context, full bool) {
 		d.ensureRules(ctx, own.Subnet)
 		return
 	}
-	changed, removed := d.changes(peers)
+	changed, removed, dup := d.changes(peers)
 	ownSame := d.good && sameLease(own, d.knownOwn)
-	nothing := ownSame && len(changed) == 0 && len(removed) == 0
+	nothing := ownSame && !dup && len(changed) == 0 && len(removed) == 0
 	if !full && nothing {
 		return
 	}
-	if !full && ownSame && d.filter != nil && len(changed)+len(removed) <= maxIncremental {
+	if !full && ownSame && !dup && d.filter != nil && len(changed)+len(removed) <= maxIncremental {
 		if d.update(ctx, own, changed, removed) {
 			return
 		}
@@ -310,7 +311,7 @@ func (d *daemon) update(ctx context.Context, own subnet.Lease, changed []subnet.
 		delete(d.known, sn)
 	}
 	for _, l := range changed {
-		d.known[l.Subnet] = l
+		d.known[l.Subnet] = knownLease{Lease: l, seen: d.epoch}
 	}
 	d.filter = f
 	d.observe(took, len(d.known))
@@ -354,10 +355,10 @@ func (d *daemon) reconcile(ctx context.Context, own subnet.Lease, all []subnet.L
 	d.good, d.knownOwn = true, own
 	clear(d.known)
 	if d.known == nil {
-		d.known = make(map[netip.Prefix]subnet.Lease, len(all))
+		d.known = make(map[netip.Prefix]knownLease, len(all))
 	}
 	for _, l := range all {
-		d.known[l.Subnet] = l
+		d.known[l.Subnet] = knownLease{Lease: l}
 	}
 	if len(d.skipped) == 0 && len(d.known) == len(all) {
 		d.filter = subnet.NewPeerFilter(d.policy, own, peers)
@@ -388,32 +389,44 @@ func (d *daemon) announce(ctx context.Context) {
 	d.announced = true
 }
 
-// changes compares peers with the leases of the last good pass.
-func (d *daemon) changes(peers []subnet.Lease) (changed []subnet.Lease, removed []netip.Prefix) {
+// knownLease is a lease of the last good pass, with the call of changes
+// that last found it among the peers.
+type knownLease struct {
+	subnet.Lease
+	seen uint64
+}
+
+// changes compares peers with the leases of the last good pass. dup says
+// that two peers share a subnet the last pass knew (Kubernetes: two Nodes
+// with one podCIDR); which one wins is the full pass's to decide.
+func (d *daemon) changes(peers []subnet.Lease) (changed []subnet.Lease, removed []netip.Prefix, dup bool) {
+	d.epoch++
 	seen := 0
 	for _, l := range peers {
 		k, ok := d.known[l.Subnet]
-		if ok {
+		switch {
+		case !ok:
+		case k.seen == d.epoch:
+			dup = true
+		default:
+			k.seen = d.epoch
+			d.known[l.Subnet] = k
 			seen++
-			if sameLease(k, l) {
+			if sameLease(k.Lease, l) {
 				continue
 			}
 		}
 		changed = append(changed, l)
 	}
 	if seen == len(d.known) {
-		return changed, nil
+		return changed, nil, dup
 	}
-	present := make(map[netip.Prefix]bool, len(peers))
-	for _, l := range peers {
-		present[l.Subnet] = true
-	}
-	for sn := range d.known {
-		if !present[sn] {
+	for sn, k := range d.known {
+		if k.seen != d.epoch {
 			removed = append(removed, sn)
 		}
 	}
-	return changed, removed
+	return changed, removed, dup
 }
 
 // sameLease compares what programming a lease depends on.

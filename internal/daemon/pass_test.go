@@ -113,6 +113,15 @@ func TestPassChoosesUpdateOrFull(t *testing.T) {
 	mgr.peers = append(mgr.peers, mk("10.244.6.0/24", "198.18.0.6"))
 	step("incremental again", false, "update +[10.244.6.0/24] -[]")
 
+	// Two peers on one known subnet (Kubernetes: two Nodes, one podCIDR),
+	// one of the others gone meanwhile: the full pass decides the winner.
+	mgr.peers = []subnet.Lease{mgr.peers[0], mgr.peers[1], mk("10.244.2.0/24", "198.18.0.77"), mgr.peers[3]}
+	step("a duplicate subnet", false, "full 3") // one of the two skipped
+	mgr.peers = slices.Delete(mgr.peers, 2, 3)
+	step("the duplicate gone", false, "full 3")
+	mgr.peers = append(mgr.peers, mk("10.244.9.0/24", "198.18.0.9"))
+	step("incremental again after the duplicate", false, "update +[10.244.9.0/24] -[]")
+
 	// The own lease changed: full.
 	mgr.own = mk("10.244.1.0/24", "198.18.0.100")
 	step("own public IP changed", false, "full 4")
