@@ -148,18 +148,46 @@ func (e *etcdMode) coldStart(ctx context.Context, n int, extra ...string) (*cold
 			w.close()
 		}
 	}()
-	w.trackCount(n)
-	self0, _ := usage(os.Getpid())
-	if err := e.startTwilld(append([]string{"--log-level", "debug"}, extra...)...); err != nil {
+	r, err := timeStart(ctx, w, n, e.envFile(), 30*time.Second, 2*time.Minute, func() (*Proc, error) {
+		err := e.startTwilld(append([]string{"--log-level", "debug"}, extra...)...)
+		return e.twilld, err
+	})
+	if err != nil {
 		return nil, err
 	}
 	p := e.twilld
+	// The peak may come just after the last entry (the pass's own
+	// bookkeeping); look again a moment later.
+	if err := sleep(ctx, 300*time.Millisecond); err != nil {
+		return nil, err
+	}
+	if u2, err := usage(p.Pid()); err == nil {
+		r.HWM, r.RSS = max(r.HWM, u2.HWMMiB), u2.RSSMiB
+	}
+	if err := e.verify(ctx, n); err != nil {
+		return nil, err
+	}
+	r.Phases = logPhases(p.Log, p.Started)
+	ok = true
+	return r, nil
+}
+
+// timeStart forks twilld (start) while w follows the kernel, and times it to
+// the env file and to n entries; the figures of the usage of twilld and of
+// the harness are read at the last entry. w must count n entries.
+func timeStart(ctx context.Context, w *kernelWatch, n int, envFile string, envTimeout, allTimeout time.Duration, start func() (*Proc, error)) (*coldStart, error) {
+	w.trackCount(n)
+	self0, _ := usage(os.Getpid())
+	p, err := start()
+	if err != nil {
+		return nil, err
+	}
 	var envAt time.Time
-	err = waitFor(ctx, 30*time.Second, time.Millisecond, "the subnet env file", func() error {
+	err = waitFor(ctx, envTimeout, time.Millisecond, "the subnet env file", func() error {
 		if p.Exited() {
 			return fmt.Errorf("twilld exited (see %s)", p.Log)
 		}
-		if _, err := os.Stat(e.envFile()); err != nil {
+		if _, err := os.Stat(envFile); err != nil {
 			return err
 		}
 		envAt = time.Now()
@@ -168,7 +196,7 @@ func (e *etcdMode) coldStart(ctx context.Context, n int, extra ...string) (*cold
 	if err != nil {
 		return nil, err
 	}
-	allAt, err := w.await(ctx, 2*time.Minute, fmt.Sprintf("%d routes, neighbours and FDB entries", n), allAtLeast(n))
+	allAt, err := w.await(ctx, allTimeout, fmt.Sprintf("%d routes, neighbours and FDB entries", n), allAtLeast(n))
 	if err != nil {
 		return nil, fmt.Errorf("%w (twilld log: %s)", err, p.Log)
 	}
@@ -184,19 +212,6 @@ func (e *etcdMode) coldStart(ctx context.Context, n int, extra ...string) (*cold
 			*d = t.Sub(p.Started)
 		}
 	}
-	// The peak may come just after the last entry (the pass's own
-	// bookkeeping); look again a moment later.
-	if err := sleep(ctx, 300*time.Millisecond); err != nil {
-		return nil, err
-	}
-	if u2, err := usage(p.Pid()); err == nil {
-		r.HWM, r.RSS = max(r.HWM, u2.HWMMiB), u2.RSSMiB
-	}
-	if err := e.verify(ctx, n); err != nil {
-		return nil, err
-	}
-	r.Phases = logPhases(p.Log, p.Started)
-	ok = true
 	return r, nil
 }
 

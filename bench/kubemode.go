@@ -273,48 +273,19 @@ func (k *kubeMode) coldStart(ctx context.Context, n int, extra ...string) (*kube
 			w.close()
 		}
 	}()
-	w.trackCount(n)
-	self0, _ := usage(os.Getpid())
 	api0, _ := usage(k.api.Pid())
 	etcd0, _ := usage(k.etcd.proc.Pid())
-	if err := k.startTwilld(extra...); err != nil {
-		return nil, err
-	}
-	p := k.twilld
-	var envAt time.Time
-	err = waitFor(ctx, 60*time.Second, time.Millisecond, "the subnet env file", func() error {
-		if p.Exited() {
-			return fmt.Errorf("twilld exited (see %s)", p.Log)
-		}
-		if _, err := os.Stat(k.envFile()); err != nil {
-			return err
-		}
-		envAt = time.Now()
-		return nil
+	cs, err := timeStart(ctx, w, n, k.envFile(), 60*time.Second, 3*time.Minute, func() (*Proc, error) {
+		err := k.startTwilld(extra...)
+		return k.twilld, err
 	})
 	if err != nil {
 		return nil, err
 	}
-	allAt, err := w.await(ctx, 3*time.Minute, fmt.Sprintf("%d routes, neighbours and FDB entries", n), allAtLeast(n))
-	if err != nil {
-		return nil, fmt.Errorf("%w (twilld log: %s)", err, p.Log)
-	}
-	u, err := usage(p.Pid())
-	if err != nil {
-		return nil, err
-	}
-	self1, _ := usage(os.Getpid())
+	p := k.twilld
 	api1, _ := usage(k.api.Pid())
 	etcd1, _ := usage(k.etcd.proc.Pid())
-	r := &kubeColdStart{coldStart: coldStart{Env: envAt.Sub(p.Started), All: allAt.Sub(p.Started),
-		CPU: u.CPUSeconds, UserCPU: u.UserSeconds, SysCPU: u.SysSeconds, HWM: u.HWMMiB, RSS: u.RSSMiB,
-		HarnessCPU: self1.CPUSeconds - self0.CPUSeconds, w: w},
-		APICPU: api1.CPUSeconds - api0.CPUSeconds, EtcdCPU: etcd1.CPUSeconds - etcd0.CPUSeconds}
-	for kind, d := range map[string]*time.Duration{"fdb": &r.FDB, "neigh": &r.Neigh, "route": &r.Route} {
-		if t, ok := w.reachedAt(kind); ok {
-			*d = t.Sub(p.Started)
-		}
-	}
+	r := &kubeColdStart{coldStart: *cs, APICPU: api1.CPUSeconds - api0.CPUSeconds, EtcdCPU: etcd1.CPUSeconds - etcd0.CPUSeconds}
 	// The peak may come after the last entry (the second pass, the
 	// NetworkUnavailable patch): look again a moment later.
 	if err := sleep(ctx, 500*time.Millisecond); err != nil {

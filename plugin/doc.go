@@ -54,6 +54,6 @@
 // before and after the delegate. Hence: no package with heavy initialisers
 // (libcni's invoke imports OpenTelemetry, net/http and crypto/tls; see Exec),
 // the delegate started without os/exec's pidfd probe and with its stdio in
-// memory files, the state file written without fsync (see replaceFile) and
+// memory files, the state file written without fsync (see writeState) and
 // while the delegate runs.
 package plugin

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/twillnet/twill/internal/atomicfile"
 	"github.com/twillnet/twill/subnet"
 )
 
@@ -179,12 +180,12 @@ func (s *Store) Save(st *State) error {
 	if err != nil {
 		return fmt.Errorf("encode state: %w", err)
 	}
-	return replaceFile(path, append(data, '\n'), 0o600)
+	return writeState(path, append(data, '\n'))
 }
 
-// replaceFile replaces path with data the way atomicfile.Write does (a temp
-// file in the same directory, renamed over path; the same temp names, so
-// Entries finds what an interrupted write left), but without fsync.
+// writeState writes a state file with atomicfile.Replace: a temp file in the
+// same directory, renamed over path (atomicfile's temp names, so Entries
+// finds what an interrupted write left), without fsync.
 //
 // The rename alone makes the write atomic for every reader and across the
 // plugin being killed: a reader sees no file, the old file or the whole new
@@ -203,29 +204,8 @@ func (s *Store) Save(st *State) error {
 //     in the network's store, whatever the subnet), or answers "try again
 //     later" (11) and keeps a corrupt file while the env file is missing.
 //   - a temp file left behind is removed by GC, as after a killed plugin.
-func replaceFile(path string, data []byte, mode os.FileMode) (err error) {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(tmp)
-			err = fmt.Errorf("write %s: %w", path, err)
-		}
-	}()
-	if err = f.Chmod(mode); err != nil {
-		return err
-	}
-	if _, err = f.Write(data); err != nil {
-		return err
-	}
-	if err = f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+func writeState(path string, data []byte) error {
+	return atomicfile.Replace(path, data, 0o600)
 }
 
 // Load reads an attachment's state. The error wraps ErrNoState when there is
