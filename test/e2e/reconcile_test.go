@@ -184,6 +184,8 @@ func testPublicIPChange(t *testing.T, backend string) {
 	ctx := ctxFor(t, 2*time.Minute)
 	before := hostEnv(t, l, 3)
 	h3 := l.Topology().HostNS(3)
+	incremental := func(i int) float64 { return metric(t, l.Topology().HostNS(i), "twill_reconcile_incremental_total") }
+	updates := map[int]float64{1: incremental(1), 2: incremental(2)}
 	if err := l.StopDaemon(ctx, 3); err != nil {
 		t.Fatal(err)
 	}
@@ -227,6 +229,11 @@ func testPublicIPChange(t *testing.T, backend string) {
 			return nil
 		})
 		waitCounts(t, l, i, expected(backend, 2), 10*time.Second)
+		// The lease change was programmed as a peer update, without a
+		// full pass over every peer.
+		if n := incremental(i); n <= updates[i] {
+			t.Errorf("h%d: twill_reconcile_incremental_total %v -> %v: the change took no peer update", i, updates[i], n)
+		}
 	}
 	requireMatrix(t, l)
 }
