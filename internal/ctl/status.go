@@ -74,10 +74,11 @@ func status(ctx context.Context, args []string, out, errOut io.Writer) error {
 		fmt.Fprintf(tw, "peers\t%v (backend %s)\n", f.value, f.labels["backend"])
 	}
 	if last := m.value("twill_last_reconcile_timestamp_seconds", nil); last > 0 {
-		fmt.Fprintf(tw, "last reconcile\t%s ago, took %s; %v ok, %v failed\n",
+		fmt.Fprintf(tw, "last reconcile\t%s ago, took %s; %v ok (%v of them peer updates), %v failed\n",
 			time.Since(time.Unix(0, int64(last*1e9))).Round(time.Millisecond),
 			time.Duration(m.value("twill_last_reconcile_duration_seconds", nil)*float64(time.Second)).Round(time.Microsecond),
-			m.value("twill_reconcile_total", map[string]string{"result": "ok"}), m.value("twill_reconcile_total", map[string]string{"result": "error"}))
+			m.value("twill_reconcile_total", map[string]string{"result": "ok"}), m.value("twill_reconcile_incremental_total", nil),
+			m.value("twill_reconcile_total", map[string]string{"result": "error"}))
 	} else {
 		fmt.Fprintf(tw, "last reconcile\tnone yet\n")
 	}
