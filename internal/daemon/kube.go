@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"net/netip"
 	"os"
+	"sync"
 
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -23,6 +25,7 @@ type kubeStore struct {
 	c        Config
 	log      *slog.Logger
 	notReady func(string) // from Config: /readyz says why twilld still waits
+	reach    *reachability
 }
 
 func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
@@ -40,17 +43,75 @@ func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
 		return nil, fmt.Errorf("Kubernetes client config: %w", err)
 	}
 	rc.UserAgent = "twilld/" + version.Version
+	reach := &reachability{}
+	rc.Wrap(func(rt http.RoundTripper) http.RoundTripper { return observed{next: rt, reach: reach} })
 	client, err := kube.NewNodeClient(rc)
 	if err != nil {
 		return nil, fmt.Errorf("Kubernetes client: %w", err)
 	}
-	return &kubeStore{client: client, c: c, log: log}, nil
+	return &kubeStore{client: client, c: c, log: log, reach: reach}, nil
 }
 
 func (s *kubeStore) Close() {}
 
-// watchUp is not reported in Kubernetes mode; the informer retries on its own.
-func (s *kubeStore) watchUp(context.Context, func(bool, string)) {}
+// watchUp reports whether the API server answers, as seen by twilld's own
+// requests: the informer's list and watch calls, which client-go repeats
+// (with a growing pause) while the API server is away. It adds no request of
+// its own, so recovery shows when the informer's next attempt succeeds.
+func (s *kubeStore) watchUp(ctx context.Context, report func(bool, string)) {
+	s.reach.follow(report)
+	<-ctx.Done()
+	s.reach.follow(nil)
+}
+
+// reachability is the API server's state as the last request found it.
+type reachability struct {
+	mu     sync.Mutex
+	report func(up bool, state string)
+	known  bool
+	up     bool
+	state  string
+}
+
+func (r *reachability) follow(report func(bool, string)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.report = report
+	if report != nil && r.known {
+		report(r.up, r.state)
+	}
+}
+
+func (r *reachability) set(up bool, state string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.known && r.up == up {
+		return
+	}
+	r.known, r.up, r.state = true, up, state
+	if r.report != nil {
+		r.report(up, state)
+	}
+}
+
+// observed passes requests on and tells reachability how they went: any
+// answer means the API server is there (an error status is the request's
+// problem, not the connection's), no answer means it is not.
+type observed struct {
+	next  http.RoundTripper
+	reach *reachability
+}
+
+func (o observed) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := o.next.RoundTrip(req)
+	switch {
+	case err == nil:
+		o.reach.set(true, "answering")
+	case req.Context().Err() == nil:
+		o.reach.set(false, "failed")
+	}
+	return resp, err
+}
 
 func (s *kubeStore) Config(ctx context.Context, notReady func(string)) (*subnet.Config, error) {
 	s.notReady = notReady

@@ -32,7 +32,7 @@ func newMetrics() *metrics {
 			Name: "twill_ready", Help: "1 when the node holds its lease, has written the subnet env file and programmed the datapath once.",
 		}),
 		datastoreUp: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "twill_datastore_up", Help: "1 while the connection to the datastore is up (etcd mode).",
+			Name: "twill_datastore_up", Help: "1 while the datastore is reachable: etcd's connection is up, or the Kubernetes API server answered twilld's last request.",
 		}),
 		peers: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "twill_peers", Help: "Peer leases in the last reconcile pass, by backend.",

@@ -98,10 +98,31 @@ func TestKubernetesMode(t *testing.T) {
 	if err := l.StopKubeAPI(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// /readyz and twill_datastore_up say so, from the informer's failing
+	// requests, and say it again when they succeed.
+	waitFor(t, "h1's /readyz to report the API server gone", 30*time.Second, func() error {
+		code, body, err := readyzOf(l, 1)
+		if err != nil || code != 503 || !strings.Contains(body, "datastore unreachable") {
+			return fmt.Errorf("readyz %d %q (%v)", code, body, err)
+		}
+		if up := metric(t, h1, "twill_datastore_up"); up != 0 {
+			return fmt.Errorf("twill_datastore_up = %v", up)
+		}
+		return nil
+	})
 	requireMatrix(t, l)
 	if err := l.StartKubeAPI(ctx); err != nil {
 		t.Fatal(err)
 	}
+	waitFor(t, "h1's /readyz to report the API server back", 60*time.Second, func() error {
+		if code, body, err := readyzOf(l, 1); err != nil || code != 200 {
+			return fmt.Errorf("readyz %d %q (%v)", code, body, err)
+		}
+		if up := metric(t, h1, "twill_datastore_up"); up != 1 {
+			return fmt.Errorf("twill_datastore_up = %v", up)
+		}
+		return nil
+	})
 	if err := l.StopDaemon(ctx, 3); err != nil {
 		t.Fatal(err)
 	}
