@@ -35,7 +35,7 @@ func (h *Harness) runDatapath(ctx context.Context, sec *Section) error {
 		return fmt.Errorf("lab up: %w", err)
 	}
 	for i := 1; i <= 2; i++ {
-		err := waitFor(ctx, 30*time.Second, 100*time.Millisecond, fmt.Sprintf("h%d's entry for its peer", i), func() error {
+		err := lab.Poll(ctx, 30*time.Second, 100*time.Millisecond, fmt.Sprintf("h%d's entry for its peer", i), func() error {
 			c, err := l.Counts(ctx, i)
 			if err != nil {
 				return err
@@ -150,7 +150,7 @@ func startIperfServer(ctx context.Context, netns, logPath string) (*Proc, error)
 	if err != nil {
 		return nil, err
 	}
-	err = waitFor(ctx, 10*time.Second, 20*time.Millisecond, "iperf3 to listen in "+netns, func() error {
+	err = lab.Poll(ctx, 10*time.Second, 20*time.Millisecond, "iperf3 to listen in "+netns, func() error {
 		data, _ := os.ReadFile(logPath)
 		if strings.Contains(string(data), "Server listening") {
 			return nil

@@ -59,7 +59,7 @@ func startEtcd(ctx context.Context, bin, netns, dir string) (*etcdServer, error)
 		return nil, fmt.Errorf("etcd client: %w", err)
 	}
 	e.reg = etcd.NewRegistry(e.cli, etcd.DefaultPrefix, nil)
-	err = waitFor(ctx, 30*time.Second, 50*time.Millisecond, "etcd to serve", func() error {
+	err = lab.Poll(ctx, 30*time.Second, 50*time.Millisecond, "etcd to serve", func() error {
 		if p.Exited() {
 			return fmt.Errorf("etcd exited (see %s)", p.Log)
 		}

@@ -17,19 +17,63 @@ import (
 // topology with one host, the real etcd serving in the underlay namespace with
 // fake peer leases in it, and one twilld in the host namespace.
 type etcdMode struct {
-	h     *Harness
-	topo  lab.Topology
-	dir   string
+	benchHost
 	etcd  *etcdServer
 	peers int // fake peers now in etcd
+}
 
+// benchHost is the one host of the etcd- and Kubernetes-mode set-ups: the
+// lab's topology with one host, a work folder, and the twilld under test.
+type benchHost struct {
+	h      *Harness
+	topo   lab.Topology
+	dir    string
 	twilld *Proc
+}
+
+func newBenchHost(h *Harness, name string) benchHost {
+	return benchHost{h: h, topo: lab.Topology{Prefix: h.cfg.Prefix, Hosts: 1}, dir: filepath.Join(h.work, name)}
+}
+
+func (b *benchHost) hostNS() string  { return b.topo.HostNS(1) }
+func (b *benchHost) envFile() string { return filepath.Join(b.dir, "h1", "subnet.env") }
+
+// start starts twilld in the host namespace with the flags of its datastore
+// (mode) and extra.
+func (b *benchHost) start(mode []string, extra ...string) error {
+	args := append(append(mode,
+		"--node-name", benchNode,
+		"--subnet-file", b.envFile(),
+		"--http-addr", "127.0.0.1:9867",
+	), extra...)
+	p, err := startInNSEnv(b.hostNS(), filepath.Join(b.dir, "h1", "twilld.log"), b.h.cfg.TwilldEnv, b.h.twilld(), args...)
+	b.twilld = p
+	return err
+}
+
+// resetHost stops twilld and returns the host to a fresh machine's state:
+// no device, no twill routes, no env file.
+func (b *benchHost) resetHost(ctx context.Context) []error {
+	var errs []error
+	if err := b.twilld.Stop(); err != nil {
+		errs = append(errs, err)
+	}
+	b.twilld = nil
+	// The device is absent after a failed start: an error here is fine.
+	ipCmd(ctx, "-n", b.hostNS(), "link", "del", vxlan.DeviceName(subnet.DefaultVNI))
+	if _, err := ipCmd(ctx, "-n", b.hostNS(), "route", "flush", "proto", "116"); err != nil {
+		errs = append(errs, err)
+	}
+	if err := os.Remove(b.envFile()); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errs
 }
 
 const benchNode = "bench-h1"
 
 func newEtcdMode(ctx context.Context, h *Harness) (*etcdMode, error) {
-	e := &etcdMode{h: h, topo: lab.Topology{Prefix: h.cfg.Prefix, Hosts: 1}, dir: filepath.Join(h.work, "etcd-mode")}
+	e := &etcdMode{benchHost: newBenchHost(h, "etcd-mode")}
 	if err := os.MkdirAll(filepath.Join(e.dir, "h1"), 0o755); err != nil {
 		return nil, err
 	}
@@ -57,9 +101,6 @@ func (e *etcdMode) close() {
 	e.topo.Down(context.Background())
 }
 
-func (e *etcdMode) hostNS() string  { return e.topo.HostNS(1) }
-func (e *etcdMode) envFile() string { return filepath.Join(e.dir, "h1", "subnet.env") }
-
 // setPeers makes etcd hold exactly n fake peers (0..n-1 of series 0).
 func (e *etcdMode) setPeers(ctx context.Context, n int) error {
 	var err error
@@ -77,31 +118,14 @@ func (e *etcdMode) setPeers(ctx context.Context, n int) error {
 
 // startTwilld starts twilld in the host namespace.
 func (e *etcdMode) startTwilld(extra ...string) error {
-	args := append([]string{
-		"--etcd-endpoints", e.etcd.url,
-		"--subnet-file", e.envFile(),
-		"--node-name", benchNode,
-		"--http-addr", "127.0.0.1:9867",
-	}, extra...)
-	p, err := startInNSEnv(e.hostNS(), filepath.Join(e.dir, "h1", "twilld.log"), e.h.cfg.TwilldEnv, e.h.twilld(), args...)
-	e.twilld = p
-	return err
+	return e.start([]string{"--etcd-endpoints", e.etcd.url}, extra...)
 }
 
 // reset stops twilld and returns the host to a fresh machine's state: no
 // device, no twill routes, no lease of its own in etcd, no env file. The fake
 // peers stay.
 func (e *etcdMode) reset(ctx context.Context) error {
-	var errs []error
-	if err := e.twilld.Stop(); err != nil {
-		errs = append(errs, err)
-	}
-	e.twilld = nil
-	// The device is absent after a failed start: an error here is fine.
-	ipCmd(ctx, "-n", e.hostNS(), "link", "del", vxlan.DeviceName(subnet.DefaultVNI))
-	if _, err := ipCmd(ctx, "-n", e.hostNS(), "route", "flush", "proto", "116"); err != nil {
-		errs = append(errs, err)
-	}
+	errs := e.resetHost(ctx)
 	leases, _, err := e.etcd.reg.Leases(ctx)
 	if err != nil {
 		errs = append(errs, err)
@@ -112,9 +136,6 @@ func (e *etcdMode) reset(ctx context.Context) error {
 				errs = append(errs, err)
 			}
 		}
-	}
-	if err := os.Remove(e.envFile()); err != nil && !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
@@ -183,7 +204,7 @@ func timeStart(ctx context.Context, w *kernelWatch, n int, envFile string, envTi
 		return nil, err
 	}
 	var envAt time.Time
-	err = waitFor(ctx, envTimeout, time.Millisecond, "the subnet env file", func() error {
+	err = lab.Poll(ctx, envTimeout, time.Millisecond, "the subnet env file", func() error {
 		if p.Exited() {
 			return fmt.Errorf("twilld exited (see %s)", p.Log)
 		}

@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -32,17 +31,13 @@ import (
 // a podCIDR, and twilld in the host namespace in Kubernetes mode with the
 // ServiceAccount and RBAC of deploy/kube-twill.yaml.
 type kubeMode struct {
-	h     *Harness
-	topo  lab.Topology
-	dir   string
+	benchHost
 	etcd  *etcdServer
 	srv   kubeapi.Server
 	api   *Proc
 	admin kubernetes.Interface // protobuf, no client-side rate limit
 	json  kubernetes.Interface // JSON only, to weigh a Node as JSON
 	nodes int                  // peer Nodes (series 0) now in the API server
-
-	twilld *Proc
 }
 
 // ownPodCIDR is the own Node's podCIDR: inside benchNetwork, apart from the
@@ -53,7 +48,7 @@ const ownPodCIDR = "10.1.0.0/24"
 const kubeWorkers = 16
 
 func newKubeMode(ctx context.Context, h *Harness) (k *kubeMode, err error) {
-	k = &kubeMode{h: h, topo: lab.Topology{Prefix: h.cfg.Prefix, Hosts: 1}, dir: filepath.Join(h.work, "kube-mode")}
+	k = &kubeMode{benchHost: newBenchHost(h, "kube-mode")}
 	if err := os.MkdirAll(filepath.Join(k.dir, "h1"), 0o755); err != nil {
 		return nil, err
 	}
@@ -128,8 +123,6 @@ func (k *kubeMode) close() {
 	k.topo.Down(context.Background())
 }
 
-func (k *kubeMode) hostNS() string     { return k.topo.HostNS(1) }
-func (k *kubeMode) envFile() string    { return filepath.Join(k.dir, "h1", "subnet.env") }
 func (k *kubeMode) kubeconfig() string { return filepath.Join(k.dir, "h1", "kubeconfig") }
 func (k *kubeMode) netConf() string    { return filepath.Join(k.dir, "net-conf.json") }
 
@@ -170,15 +163,7 @@ func (k *kubeMode) addNodes(ctx context.Context, n int) error {
 // startTwilld starts twilld in Kubernetes mode in the host namespace, as the
 // DaemonSet runs it (but forked directly, see startInNSEnv).
 func (k *kubeMode) startTwilld(extra ...string) error {
-	args := append([]string{
-		"--kube-subnet-mgr", "--kubeconfig", k.kubeconfig(), "--net-config", k.netConf(),
-		"--node-name", benchNode,
-		"--subnet-file", k.envFile(),
-		"--http-addr", "127.0.0.1:9867",
-	}, extra...)
-	p, err := startInNSEnv(k.hostNS(), filepath.Join(k.dir, "h1", "twilld.log"), k.h.cfg.TwilldEnv, k.h.twilld(), args...)
-	k.twilld = p
-	return err
+	return k.start([]string{"--kube-subnet-mgr", "--kubeconfig", k.kubeconfig(), "--net-config", k.netConf()}, extra...)
 }
 
 // reset stops twilld and returns the host and its Node to a fresh node's
@@ -186,18 +171,7 @@ func (k *kubeMode) startTwilld(extra ...string) error {
 // annotations and NetworkUnavailable condition (as the kubelet and the node
 // IPAM controller leave it). The peer Nodes stay.
 func (k *kubeMode) reset(ctx context.Context) error {
-	var errs []error
-	if err := k.twilld.Stop(); err != nil {
-		errs = append(errs, err)
-	}
-	k.twilld = nil
-	ipCmd(ctx, "-n", k.hostNS(), "link", "del", vxlan.DeviceName(subnet.DefaultVNI))
-	if _, err := ipCmd(ctx, "-n", k.hostNS(), "route", "flush", "proto", "116"); err != nil {
-		errs = append(errs, err)
-	}
-	if err := os.Remove(k.envFile()); err != nil && !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, err)
-	}
+	errs := k.resetHost(ctx)
 	if err := k.resetOwnNode(ctx); err != nil {
 		errs = append(errs, err)
 	}
@@ -293,8 +267,8 @@ func (k *kubeMode) coldStart(ctx context.Context, n int, extra ...string) (*kube
 	}
 	if u2, err := usage(p.Pid()); err == nil {
 		r.HWM, r.RSS = max(r.HWM, u2.HWMMiB), u2.RSSMiB
+		r.AnonMiB, r.FileMiB = u2.AnonMiB, u2.FileMiB
 	}
-	r.AnonMiB, r.FileMiB = rssSplit(p.Pid())
 	if body, err := nsHTTPGet(ctx, k.hostNS(), "http://127.0.0.1:9867/metrics"); err == nil {
 		m := parseProm(body)
 		mib := func(name string) float64 { return promValue(m, name, nil) / (1 << 20) }
@@ -325,27 +299,4 @@ func verifyHost(ctx context.Context, topo lab.Topology, n int) error {
 		return fmt.Errorf("h1 holds %d routes, %d neighbours, %d FDB entries; want %d of each", c.Routes, c.Neigh, c.FDB, n)
 	}
 	return nil
-}
-
-// rssSplit reads RssAnon and RssFile (+ RssShmem) of pid in MiB.
-func rssSplit(pid int) (anon, file float64) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, 0
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		var kb float64
-		fmt.Sscanf(strings.TrimSpace(v), "%f kB", &kb)
-		switch k {
-		case "RssAnon":
-			anon = kb / 1024
-		case "RssFile", "RssShmem":
-			file += kb / 1024
-		}
-	}
-	return anon, file
 }

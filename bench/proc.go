@@ -98,6 +98,8 @@ type ProcUsage struct {
 	SysSeconds  float64
 	RSSMiB      float64 // VmRSS
 	HWMMiB      float64 // VmHWM: peak RSS
+	AnonMiB     float64 // RssAnon: Go heap, stacks, runtime
+	FileMiB     float64 // RssFile + RssShmem: the binary's pages
 }
 
 // clockTick is USER_HZ, the unit of utime and stime in /proc/<pid>/stat;
@@ -142,6 +144,10 @@ func usage(pid int) (ProcUsage, error) {
 			u.RSSMiB = kb / 1024
 		case "VmHWM":
 			u.HWMMiB = kb / 1024
+		case "RssAnon":
+			u.AnonMiB = kb / 1024
+		case "RssFile", "RssShmem":
+			u.FileMiB += kb / 1024
 		}
 	}
 	return u, nil
@@ -163,27 +169,6 @@ func ipCmd(ctx context.Context, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
 	return run(ctx, "ip", args...)
-}
-
-// waitFor polls cond every interval until it returns nil or d passes.
-func waitFor(ctx context.Context, d, interval time.Duration, what string, cond func() error) error {
-	deadline := time.Now().Add(d)
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		err := cond()
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("timed out after %s waiting for %s: %w", d, what, err)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-t.C:
-		}
-	}
 }
 
 // sleep waits d or until ctx ends.

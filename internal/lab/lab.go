@@ -383,9 +383,11 @@ func isZombie(pid int) bool {
 	return false
 }
 
-// poll retries f every 100ms until it succeeds, d passes or ctx ends.
-func poll(ctx context.Context, d time.Duration, what string, f func() error) error {
+// Poll calls f every interval until it succeeds, d passes or ctx ends.
+func Poll(ctx context.Context, d, interval time.Duration, what string, f func() error) error {
 	deadline := time.Now().Add(d)
+	t := time.NewTicker(interval)
+	defer t.Stop()
 	for {
 		err := f()
 		if err == nil {
@@ -397,7 +399,12 @@ func poll(ctx context.Context, d time.Duration, what string, f func() error) err
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
+		case <-t.C:
 		}
 	}
+}
+
+// poll is Poll every 100 ms.
+func poll(ctx context.Context, d time.Duration, what string, f func() error) error {
+	return Poll(ctx, d, 100*time.Millisecond, what, f)
 }
