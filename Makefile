@@ -21,15 +21,15 @@ help: ## list the targets
 build: ## build bin/twilld, bin/twillctl and bin/twill
 	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $(BIN)/ ./cmd/...
 
-# The tools are the real programs the tests run: etcd, etcdctl, kube-apiserver and the
-# reference CNI plugins. They come from hack/tools/go.mod so the product's go.mod stays
+# The tools are the real programs the tests run: etcd, etcdctl, kube-apiserver, crictl
+# and the reference CNI plugins. They come from hack/tools/go.mod so the product's go.mod stays
 # lean. Each is rebuilt only when hack/tools/go.mod or go.sum changes, so `make tools`
 # is instant when they are current.
 TOOLS_MOD := hack/tools/go.mod hack/tools/go.sum
 TOOLS_GO  := cd hack/tools && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD)
 CNI_PLUGINS := bridge host-local loopback portmap
 
-tools: $(TOOLS_BIN)/etcd $(TOOLS_BIN)/etcdctl $(TOOLS_BIN)/kube-apiserver cni-plugins ## build etcd, etcdctl, kube-apiserver and the reference CNI plugins
+tools: $(TOOLS_BIN)/etcd $(TOOLS_BIN)/etcdctl $(TOOLS_BIN)/kube-apiserver $(TOOLS_BIN)/crictl $(TOOLS_BIN)/pause cni-plugins ## build etcd, etcdctl, kube-apiserver, crictl, the test pods' pause program and the reference CNI plugins
 
 cni-plugins: $(addprefix $(CNI_BIN)/,$(CNI_PLUGINS)) ## build only the reference CNI plugins (what the lab needs)
 
@@ -39,6 +39,11 @@ $(TOOLS_BIN)/etcdctl: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ go.etcd.io/etcd/etcdctl/v3
 $(TOOLS_BIN)/kube-apiserver: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ k8s.io/kubernetes/cmd/kube-apiserver
+$(TOOLS_BIN)/crictl: $(TOOLS_MOD)
+	$(TOOLS_GO) -o ../../$@ sigs.k8s.io/cri-tools/cmd/crictl
+# The sandbox program of the containerd test's pods (nothing can be pulled here).
+$(TOOLS_BIN)/pause: test/pause/main.go
+	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $@ ./test/pause
 $(CNI_BIN)/bridge $(CNI_BIN)/loopback: $(CNI_BIN)/%: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ github.com/containernetworking/plugins/plugins/main/$*
 $(CNI_BIN)/host-local: $(TOOLS_MOD)
@@ -46,7 +51,7 @@ $(CNI_BIN)/host-local: $(TOOLS_MOD)
 $(CNI_BIN)/portmap: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ github.com/containernetworking/plugins/plugins/meta/portmap
 
-deps: ## install the Debian packages the demo and tests use (iproute2, iptables, ping, iperf3), when missing
+deps: ## install the Debian packages the demo and tests use (iproute2, iptables, ping, iperf3, containerd, runc), when missing
 	@hack/install-deps.sh
 
 demo: deps build cni-plugins ## run the lab: 3 hosts, 2 pods each, every pod pings every other (needs root)

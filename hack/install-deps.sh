@@ -9,6 +9,9 @@ declare -A pkg_of=(
 	[ping]=iputils-ping
 	[iperf3]=iperf3
 	[ps]=procps
+	[containerd]=containerd [ctr]=containerd [containerd-shim-runc-v2]=containerd
+	[runc]=runc
+	[nsenter]=util-linux
 )
 missing=()
 for cmd in "${!pkg_of[@]}"; do

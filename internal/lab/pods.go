@@ -2,6 +2,7 @@ package lab
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"path/filepath"
@@ -10,21 +11,47 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/twillnet/twill/deploy"
 )
 
-// ConfList is the CNI chain the lab gives host i's pods: twill (delegating to
-// bridge + host-local) followed by portmap, as deploy/10-twill.conflist.
+// ConfList is the CNI chain the lab gives host i's pods: the conflist the
+// DaemonSet installs (deploy/kube-twill.yaml), with the node's paths moved
+// into the host's directory by NodeConfList.
 func (l *Lab) ConfList(i int) ([]byte, error) {
-	conf := fmt.Sprintf(`{
-  "cniVersion": "1.1.0",
-  "name": "twill",
-  "plugins": [
-    {"type": "twill", "subnetFile": %q, "dataDir": %q,
-     "delegate": {"hairpinMode": true, "isDefaultGateway": true}, "ipam": {"dataDir": %q}},
-    {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
-  ]
-}`, l.EnvFile(i), filepath.Join(l.hostDir(i), "cni-state"), filepath.Join(l.hostDir(i), "ipam"))
-	return []byte(conf), nil
+	dir := l.hostDir(i)
+	return NodeConfList(l.EnvFile(i), filepath.Join(dir, "cni-state"), filepath.Join(dir, "ipam"))
+}
+
+// NodeConfList is the DaemonSet's conflist for one of several nodes sharing
+// this machine's file system: twill's subnetFile and dataDir and
+// host-local's dataDir, which every node of a real cluster keeps at the same
+// path, are set to the node's own. Everything else is as shipped.
+func NodeConfList(subnetFile, stateDir, ipamDir string) ([]byte, error) {
+	raw, err := deploy.KubeCNIConf()
+	if err != nil {
+		return nil, err
+	}
+	var conf map[string]any
+	if err := json.Unmarshal(raw, &conf); err != nil {
+		return nil, fmt.Errorf("the shipped cni-conf.json: %w", err)
+	}
+	plugins, _ := conf["plugins"].([]any)
+	if len(plugins) == 0 {
+		return nil, fmt.Errorf("the shipped cni-conf.json has no plugins")
+	}
+	tw, _ := plugins[0].(map[string]any)
+	if tw == nil || tw["type"] != "twill" {
+		return nil, fmt.Errorf("the shipped cni-conf.json does not start with twill")
+	}
+	tw["subnetFile"], tw["dataDir"] = subnetFile, stateDir
+	ipam, _ := tw["ipam"].(map[string]any)
+	if ipam == nil {
+		ipam = map[string]any{}
+	}
+	ipam["dataDir"] = ipamDir
+	tw["ipam"] = ipam
+	return json.MarshalIndent(conf, "", "  ")
 }
 
 func (l *Lab) cni(i int) (*libcni.CNIConfig, *libcni.NetworkConfigList, error) {
