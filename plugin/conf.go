@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/cni/pkg/version"
@@ -22,6 +23,13 @@ const (
 	DefaultDelegateType = "bridge"
 	DefaultBridge       = "cni0"
 	IPAMType            = "host-local"
+
+	// DefaultDelegateTimeout bounds each run of a delegate: far above a
+	// normal ADD (milliseconds), well below the kubelet's 4 minute CRI
+	// deadline, so a hung delegate fails the verb instead of the runtime.
+	DefaultDelegateTimeout = time.Minute
+	// MaxDelegateTimeout is the most delegateTimeout may say.
+	MaxDelegateTimeout = 10 * time.Minute
 )
 
 // SupportedVersions are the CNI spec versions the plugin accepts: every version
@@ -47,6 +55,9 @@ type NetConf struct {
 	Delegate map[string]any
 	// IPAM holds the additions to the host-local configuration.
 	IPAM IPAMAdditions
+	// DelegateTimeout bounds each run of a delegate; one that takes longer
+	// is killed and the verb fails.
+	DelegateTimeout time.Duration
 
 	// Passed through to the delegate unchanged.
 	RuntimeConfig map[string]any
@@ -97,6 +108,7 @@ type rawConf struct {
 	DataDir             string                `json:"dataDir"`
 	Delegate            json.RawMessage       `json:"delegate"`
 	IPAM                json.RawMessage       `json:"ipam"`
+	DelegateTimeout     string                `json:"delegateTimeout"`
 	RuntimeConfig       map[string]any        `json:"runtimeConfig"`
 	Args                map[string]any        `json:"args"`
 	PrevResult          map[string]any        `json:"prevResult"`
@@ -163,7 +175,21 @@ func ParseConf(data []byte) (*NetConf, error) {
 	if c.IPAM, err = parseIPAM(raw.IPAM); err != nil {
 		return nil, err
 	}
+	if c.DelegateTimeout, err = parseTimeout(raw.DelegateTimeout); err != nil {
+		return nil, err
+	}
 	return c, nil
+}
+
+func parseTimeout(s string) (time.Duration, error) {
+	if s == "" {
+		return DefaultDelegateTimeout, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < time.Second || d > MaxDelegateTimeout {
+		return 0, fmt.Errorf("delegateTimeout %q is not a duration from 1s to %s (e.g. \"90s\")", s, MaxDelegateTimeout)
+	}
+	return d, nil
 }
 
 func absPath(key, p, def string) (string, error) {

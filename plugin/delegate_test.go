@@ -6,6 +6,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/twillnet/twill/subnet"
 )
@@ -178,6 +179,22 @@ func TestBuildDelegate(t *testing.T) {
 	}
 }
 
+func TestParseConfDelegateTimeout(t *testing.T) {
+	for conf, want := range map[string]time.Duration{
+		`{"name":"n"}`:                         DefaultDelegateTimeout,
+		`{"name":"n","delegateTimeout":"90s"}`: 90 * time.Second,
+		`{"name":"n","delegateTimeout":"10m"}`: 10 * time.Minute,
+	} {
+		c, err := ParseConf([]byte(conf))
+		if err != nil {
+			t.Fatalf("%s: %v", conf, err)
+		}
+		if c.DelegateTimeout != want {
+			t.Errorf("%s: timeout %v, want %v", conf, c.DelegateTimeout, want)
+		}
+	}
+}
+
 func TestParseConfRejects(t *testing.T) {
 	for _, tc := range []struct{ name, conf, wantErr string }{
 		{"not JSON", `{"name":`, "decode network config"},
@@ -188,6 +205,10 @@ func TestParseConfRejects(t *testing.T) {
 		{"dataDir relative", `{"name":"n","dataDir":"var/lib"}`, "must be an absolute path"},
 		{"dataDir wrong type", `{"name":"n","dataDir":7}`, "decode network config"},
 		{"valid-attachments wrong type", `{"name":"n","cni.dev/valid-attachments":{}}`, "decode network config"},
+		{"delegateTimeout not a duration", `{"name":"n","delegateTimeout":"soon"}`, `delegateTimeout "soon" is not a duration`},
+		{"delegateTimeout a number", `{"name":"n","delegateTimeout":60}`, "decode network config"},
+		{"delegateTimeout too short", `{"name":"n","delegateTimeout":"10ms"}`, "from 1s to 10m0s"},
+		{"delegateTimeout too long", `{"name":"n","delegateTimeout":"1h"}`, "from 1s to 10m0s"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := ParseConf([]byte(tc.conf))

@@ -36,8 +36,9 @@ type Exec interface {
 }
 
 // runDelegate finds the delegate in CNI_PATH and runs it for verb with conf
-// on stdin and the plugin's own environment, CNI_COMMAND replaced.
-func runDelegate(ctx context.Context, verb, typ string, conf []byte, e Exec) ([]byte, error) {
+// on stdin and the plugin's own environment, CNI_COMMAND replaced. A
+// delegate still running after timeout is killed.
+func runDelegate(timeout time.Duration, verb, typ string, conf []byte, e Exec) ([]byte, error) {
 	if e == nil {
 		e = defaultExec{}
 	}
@@ -45,7 +46,20 @@ func runDelegate(ctx context.Context, verb, typ string, conf []byte, e Exec) ([]
 	if err != nil {
 		return nil, err
 	}
-	return e.ExecPlugin(ctx, path, conf, delegateEnv(verb))
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	out, err := e.ExecPlugin(ctx, path, conf, delegateEnv(verb))
+	return out, timedOut(ctx, timeout, err)
+}
+
+// timedOut turns the error of a delegate that was killed at its deadline
+// into one that says so. The delegate's own error is quoted, not wrapped:
+// it is no CNI error of the delegate's, whose code the verb would pass on.
+func timedOut(ctx context.Context, timeout time.Duration, err error) error {
+	if err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return fmt.Errorf("did not finish within %s (delegateTimeout), killed: %v", timeout, err)
+	}
+	return err
 }
 
 // delegateEnv is the plugin's environment with CNI_COMMAND set to verb.
@@ -68,12 +82,13 @@ type pending struct {
 }
 
 // startDelegate starts the delegate for verb and returns without waiting for
-// it, so the plugin can do other work meanwhile. Only the default Exec can
-// start a plugin without waiting; with any other (test fakes) and when the
-// start fails (e.g. "text file busy", which waiting retries), the delegate
-// runs in wait, with the same errors runDelegate would return.
-func startDelegate(ctx context.Context, verb, typ string, conf []byte, e Exec) pending {
-	run := pending{wait: func() ([]byte, error) { return runDelegate(ctx, verb, typ, conf, e) }}
+// it, so the plugin can do other work meanwhile; timeout counts from the
+// start. Only the default Exec can start a plugin without waiting; with any
+// other (test fakes) and when the start fails (e.g. "text file busy", which
+// waiting retries), the delegate runs in wait, with the same errors
+// runDelegate would return.
+func startDelegate(timeout time.Duration, verb, typ string, conf []byte, e Exec) pending {
+	run := pending{wait: func() ([]byte, error) { return runDelegate(timeout, verb, typ, conf, e) }}
 	if e != nil {
 		return run
 	}
@@ -81,11 +96,17 @@ func startDelegate(ctx context.Context, verb, typ string, conf []byte, e Exec) p
 	if err != nil {
 		return run
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	c, err := startChild(path, conf, delegateEnv(verb))
 	if err != nil {
+		cancel()
 		return run
 	}
-	return pending{started: true, wait: func() ([]byte, error) { return c.finish(ctx) }}
+	return pending{started: true, wait: func() ([]byte, error) {
+		defer cancel()
+		out, err := c.finish(ctx)
+		return out, timedOut(ctx, timeout, err)
+	}}
 }
 
 // resultVersion returns the version of a delegate's result, and the result

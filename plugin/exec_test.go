@@ -259,3 +259,47 @@ func TestDelInTheRuntimesVersion(t *testing.T) {
 		t.Errorf("DEL config %v differs from ADD config %v beyond the version", del, add)
 	}
 }
+
+// A delegate that never returns is killed at delegateTimeout: ADD fails with
+// a CNI error that says so, the rollback DEL runs, and no process is left.
+func TestDelegateTimeout(t *testing.T) {
+	pidFile := filepath.Join(t.TempDir(), "pid")
+	log := realDelegates(t, `echo $$ >`+pidFile+`; exec sleep 600`)
+	f := newFixture(t)
+	f.p.Exec = nil
+	err := f.p.Add(f.args("c1", f.conf("1.1.0", `"delegateTimeout":"1s"`)))
+	wantCode(t, err, types.ErrInternal)
+	var te *types.Error
+	errors.As(err, &te)
+	if !strings.Contains(te.Msg, "delegate bridge ADD") || !strings.Contains(te.Details, "did not finish within 1s (delegateTimeout), killed") {
+		t.Errorf("error %q / %q, want it to name the delegate and the deadline", te.Msg, te.Details)
+	}
+	if got := strings.Join(loggedVerbs(t, log), " "); got != "bridge_ADD bridge_DEL" {
+		t.Errorf("delegate ran %q, want ADD then the rollback DEL", got)
+	}
+	if f.stateExists("c1") || f.out.Len() != 0 {
+		t.Errorf("state %v, stdout %q after a killed ADD", f.stateExists("c1"), f.out.String())
+	}
+	pid, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat("/proc/" + strings.TrimSpace(string(pid))); err == nil {
+		t.Errorf("the hung delegate (pid %s) is still there", strings.TrimSpace(string(pid)))
+	}
+
+	// A DEL that hangs keeps the state, for the runtime to retry.
+	f2 := newFixture(t)
+	if err := f2.p.Add(f2.args("c2", f2.conf("1.1.0", ""))); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	scriptPlugin(t, dir, "bridge", `exec sleep 600`)
+	t.Setenv("CNI_PATH", dir)
+	f2.p.Exec = nil
+	err = f2.p.Del(f2.args("c2", f2.conf("1.1.0", `"delegateTimeout":"1s"`)))
+	wantCode(t, err, types.ErrInternal)
+	if !f2.stateExists("c2") {
+		t.Error("the state of a DEL whose delegate hung was removed")
+	}
+}

@@ -1,13 +1,13 @@
 package plugin
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -101,23 +101,22 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	if err := store.MakeDir(); err != nil {
 		return cniError(codeIO, "cannot save state", err)
 	}
-	ctx := context.Background()
-	d := startDelegate(ctx, "ADD", typ, raw, p.Exec)
+	d := startDelegate(conf.DelegateTimeout, "ADD", typ, raw, p.Exec)
 	if err := store.Save(st); err != nil {
 		cause := cniError(codeIO, "cannot save state", err)
 		if !d.started {
 			return cause
 		}
 		_, _ = d.wait() // whatever it did, undo it
-		return p.rollback(ctx, store, args, typ, raw, cause)
+		return p.rollback(conf.DelegateTimeout, store, args, typ, raw, cause)
 	}
 	out, err := d.wait()
 	if err != nil {
-		return p.rollback(ctx, store, args, typ, raw, delegateError(typ, "ADD", err))
+		return p.rollback(conf.DelegateTimeout, store, args, typ, raw, delegateError(typ, "ADD", err))
 	}
 	if cerr := p.printResult(out, conf.CNIVersion); cerr != nil {
 		cerr.Msg = fmt.Sprintf("twill: delegate %s ADD: %s", typ, strings.TrimPrefix(cerr.Msg, "twill: "))
-		return p.rollback(ctx, store, args, typ, raw, cerr)
+		return p.rollback(conf.DelegateTimeout, store, args, typ, raw, cerr)
 	}
 	return nil
 }
@@ -156,8 +155,8 @@ func (p *Plugin) printResult(out []byte, want string) *types.Error {
 
 // rollback undoes a failed ADD: the delegate's DEL, then the state. When the
 // DEL fails too, the state stays so that the runtime's DEL can retry with it.
-func (p *Plugin) rollback(ctx context.Context, store *Store, args *skel.CmdArgs, typ string, raw []byte, cause *types.Error) error {
-	if _, err := runDelegate(ctx, "DEL", typ, raw, p.Exec); err != nil {
+func (p *Plugin) rollback(timeout time.Duration, store *Store, args *skel.CmdArgs, typ string, raw []byte, cause *types.Error) error {
+	if _, err := runDelegate(timeout, "DEL", typ, raw, p.Exec); err != nil {
 		cause.Details += fmt.Sprintf(" (rollback: delegate %s DEL failed too, state kept for the runtime's DEL: %v)", typ, err)
 		return cause
 	}
@@ -204,7 +203,7 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 			return cniError(codeInternal, "cannot prepare the delegate config", err)
 		}
 	}
-	if _, err := runDelegate(context.Background(), "DEL", typ, raw, p.Exec); err != nil {
+	if _, err := runDelegate(conf.DelegateTimeout, "DEL", typ, raw, p.Exec); err != nil {
 		return delegateError(typ, "DEL", err)
 	}
 	if err := store.Remove(args.ContainerID, args.IfName); err != nil {
@@ -244,7 +243,7 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 		return cniError(codeInternal, "cannot prepare the delegate config", err)
 	}
 	typ, _ := delegateType(raw)
-	if _, err := runDelegate(context.Background(), "CHECK", typ, raw, p.Exec); err != nil {
+	if _, err := runDelegate(conf.DelegateTimeout, "CHECK", typ, raw, p.Exec); err != nil {
 		return delegateError(typ, "CHECK", err)
 	}
 	return nil
@@ -266,7 +265,7 @@ func (p *Plugin) Status(args *skel.CmdArgs) error {
 		return cerr
 	}
 	typ, _ := delegateType(raw)
-	if _, err := runDelegate(context.Background(), "STATUS", typ, raw, p.Exec); err != nil {
+	if _, err := runDelegate(conf.DelegateTimeout, "STATUS", typ, raw, p.Exec); err != nil {
 		return delegateError(typ, "STATUS", err)
 	}
 	return nil
@@ -315,15 +314,14 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 		return cniError(codeInternal, "cannot prepare the delegate config", err)
 	}
 	typ, _ := delegateType(raw)
-	ctx := context.Background()
-	if _, err := runDelegate(ctx, "GC", typ, raw, p.Exec); err != nil {
+	if _, err := runDelegate(conf.DelegateTimeout, "GC", typ, raw, p.Exec); err != nil {
 		return delegateError(typ, "GC", err)
 	}
 	// The reference bridge does not pass GC on to its IPAM plugin, so
 	// host-local would never release the addresses of vanished pods. GC is
 	// idempotent: a delegate that does forward it costs one more no-op.
 	if ipamType := IPAMType; ipamType != typ {
-		if _, err := runDelegate(ctx, "GC", ipamType, raw, p.Exec); err != nil {
+		if _, err := runDelegate(conf.DelegateTimeout, "GC", ipamType, raw, p.Exec); err != nil {
 			return delegateError(ipamType, "GC", err)
 		}
 	}
