@@ -29,7 +29,7 @@ TOOLS_MOD := hack/tools/go.mod hack/tools/go.sum
 TOOLS_GO  := cd hack/tools && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD)
 CNI_PLUGINS := bridge host-local loopback portmap
 
-tools: $(TOOLS_BIN)/etcd $(TOOLS_BIN)/etcdctl $(TOOLS_BIN)/kube-apiserver $(TOOLS_BIN)/crictl $(TOOLS_BIN)/pause cni-plugins ## build etcd, etcdctl, kube-apiserver, crictl, the test pods' pause program and the reference CNI plugins
+tools: $(TOOLS_BIN)/etcd $(TOOLS_BIN)/etcdctl $(TOOLS_BIN)/kube-apiserver $(TOOLS_BIN)/crictl $(TOOLS_BIN)/pause containerd2 cni-plugins ## build etcd, etcdctl, kube-apiserver, crictl, containerd 2, the test pods' pause program and the reference CNI plugins
 
 cni-plugins: $(addprefix $(CNI_BIN)/,$(CNI_PLUGINS)) ## build only the reference CNI plugins (what the lab needs)
 
@@ -44,6 +44,19 @@ $(TOOLS_BIN)/crictl: $(TOOLS_MOD)
 # The sandbox program of the containerd test's pods (nothing can be pulled here).
 $(TOOLS_BIN)/pause: test/pause/main.go
 	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $@ ./test/pause
+
+# containerd 2.x, for the CRI test beside Debian's containerd 1.6. Its own module
+# (hack/containerd), as its dependencies pin other versions than hack/tools'.
+CTRD_MOD := hack/containerd/go.mod hack/containerd/go.sum
+CTRD_BIN := $(TOOLS_BIN)/containerd2
+CTRD_CMDS := containerd containerd-shim-runc-v2 ctr
+.PHONY: containerd2
+containerd2: $(addprefix $(CTRD_BIN)/,$(CTRD_CMDS))
+$(addprefix $(CTRD_BIN)/,$(CTRD_CMDS)): $(CTRD_BIN)/%: $(CTRD_MOD)
+	cd hack/containerd && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -tags no_btrfs,no_devmapper,no_zfs \
+		-ldflags "-X github.com/containerd/containerd/v2/version.Version=$$($(GO) list -m -f '{{.Version}}' github.com/containerd/containerd/v2)" \
+		-o ../../$@ github.com/containerd/containerd/v2/cmd/$*
+
 $(CNI_BIN)/bridge $(CNI_BIN)/loopback: $(CNI_BIN)/%: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ github.com/containernetworking/plugins/plugins/main/$*
 $(CNI_BIN)/host-local: $(TOOLS_MOD)

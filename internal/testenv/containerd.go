@@ -49,29 +49,42 @@ type Containerd struct {
 	done            chan struct{}
 }
 
-// ContainerdBinaries returns the paths of containerd, ctr and runc from
-// Debian's packages (hack/install-deps.sh installs them).
-func ContainerdBinaries(t testing.TB) (containerd, ctr string) {
+// ContainerdBinaries returns the paths of containerd and ctr in binDir, or,
+// with binDir empty, Debian's (hack/install-deps.sh installs them). It
+// checks that containerd's shim and runc are there too.
+func ContainerdBinaries(t testing.TB, binDir string) (containerd, ctr string) {
 	t.Helper()
-	for _, name := range []string{"containerd", "ctr", "runc", "containerd-shim-runc-v2", "nsenter"} {
+	for _, name := range []string{"runc", "nsenter"} {
 		if _, err := exec.LookPath(name); err != nil {
-			missing(t, "%s not found; run `make deps` (Debian packages containerd, runc)", name)
+			missing(t, "%s not found; run `make deps`", name)
 		}
 	}
-	containerd, _ = exec.LookPath("containerd")
-	ctr, _ = exec.LookPath("ctr")
-	return containerd, ctr
+	paths := map[string]string{}
+	for _, name := range []string{"containerd", "ctr", "containerd-shim-runc-v2"} {
+		if binDir == "" {
+			p, err := exec.LookPath(name)
+			if err != nil {
+				missing(t, "%s not found; run `make deps` (Debian package containerd)", name)
+			}
+			paths[name] = p
+		} else {
+			paths[name] = requireFile(t, filepath.Join(binDir, name), "make tools")
+		}
+	}
+	return paths["containerd"], paths["ctr"]
 }
 
 // StartContainerd starts a containerd for one node in netns, keeping its
 // files in dir, and imports the pause image into its k8s.io namespace. The
+// programs are Debian's, or with binDir set, the containerd, ctr and shim
+// there (`make tools` builds containerd 2.x into bin/tools/containerd2). The
 // CNI directories are made empty: the caller installs plugins and a conflist
 // the way the DaemonSet does. Everything it starts (containerd, the shims
 // of pods still running) is stopped when the test ends.
-func StartContainerd(t testing.TB, netns, dir string) *Containerd {
+func StartContainerd(t testing.TB, netns, dir, binDir string) *Containerd {
 	t.Helper()
 	RequireRoot(t)
-	containerd, ctr := ContainerdBinaries(t)
+	containerd, ctr := ContainerdBinaries(t, binDir)
 	c := &Containerd{
 		containerd:   containerd,
 		ctr:          ctr,
@@ -148,6 +161,8 @@ func (c *Containerd) Start(t testing.TB) {
 	}
 	cmd := exec.Command("nsenter", "--net=/run/netns/"+c.NetNS, c.containerd, "--config", c.config)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	// containerd looks its shim up in PATH: the one beside it comes first.
+	cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(c.containerd)+":"+os.Getenv("PATH"))
 	if err := startProcess(cmd); err != nil {
 		logf.Close()
 		t.Fatalf("start containerd: %v", err)
@@ -209,6 +224,15 @@ func (c *Containerd) Crictl(t testing.TB, args ...string) (string, error) {
 		}
 	}
 	return run(Tool(t, "crictl"), append([]string{"--config", conf}, args...)...)
+}
+
+// Version is what containerd says of its version.
+func (c *Containerd) Version(t testing.TB) string {
+	out, err := run(c.containerd, "--version")
+	if err != nil {
+		return err.Error()
+	}
+	return strings.TrimSpace(out)
 }
 
 // Log returns the last lines of containerd's log.

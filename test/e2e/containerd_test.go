@@ -38,6 +38,27 @@ type criNode struct {
 // restart of containerd leaves running pods connected, and removing pods
 // leaves nothing behind.
 func TestContainerdCRI(t *testing.T) {
+	for _, rt := range []criRuntime{
+		// Debian 12's: CNI library 1.1, so the shipped conflist's cniVersion.
+		{name: "containerd-1.6", cniVersion: "1.0.0"},
+		// Built by `make tools`: CNI library 1.3, so the highest of cniVersions,
+		// and with it STATUS behind the CRI's NetworkReady.
+		{name: "containerd-2", binDir: filepath.Join(testenv.RepoRoot(), "bin", "tools", "containerd2"), cniVersion: "1.1.0", status: true},
+	} {
+		t.Run(rt.name, func(t *testing.T) { testContainerdCRI(t, rt) })
+	}
+}
+
+// criRuntime is a containerd to test and what it should make of the
+// shipped conflist.
+type criRuntime struct {
+	name       string
+	binDir     string // "" for Debian's package
+	cniVersion string // the version it should ask the chain for
+	status     bool   // whether it asks STATUS for the CRI's NetworkReady
+}
+
+func testContainerdCRI(t *testing.T, rtc criRuntime) {
 	c := newCluster(t, 2)
 	testenv.Tool(t, "crictl")
 	c.setConfig(`{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}`)
@@ -53,13 +74,19 @@ func TestContainerdCRI(t *testing.T) {
 			stateDir: filepath.Join(dir, "twill-state"),
 			ipamDir:  filepath.Join(dir, "ipam"),
 		}
-		n.rt = testenv.StartContainerd(t, c.topo.HostNS(i), dir)
+		n.rt = testenv.StartContainerd(t, c.topo.HostNS(i), dir, rtc.binDir)
 		n.install(t)
 		nodes[i] = n
 	}
 
-	// twilld is not running yet: the sandbox fails with twill's code-11
-	// error, and the runtime cleans up after it.
+	// twilld is not running yet. A runtime that asks STATUS reports the
+	// network not ready with twill's reason; the sandbox fails with twill's
+	// code-11 error, and the runtime cleans up after it.
+	if rtc.status {
+		waitFor(t, "NetworkReady false with twill's reason", 20*time.Second, func() error {
+			return networkReady(t, nodes[1], false, "twill: not ready: subnet env file")
+		})
+	}
 	early := podConfig(t, nodes[1], "early", nil)
 	out, err := nodes[1].rt.Crictl(t, "runp", early)
 	if err == nil {
@@ -75,6 +102,7 @@ func TestContainerdCRI(t *testing.T) {
 	for i := 1; i <= 2; i++ {
 		envs[i] = c.waitEnv(i).Subnet
 	}
+	waitFor(t, "NetworkReady true", 20*time.Second, func() error { return networkReady(t, nodes[1], true, "") })
 	earlyID := runPod(t, nodes[1], early)
 	if _, err := nodes[1].rt.Crictl(t, "stopp", earlyID); err != nil {
 		t.Fatal(err)
@@ -101,11 +129,11 @@ func TestContainerdCRI(t *testing.T) {
 		if state := dirNames(t, filepath.Join(nodes[i].stateDir, "twill"), func(string) bool { return false }); len(state) != 1 {
 			t.Fatalf("h%d: twill's state for one pod is %v", i, state)
 		}
-		if v := cachedResultVersion(t, ids[i]); v != "1.0.0" {
-			t.Errorf("containerd %s cached a CNI result of version %q; the shipped conflist should give it 1.0.0", containerdVersion(t), v)
+		if v := cachedResultVersion(t, ids[i]); v != rtc.cniVersion {
+			t.Errorf("%s cached a CNI result of version %q; the shipped conflist should give it %s", nodes[i].rt.Version(t), v, rtc.cniVersion)
 		}
 	}
-	t.Logf("pods: h1 %s (%s), h2 %s (%s)", pods[1].ip, envs[1], pods[2].ip, envs[2])
+	t.Logf("%s: pods h1 %s (%s), h2 %s (%s)", nodes[1].rt.Version(t), pods[1].ip, envs[1], pods[2].ip, envs[2])
 
 	connected := func(when string) {
 		t.Helper()
@@ -295,9 +323,36 @@ func cachedResultVersion(t *testing.T, id string) string {
 	return cached.Result.CNIVersion
 }
 
-func containerdVersion(t *testing.T) string {
-	out, _ := exec.Command("containerd", "--version").Output()
-	return strings.TrimSpace(string(out))
+// networkReady checks the CRI's NetworkReady condition and, when want is
+// false, that its message contains reason.
+func networkReady(t *testing.T, n *criNode, want bool, reason string) error {
+	out, err := n.rt.Crictl(t, "info")
+	if err != nil {
+		return err
+	}
+	var info struct {
+		Status struct {
+			Conditions []struct {
+				Type    string
+				Status  bool
+				Reason  string
+				Message string
+			}
+		}
+	}
+	if err := json.Unmarshal([]byte(out), &info); err != nil {
+		return fmt.Errorf("crictl info: %w", err)
+	}
+	for _, c := range info.Status.Conditions {
+		if c.Type != "NetworkReady" {
+			continue
+		}
+		if c.Status != want || !strings.Contains(c.Message, reason) {
+			return fmt.Errorf("NetworkReady %v (%s: %s), want %v with %q", c.Status, c.Reason, c.Message, want, reason)
+		}
+		return nil
+	}
+	return fmt.Errorf("crictl info has no NetworkReady condition:\n%s", out)
 }
 
 // serveOnce accepts one TCP connection on port in listenNS, dialled from
