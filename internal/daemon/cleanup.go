@@ -47,10 +47,8 @@ func Cleanup(ctx context.Context, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	for _, r := range routes {
-		if err := h.RouteDel(&r); err != nil && !netlinkx.IsNotFound(err) {
-			errs = append(errs, fmt.Errorf("delete route %s: %w", r.Dst, err))
-		}
+	if err := deleteRoutes(h, routes); err != nil {
+		errs = append(errs, err)
 	}
 	log.Info("deleted twill's routes", "count", len(routes))
 	if ipt, err := masq.NewIPTables(); err == nil {
@@ -61,6 +59,18 @@ func Cleanup(ctx context.Context, log *slog.Logger) error {
 		}
 	} else {
 		log.Warn("iptables not available; skipping its cleanup", "err", err)
+	}
+	return errors.Join(errs...)
+}
+
+// deleteRoutes deletes routes; one that is gone already (ESRCH: deleted
+// meanwhile, or with its device) is no failure.
+func deleteRoutes(h *netlink.Handle, routes []netlink.Route) error {
+	var errs []error
+	for _, r := range routes {
+		if err := h.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("delete route %s: %w", r.Dst, err))
+		}
 	}
 	return errors.Join(errs...)
 }

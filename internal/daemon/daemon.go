@@ -169,12 +169,9 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		return err
 	}
 
-	runCtx, cancel := context.WithCancel(ctx)
-	mgrDone := make(chan struct{})
-	go func() { defer close(mgrDone); mgr.Run(runCtx) }()
-	d.loop(runCtx)
-	cancel()
-	<-mgrDone
+	if err := d.run(ctx); err != nil {
+		return err
+	}
 
 	if c.ReleaseOnExit {
 		rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -202,8 +199,9 @@ type daemon struct {
 	policy  subnet.PeerPolicy
 	skipped map[string]bool // "subnet reason" of the leases skipped in the last pass
 
-	envSubnet netip.Prefix // the subnet the env file names
-	announced bool         // DatapathReady was reported
+	envSubnet  netip.Prefix // the subnet the env file names
+	programmed bool         // a pass succeeded once: the node is ready
+	announced  bool         // DatapathReady was reported
 
 	// The inputs of the last good pass, to tell what a pass must change:
 	good     bool                        // the last pass succeeded
@@ -218,6 +216,29 @@ type daemon struct {
 	// retiredRuleWrites are the writes of rule managers replaced after a
 	// subnet change, so ruleWrites never goes backwards.
 	retiredRuleWrites uint64
+}
+
+// run follows the datastore and programs the datapath until ctx ends. A
+// lease manager that stops before that ends the run with its error, so that
+// twilld exits and is restarted rather than serving a frozen view.
+func (d *daemon) run(ctx context.Context) error {
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() {
+		errc <- d.mgr.Run(runCtx)
+		cancel()
+	}()
+	d.loop(runCtx)
+	cancel()
+	err := <-errc
+	if ctx.Err() != nil {
+		return nil
+	}
+	if err == nil {
+		err = errors.New("stopped")
+	}
+	return fmt.Errorf("following the datastore: %w", err)
 }
 
 // loop runs a full pass at start and on every resync tick, and a pass over
@@ -374,9 +395,14 @@ func (d *daemon) observe(took time.Duration, peers int) {
 	d.met.peers.WithLabelValues(d.cfg.Backend.Type).Set(float64(peers))
 }
 
-// announce tells the datastore, after the first good pass, that the node's
-// network is up.
+// announce makes the node ready after its first good pass (twill_ready,
+// /readyz) and tells the datastore that the node's network is up.
 func (d *daemon) announce(ctx context.Context) {
+	if !d.programmed {
+		d.programmed = true
+		d.met.ready.Set(1)
+		d.hl.set("")
+	}
 	if d.announced {
 		return
 	}
@@ -481,8 +507,9 @@ func (d *daemon) writeEnv(p netip.Prefix) error {
 	}
 	d.envSubnet = p
 	d.met.envFileWrites.Inc()
-	d.met.ready.Set(1)
-	d.hl.set("")
+	if !d.programmed {
+		d.hl.set("programming the datapath")
+	}
 	d.log.Info("wrote subnet env file", "path", d.c.SubnetFile, "subnet", env.Subnet, "mtu", env.MTU)
 	return nil
 }

@@ -7,8 +7,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -28,6 +31,7 @@ type recordingBackend struct {
 	updateErr error
 	writes    uint64 // what the next Reconcile pretends to write
 	counters  backend.Counters
+	failFull  error // what Reconcile returns
 }
 
 func (b *recordingBackend) Prepare(context.Context) (json.RawMessage, int, error) {
@@ -40,7 +44,7 @@ func (b *recordingBackend) Reconcile(_ context.Context, _ subnet.Lease, peers []
 	b.calls = append(b.calls, fmt.Sprintf("full %d", len(peers)))
 	b.counters.Routes += b.writes
 	b.writes = 0
-	return nil
+	return b.failFull
 }
 
 func (b *recordingBackend) Update(_ context.Context, _ subnet.Lease, changed []subnet.Lease, removed []netip.Prefix) (bool, error) {
@@ -61,15 +65,22 @@ func (b *recordingBackend) Update(_ context.Context, _ subnet.Lease, changed []s
 }
 
 type staticLeases struct {
-	own   subnet.Lease
-	peers []subnet.Lease
+	own    subnet.Lease
+	peers  []subnet.Lease
+	runErr error // Run returns it at once; nil: Run waits for its context
 }
 
 func (m *staticLeases) Acquire(context.Context) (subnet.Lease, error) { return m.own, nil }
 func (m *staticLeases) Own() subnet.Lease                             { return m.own }
 func (m *staticLeases) Peers() ([]subnet.Lease, bool)                 { return slices.Clone(m.peers), true }
 func (m *staticLeases) Changed() <-chan struct{}                      { return nil }
-func (m *staticLeases) Run(context.Context) error                     { return nil }
+func (m *staticLeases) Run(ctx context.Context) error {
+	if m.runErr != nil {
+		return m.runErr
+	}
+	<-ctx.Done()
+	return nil
+}
 func (m *staticLeases) Release(context.Context) error                 { return nil }
 
 func TestPassChoosesUpdateOrFull(t *testing.T) {
@@ -79,7 +90,7 @@ func TestPassChoosesUpdateOrFull(t *testing.T) {
 	own := mk("10.244.1.0/24", "198.18.0.1")
 	mgr := &staticLeases{own: own, peers: []subnet.Lease{mk("10.244.2.0/24", "198.18.0.2"), mk("10.244.3.0/24", "198.18.0.3")}}
 	be := &recordingBackend{}
-	d := &daemon{cfg: &subnet.Config{Backend: subnet.BackendConfig{Type: "vxlan"}}, be: be, mgr: mgr, met: newMetrics(),
+	d := &daemon{cfg: &subnet.Config{Backend: subnet.BackendConfig{Type: "vxlan"}}, be: be, mgr: mgr, met: newMetrics(), hl: &health{},
 		log: slog.New(slog.DiscardHandler), envSubnet: own.Subnet, policy: subnet.PeerPolicy{Network: netip.MustParsePrefix("10.244.0.0/16")}}
 	ctx := context.Background()
 	step := func(name string, full bool, want ...string) {
@@ -158,4 +169,53 @@ func counter(t *testing.T, c prometheus.Counter) float64 {
 		t.Fatal(err)
 	}
 	return m.GetCounter().GetValue()
+}
+
+// The node is ready (twill_ready, /readyz) once a pass has programmed the
+// datapath, not when the env file is written: a node whose first pass fails
+// stays not ready until one succeeds.
+func TestReadyAfterTheFirstGoodPass(t *testing.T) {
+	own := subnet.Lease{Subnet: netip.MustParsePrefix("10.244.1.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.1"), BackendType: "vxlan"}}
+	be := &recordingBackend{failFull: errors.New("route 10.244.2.0/24: file exists")}
+	hl := &health{notReady: "acquiring a lease"}
+	d := &daemon{c: Config{SubnetFile: filepath.Join(t.TempDir(), "subnet.env")}, cfg: &subnet.Config{Network: netip.MustParsePrefix("10.244.0.0/16"), Backend: subnet.BackendConfig{Type: "vxlan"}},
+		be: be, mgr: &staticLeases{own: own}, met: newMetrics(), hl: hl, mtu: 1450, log: slog.New(slog.DiscardHandler),
+		policy: subnet.PeerPolicy{Network: netip.MustParsePrefix("10.244.0.0/16")}}
+	if err := d.writeEnv(own.Subnet); err != nil {
+		t.Fatal(err)
+	}
+	if r := hl.reason(); r != "programming the datapath" || gauge(t, d.met.ready) != 0 {
+		t.Fatalf("after the env file: /readyz reason %q, twill_ready %v; want not ready", r, gauge(t, d.met.ready))
+	}
+	d.pass(context.Background(), true)
+	if r := hl.reason(); r == "" || gauge(t, d.met.ready) != 0 {
+		t.Fatalf("after a failed pass: /readyz reason %q, twill_ready %v; want not ready", r, gauge(t, d.met.ready))
+	}
+	be.failFull = nil
+	d.pass(context.Background(), true)
+	if r := hl.reason(); r != "" || gauge(t, d.met.ready) != 1 {
+		t.Fatalf("after a good pass: /readyz reason %q, twill_ready %v; want ready", r, gauge(t, d.met.ready))
+	}
+}
+
+// A lease manager that fails ends the daemon's run with its error (twilld
+// exits and is restarted); one that stops because twilld stops does not.
+func TestRunEndsWithTheLeaseManagersError(t *testing.T) {
+	own := subnet.Lease{Subnet: netip.MustParsePrefix("10.244.1.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.1"), BackendType: "vxlan"}}
+	newDaemon := func(mgr leaseManager) *daemon {
+		return &daemon{c: Config{ResyncInterval: time.Hour}, cfg: &subnet.Config{Network: netip.MustParsePrefix("10.244.0.0/16"), Backend: subnet.BackendConfig{Type: "vxlan"}},
+			be: &recordingBackend{}, mgr: mgr, met: newMetrics(), hl: &health{}, log: slog.New(slog.DiscardHandler), envSubnet: own.Subnet,
+			policy: subnet.PeerPolicy{Network: netip.MustParsePrefix("10.244.0.0/16")}}
+	}
+	err := newDaemon(&staticLeases{own: own, runErr: errors.New("watch compacted beyond recovery")}).run(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "watch compacted beyond recovery") {
+		t.Fatalf("run = %v, want the lease manager's error", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- newDaemon(&staticLeases{own: own}).run(ctx) }()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("run after the context ended = %v, want nil", err)
+	}
 }
