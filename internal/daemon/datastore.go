@@ -60,7 +60,9 @@ type etcdStore struct {
 }
 
 func newEtcdStore(c Config, log *slog.Logger) (*etcdStore, error) {
-	cli, err := etcd.NewClient(c.Etcd)
+	opts := c.Etcd
+	opts.Log = log
+	cli, err := etcd.NewClient(opts)
 	if err != nil {
 		return nil, err
 	}

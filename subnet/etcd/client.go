@@ -14,15 +14,19 @@
 package etcd
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
+	"slices"
 	"strings"
 	"time"
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
 	grpcbackoff "google.golang.org/grpc/backoff"
 )
@@ -40,6 +44,9 @@ type ClientOptions struct {
 	Password  string
 	// DialTimeout bounds the first connection; default 5s.
 	DialTimeout time.Duration
+	// Log receives the client's own warnings and errors (its retries, a
+	// lost connection); nil discards them.
+	Log *slog.Logger
 }
 
 // NewClient connects to etcd. The connection itself is lazy: an unreachable
@@ -73,7 +80,7 @@ func NewClient(o ClientOptions) (*clientv3.Client, error) {
 		TLS:         tlsCfg,
 		Username:    o.Username,
 		Password:    o.Password,
-		Logger:      zap.NewNop(),
+		Logger:      zapToSlog(o.Log),
 		// Keepalive pings notice a dead connection well before the lease TTL.
 		DialKeepAliveTime:    10 * time.Second,
 		DialKeepAliveTimeout: 5 * time.Second,
@@ -91,3 +98,58 @@ func NewClient(o ClientOptions) (*clientv3.Client, error) {
 	}
 	return cli, nil
 }
+
+// zapToSlog is a zap logger (what the etcd client logs through) that hands
+// warnings and errors to log, each message prefixed "etcd client: ".
+func zapToSlog(log *slog.Logger) *zap.Logger {
+	if log == nil {
+		return zap.NewNop()
+	}
+	return zap.New(slogCore{log: log})
+}
+
+// slogCore is a zapcore.Core writing to a slog.Logger at warn and above.
+type slogCore struct {
+	log    *slog.Logger
+	fields []zapcore.Field
+}
+
+func (c slogCore) Enabled(l zapcore.Level) bool { return l >= zapcore.WarnLevel }
+
+func (c slogCore) With(fields []zapcore.Field) zapcore.Core {
+	return slogCore{log: c.log, fields: append(slices.Clip(c.fields), fields...)}
+}
+
+func (c slogCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
+	if c.Enabled(e.Level) {
+		return ce.AddCore(e, c)
+	}
+	return ce
+}
+
+func (c slogCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
+	enc := zapcore.NewMapObjectEncoder()
+	for _, f := range c.fields {
+		f.AddTo(enc)
+	}
+	for _, f := range fields {
+		f.AddTo(enc)
+	}
+	keys := make([]string, 0, len(enc.Fields))
+	for k := range enc.Fields {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	attrs := make([]any, 0, 2*len(keys))
+	for _, k := range keys {
+		attrs = append(attrs, k, enc.Fields[k])
+	}
+	level := slog.LevelWarn
+	if e.Level >= zapcore.ErrorLevel {
+		level = slog.LevelError
+	}
+	c.log.Log(context.Background(), level, "etcd client: "+e.Message, attrs...)
+	return nil
+}
+
+func (c slogCore) Sync() error { return nil }

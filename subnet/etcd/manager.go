@@ -8,6 +8,8 @@ import (
 	"sync"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/twillnet/twill/subnet"
 )
 
@@ -168,9 +170,12 @@ func (m *Manager) hold(ctx context.Context) error {
 	own := m.Own()
 	kctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	ka, err := m.reg.KeepAlive(kctx, own)
-	if err != nil {
-		return err
+	var ka <-chan *clientv3.LeaseKeepAliveResponse // a reservation has nothing to keep alive
+	if !own.Reservation() {
+		var err error
+		if ka, err = m.reg.KeepAlive(kctx, own); err != nil {
+			return err
+		}
 	}
 	for {
 		select {

@@ -268,3 +268,42 @@ func TestCacheAppliesEventsInOrder(t *testing.T) {
 		t.Errorf("revision %d, want 6", c.Revision())
 	}
 }
+
+// A reservation, a lease's value put again without an etcd lease (as
+// flannel's reservations are made), is taken by the node with its public IP
+// and stays a reservation: the node writes its attributes to it but attaches
+// no TTL, follows it like any lease, and does not delete it on release.
+func TestReservationStaysAReservation(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	reserved := netip.MustParsePrefix("10.244.77.0/24")
+	if _, err := f.cli.Put(ctx, f.reg.SubnetKey(reserved), `{"PublicIP":"198.18.0.7","BackendType":"alloc"}`); err != nil {
+		t.Fatal(err)
+	}
+	a := attrs("198.18.0.7")
+	a.NodeName = "h7"
+	m := runManager(t, f.reg, AcquireRequest{Config: f.cfg, Attrs: a, TTL: 2 * time.Second})
+	own := m.Own()
+	if own.Subnet != reserved || !own.Reservation() {
+		t.Fatalf("acquired %s (reservation %v), want the reserved %s", own.Subnet, own.Reservation(), reserved)
+	}
+	// Well past the TTL the node asked for: the key is still there, with no
+	// etcd lease and the node's attributes, and the node still holds it.
+	time.Sleep(3 * time.Second)
+	l, err := f.reg.Lease(ctx, reserved)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.EtcdLease != clientv3.NoLease || l.Attrs.NodeName != "h7" {
+		t.Fatalf("reserved key now has etcd lease %x and node %q; want none and h7", int64(l.EtcdLease), l.Attrs.NodeName)
+	}
+	if got := m.Own(); got != own {
+		t.Fatalf("the manager re-acquired (%s) while holding a reservation", got.Subnet)
+	}
+	if err := m.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.reg.Lease(ctx, reserved); err != nil {
+		t.Fatalf("the reservation is gone after release: %v", err)
+	}
+}

@@ -207,6 +207,10 @@ type Acquired struct {
 // Lease returns the acquired lease in the shared form.
 func (a *Acquired) Lease() subnet.Lease { return subnet.Lease{Subnet: a.Subnet, Attrs: a.Attrs} }
 
+// Reservation says the node holds a reserved subnet: a key with no etcd
+// lease, which never expires and is not released.
+func (a *Acquired) Reservation() bool { return a.EtcdLease == clientv3.NoLease }
+
 // Acquire takes a subnet for the node: the lease that already carries its
 // public IP, else its previous subnet if free, else a free one. Every write is
 // a transaction that fails if someone else changed the key since it was read,
@@ -229,9 +233,18 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 		if err != nil {
 			return nil, err
 		}
-		grant, err := r.cli.Grant(ctx, ttlSec)
-		if err != nil {
-			return nil, fmt.Errorf("grant etcd lease (TTL %ds): %w", ttlSec, err)
+		// A reservation (an operator's key with no etcd lease, as flannel's
+		// reservations are) stays one: the node takes it without a TTL.
+		reservation := mine != nil && mine.EtcdLease == clientv3.NoLease
+		var grant *clientv3.LeaseGrantResponse
+		put := []clientv3.OpOption{}
+		if reservation {
+			grant = &clientv3.LeaseGrantResponse{ID: clientv3.NoLease}
+		} else {
+			if grant, err = r.cli.Grant(ctx, ttlSec); err != nil {
+				return nil, fmt.Errorf("grant etcd lease (TTL %ds): %w", ttlSec, err)
+			}
+			put = append(put, clientv3.WithLease(grant.ID))
 		}
 		var (
 			target netip.Prefix
@@ -254,7 +267,7 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 			}
 			cmp = clientv3.Compare(clientv3.CreateRevision(r.SubnetKey(target)), "=", 0)
 		}
-		resp, err := r.cli.Txn(ctx).If(cmp).Then(clientv3.OpPut(r.SubnetKey(target), string(value), clientv3.WithLease(grant.ID))).Commit()
+		resp, err := r.cli.Txn(ctx).If(cmp).Then(clientv3.OpPut(r.SubnetKey(target), string(value), put...)).Commit()
 		if err != nil {
 			r.revoke(grant.ID)
 			return nil, fmt.Errorf("write lease %s: %w", target, err)
@@ -309,8 +322,13 @@ func findOwn(leases []StoredLease, req AcquireRequest) (*StoredLease, error) {
 	return byPrevious, nil
 }
 
-// Release deletes the node's lease (for a node leaving the cluster).
+// Release deletes the node's lease (for a node leaving the cluster). A
+// reservation is the operator's to delete and is kept.
 func (r *Registry) Release(ctx context.Context, a *Acquired) error {
+	if a.Reservation() {
+		r.log.Info("the subnet is reserved; keeping its key", "subnet", a.Subnet)
+		return nil
+	}
 	if _, err := r.cli.Revoke(ctx, a.EtcdLease); err != nil {
 		return fmt.Errorf("release lease %s: %w", a.Subnet, err)
 	}
@@ -328,16 +346,10 @@ func (r *Registry) KeepAlive(ctx context.Context, a *Acquired) (<-chan *clientv3
 	return ch, nil
 }
 
-// LeaseAlive reports whether the etcd lease still exists with our key on it.
-func (r *Registry) LeaseAlive(ctx context.Context, a *Acquired) (bool, error) {
-	resp, err := r.cli.Get(ctx, r.SubnetKey(a.Subnet))
-	if err != nil {
-		return false, err
-	}
-	return len(resp.Kvs) == 1 && clientv3.LeaseID(resp.Kvs[0].Lease) == a.EtcdLease, nil
-}
-
 func (r *Registry) revoke(id clientv3.LeaseID) {
+	if id == clientv3.NoLease {
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := r.cli.Revoke(ctx, id); err != nil {
