@@ -81,7 +81,7 @@ func (m *staticLeases) Run(ctx context.Context) error {
 	<-ctx.Done()
 	return nil
 }
-func (m *staticLeases) Release(context.Context) error                 { return nil }
+func (m *staticLeases) Release(context.Context) error { return nil }
 
 func TestPassChoosesUpdateOrFull(t *testing.T) {
 	mk := func(sn, ip string) subnet.Lease {
