@@ -71,11 +71,13 @@ demo: deps build cni-plugins ## run the lab: 3 hosts, 2 pods each, every pod pin
 	$(BIN)/twillctl lab run --hosts 3 --pods-per-host 2
 
 test: deps tools build ## run every test: unit, fuzz seeds, and the root/namespace integration tests
+	cd bench && $(GO) vet ./...  # the bench module is its own; it must keep building
 	TWILL_REQUIRE_ALL=1 $(GO) test -count=1 -timeout 30m $(TESTFLAGS) ./...
 
-lint: ## gofmt and go vet
+lint: ## gofmt and go vet (twill's module and the bench module)
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	cd bench && $(GO) vet ./...
 
 clean: ## remove built programs (keeps bin/tools unless you delete it)
 	rm -f $(BIN)/twilld $(BIN)/twillctl $(BIN)/twill
@@ -86,5 +88,5 @@ clean: ## remove built programs (keeps bin/tools unless you delete it)
 BENCHFLAGS ?=
 .PHONY: bench
 bench: deps build cni-plugins $(TOOLS_BIN)/etcd $(TOOLS_BIN)/kube-apiserver ## measure twill against its targets and the kernel's limits (root, ~8 min): bench/out/report.json
-	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $(BIN)/twillbench ./bench/cmd/twillbench
+	cd bench && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o ../$(BIN)/twillbench ./cmd/twillbench
 	$(BIN)/twillbench --repo $(CURDIR) --go $(GO) $(BENCHFLAGS)

@@ -1,9 +1,12 @@
-package kube
+// Package kubeinformer measures what twill's Kubernetes mode keeps in memory
+// for the Nodes of a large cluster, against a real kube-apiserver.
+package kubeinformer
 
 import (
 	"context"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"runtime"
 	"strconv"
@@ -19,6 +22,7 @@ import (
 	"github.com/twillnet/twill/bench/kubenode"
 	"github.com/twillnet/twill/internal/testenv"
 	"github.com/twillnet/twill/subnet"
+	"github.com/twillnet/twill/subnet/kube"
 )
 
 // BenchmarkInformer5000Nodes measures the heap the Node informer's cache holds
@@ -29,7 +33,7 @@ import (
 //
 // It takes minutes, so it runs only when named (a plain -bench . skips it):
 //
-//	go test -run '^$' -bench Informer5000Nodes ./subnet/kube/
+//	cd bench && go test -run '^$' -bench Informer5000Nodes ./kubeinformer/
 //
 // TWILL_KUBE_BENCH_NODES=500 makes a quick try with fewer Nodes.
 func BenchmarkInformer5000Nodes(b *testing.B) {
@@ -76,7 +80,7 @@ func BenchmarkInformer5000Nodes(b *testing.B) {
 		t0 := time.Now()
 		full = informerHeap(b, client, nil, nodes)
 		t1 := time.Now()
-		slim = informerHeap(b, client, SlimNode(""), nodes)
+		slim = informerHeap(b, client, kube.SlimNode(""), nodes)
 		t2 := time.Now()
 		mgr = managerHeap(b, client, nodes)
 		b.Logf("informer synced in %v without the transform, %v with; the Manager in %v",
@@ -136,7 +140,7 @@ func managerHeap(b *testing.B, cs kubernetes.Interface, want int) uint64 {
 	if err != nil {
 		b.Fatal(err)
 	}
-	m, err := NewManager(Options{Client: cs.CoreV1().Nodes(), NodeName: "node-00000"}, cfg, vxlanAttrs("192.0.2.1"))
+	m, err := kube.NewManager(kube.Options{Client: cs.CoreV1().Nodes(), NodeName: "node-00000"}, cfg, subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("192.0.2.1"), BackendType: "vxlan", BackendData: []byte(`{"VNI":1,"VtepMAC":"ae:12:34:56:78:9a"}`)})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -175,14 +179,18 @@ func createNodes(b *testing.B, cs kubernetes.Interface, n, w int) {
 	b.Helper()
 	err := kubenode.CreateAll(context.Background(), cs, n, w, func(i int) kubenode.Spec {
 		ip := fmt.Sprintf("10.%d.%d.%d", i>>16&255, i>>8&255, i&255)
-		ann := Keys("").owned(vxlanAttrs(ip))
-		ann[Keys("").BackendData] = fmt.Sprintf(`{"VNI":1,"VtepMAC":"ae:00:00:%02x:%02x:%02x"}`, i>>16&255, i>>8&255, i&255)
+		keys := kube.Keys("")
+		ann := map[string]string{
+			keys.BackendType: subnet.BackendVXLAN,
+			keys.BackendData: fmt.Sprintf(`{"VNI":1,"VtepMAC":"ae:00:00:%02x:%02x:%02x"}`, i>>16&255, i>>8&255, i&255),
+			keys.PublicIP:    ip,
+		}
 		return kubenode.Spec{
 			Name: fmt.Sprintf("node-%05d", i), Index: i, InternalIP: ip,
 			PodCIDR:     fmt.Sprintf("10.%d.%d.0/24", 128+i>>8, i&255), // inside managerHeap's Network
 			Annotations: ann,
 		}
-	}, FieldManager)
+	}, kube.FieldManager)
 	if err != nil {
 		b.Fatal(err)
 	}
