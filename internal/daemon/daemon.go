@@ -13,7 +13,6 @@
 package daemon
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -284,7 +283,7 @@ func (d *daemon) pass(ctx context.Context, full bool) {
 		return
 	}
 	changed, removed, dup := d.changes(peers)
-	ownSame := d.good && sameLease(own, d.knownOwn)
+	ownSame := d.good && subnet.SameLease(own, d.knownOwn)
 	nothing := ownSame && !dup && len(changed) == 0 && len(removed) == 0
 	if !full && nothing {
 		return
@@ -438,7 +437,7 @@ func (d *daemon) changes(peers []subnet.Lease) (changed []subnet.Lease, removed 
 			k.seen = d.epoch
 			d.known[l.Subnet] = k
 			seen++
-			if sameLease(k.Lease, l) {
+			if subnet.SameLease(k.Lease, l) {
 				continue
 			}
 		}
@@ -453,12 +452,6 @@ func (d *daemon) changes(peers []subnet.Lease) (changed []subnet.Lease, removed 
 		}
 	}
 	return changed, removed, dup
-}
-
-// sameLease compares what programming a lease depends on.
-func sameLease(a, b subnet.Lease) bool {
-	return a.Subnet == b.Subnet && a.Claimed == b.Claimed && a.Attrs.PublicIP == b.Attrs.PublicIP &&
-		a.Attrs.BackendType == b.Attrs.BackendType && bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData)
 }
 
 // admit drops the peer leases that must not be programmed (FilterPeers:

@@ -23,10 +23,13 @@ type Manager struct {
 	cache *LeaseCache
 	log   *slog.Logger
 
-	mu      sync.Mutex
-	own     *Acquired
-	changed chan struct{}
-	stats   Stats
+	// changed is the daemon's subscription to the cache, ownChanged hold's:
+	// each sees every change, neither relays for the other.
+	changed, ownChanged <-chan struct{}
+
+	mu    sync.Mutex
+	own   *Acquired
+	stats Stats
 }
 
 // Stats are the manager's counters, for metrics.
@@ -49,7 +52,8 @@ func (m *Manager) Stats() Stats {
 
 // NewManager returns a manager that will acquire a lease as req describes.
 func NewManager(reg *Registry, req AcquireRequest) *Manager {
-	return &Manager{reg: reg, req: req, cache: NewLeaseCache(), log: reg.log, changed: make(chan struct{}, 1)}
+	cache := NewLeaseCache()
+	return &Manager{reg: reg, req: req, cache: cache, log: reg.log, changed: cache.Subscribe(), ownChanged: cache.Subscribe()}
 }
 
 // Acquire takes the node's first lease, retrying while etcd is unreachable.
@@ -89,32 +93,22 @@ func (m *Manager) setOwn(a *Acquired) {
 	m.stats.Expires = time.Now().Add(m.req.TTL)
 	m.req.Previous = a.Subnet
 	m.mu.Unlock()
-	m.notify()
+	m.cache.Notify()
 }
 
-// Changed signals, coalesced, that the own lease or the peers changed.
+// Changed signals, coalesced, that the own lease or the peers changed. It is
+// the cache's own signal: a change is seen at once, whatever the manager is
+// doing (keeping the lease alive or acquiring one again).
 func (m *Manager) Changed() <-chan struct{} { return m.changed }
-
-func (m *Manager) notify() {
-	select {
-	case m.changed <- struct{}{}:
-	default:
-	}
-}
 
 // Peers returns every lease but the node's own, and whether the peer list has
 // been read from etcd at least once.
 func (m *Manager) Peers() ([]subnet.Lease, bool) {
-	all, synced := m.cache.Snapshot()
-	own := m.Own()
-	peers := all[:0]
-	for _, l := range all {
-		if own != nil && l.Subnet == own.Subnet {
-			continue
-		}
-		peers = append(peers, l)
+	own := ""
+	if a := m.Own(); a != nil {
+		own = subnet.KeyName(a.Subnet)
 	}
-	return peers, synced
+	return m.cache.Peers(own)
 }
 
 // Run follows the peers and keeps the own lease until ctx ends. Acquire must
@@ -193,12 +187,11 @@ func (m *Manager) hold(ctx context.Context) error {
 			m.stats.Renewals++
 			m.stats.Expires = time.Now().Add(time.Duration(resp.TTL) * time.Second)
 			m.mu.Unlock()
-		case <-m.cache.Changed():
-			m.notify()
+		case <-m.ownChanged:
 			if m.cache.Revision() < own.Revision {
 				continue
 			}
-			l, ok := m.cache.Get(own.Subnet)
+			l, ok := m.cache.lease(own.Subnet)
 			if !ok {
 				m.lost()
 				return errKeyDeleted

@@ -185,7 +185,7 @@ func TestWatchResumesAfterEtcdRestart(t *testing.T) {
 	go func() { reg.Watch(wctx, cache); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
 	put(1)
-	waitFor(t, "first lease", 10*time.Second, func() bool { l, _ := cache.Snapshot(); return len(l) == 1 })
+	waitFor(t, "first lease", 10*time.Second, func() bool { return cache.Len() == 1 })
 
 	srv.Close()
 	stopped = true
@@ -200,9 +200,9 @@ func TestWatchResumesAfterEtcdRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "changes after restart", 20*time.Second, func() bool {
-		_, ok1 := cache.Get(netip.MustParsePrefix("10.244.1.0/24"))
-		_, ok2 := cache.Get(netip.MustParsePrefix("10.244.2.0/24"))
-		_, ok3 := cache.Get(netip.MustParsePrefix("10.244.3.0/24"))
+		_, ok1 := cache.lease(netip.MustParsePrefix("10.244.1.0/24"))
+		_, ok2 := cache.lease(netip.MustParsePrefix("10.244.2.0/24"))
+		_, ok3 := cache.lease(netip.MustParsePrefix("10.244.3.0/24"))
 		return !ok1 && ok2 && ok3
 	})
 }
@@ -223,7 +223,7 @@ func TestWatchRelistsAfterCompaction(t *testing.T) {
 	if _, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: a, TTL: time.Minute}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "one lease", 10*time.Second, func() bool { l, _ := cache.Snapshot(); return len(l) == 1 })
+	waitFor(t, "one lease", 10*time.Second, func() bool { return cache.Len() == 1 })
 	stop()
 	// While nobody watches: a new lease, the old one gone, history compacted.
 	leases, _, _ := f.reg.Leases(ctx)
@@ -244,7 +244,7 @@ func TestWatchRelistsAfterCompaction(t *testing.T) {
 	stop = run()
 	defer stop()
 	waitFor(t, "cache to match etcd after compaction", 10*time.Second, func() bool {
-		l, _ := cache.Snapshot()
+		l, _ := cache.Peers("")
 		return len(l) == 1 && l[0].Subnet == b.Subnet
 	})
 }
@@ -256,12 +256,13 @@ func TestCacheAppliesEventsInOrder(t *testing.T) {
 	a, b := netip.MustParsePrefix("10.244.1.0/24"), netip.MustParsePrefix("10.244.2.0/24")
 	la := subnet.Lease{Subnet: a, Attrs: attrs("198.18.0.1")}
 	lb := subnet.Lease{Subnet: b, Attrs: attrs("198.18.0.2")}
-	c.apply(5, []change{{Subnet: b, Lease: &lb}})
-	c.apply(6, []change{{Subnet: a, Lease: &la}, {Subnet: a}, {Subnet: b}, {Subnet: b, Lease: &lb}})
-	if _, ok := c.Get(a); ok {
+	ka, kb := subnet.KeyName(a), subnet.KeyName(b)
+	c.apply(5, []subnet.Change{{Key: kb, Lease: &lb}})
+	c.apply(6, []subnet.Change{{Key: ka, Lease: &la}, {Key: ka}, {Key: kb}, {Key: kb, Lease: &lb}})
+	if _, ok := c.lease(a); ok {
 		t.Error("a lease written then deleted in one response is still cached")
 	}
-	if _, ok := c.Get(b); !ok {
+	if _, ok := c.lease(b); !ok {
 		t.Error("a lease deleted then written again in one response is missing")
 	}
 	if c.Revision() != 6 {
@@ -305,5 +306,43 @@ func TestReservationStaysAReservation(t *testing.T) {
 	}
 	if _, err := f.reg.Lease(ctx, reserved); err != nil {
 		t.Fatalf("the reservation is gone after release: %v", err)
+	}
+}
+
+// A peer change reaches the daemon's signal at once even while the manager
+// is not holding a lease: here it lost its lease and cannot acquire another
+// (every subnet is taken), and a peer's public IP changes meanwhile.
+func TestPeerChangeSignalledWhileReacquiring(t *testing.T) {
+	f := newFixture(t, `{"Network":"10.244.0.0/23","SubnetLen":24,"Backend":{"Type":"alloc"}}`)
+	ctx := ctxT(t)
+	m := runManager(t, f.reg, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.1"), TTL: time.Minute})
+	own := m.Own().Subnet
+	other := netip.MustParsePrefix("10.244.0.0/24")
+	if other == own {
+		other = netip.MustParsePrefix("10.244.1.0/24")
+	}
+	if _, err := f.cli.Put(ctx, f.reg.SubnetKey(other), `{"PublicIP":"198.18.0.2","BackendType":"alloc"}`); err != nil {
+		t.Fatal(err)
+	}
+	// Another node's value on the own key: the lease is lost, and with both
+	// subnets taken the manager keeps retrying.
+	if _, err := f.cli.Put(ctx, f.reg.SubnetKey(own), `{"PublicIP":"198.18.0.3","BackendType":"alloc"}`); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the lease to be lost", 10*time.Second, func() bool { return m.Stats().Losses == 1 })
+	time.Sleep(500 * time.Millisecond) // into the retry loop
+	for len(m.Changed()) > 0 {
+		<-m.Changed()
+	}
+	if _, err := f.cli.Put(ctx, f.reg.SubnetKey(other), `{"PublicIP":"198.18.0.4","BackendType":"alloc"}`); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-m.Changed():
+	case <-time.After(3 * time.Second): // the retry loop waits 5 s between attempts
+		t.Fatal("no change signal for a peer change during re-acquisition")
+	}
+	if got := peerSet(m)[other]; got != netip.MustParseAddr("198.18.0.4") {
+		t.Fatalf("peer %s has public IP %v, want 198.18.0.4", other, got)
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -17,109 +16,49 @@ import (
 	"github.com/twillnet/twill/subnet"
 )
 
-// LeaseCache holds every current lease of the network, kept up to date by
-// Registry.Watch. Readers take snapshots; Changed signals, coalesced, that a
-// snapshot would differ from the last one.
+// LeaseCache is the node's subnet.Cache as the etcd watch keeps it, keyed by
+// the subnet's key name (subnet.KeyName), with the etcd revision it reflects:
+// where the watch resumes, and what tells a reader whether a write it made is
+// in the picture yet.
 type LeaseCache struct {
-	mu      sync.Mutex
-	leases  map[netip.Prefix]subnet.Lease
-	rev     int64
-	synced  bool
-	changed chan struct{}
-	events  atomic.Uint64 // watch events applied
+	*subnet.Cache
+	rev    atomic.Int64
+	events atomic.Uint64 // watch events applied
 }
 
 // NewLeaseCache returns an empty cache.
-func NewLeaseCache() *LeaseCache {
-	return &LeaseCache{leases: map[netip.Prefix]subnet.Lease{}, changed: make(chan struct{}, 1)}
-}
+func NewLeaseCache() *LeaseCache { return &LeaseCache{Cache: subnet.NewCache()} }
 
-// Changed receives a value after one or more changes; a burst of changes
-// yields one value, so a consumer does one pass per burst.
-func (c *LeaseCache) Changed() <-chan struct{} { return c.changed }
+// Revision is the etcd revision the cache reflects. It is stored after the
+// leases of that revision, so a reader that sees it sees them.
+func (c *LeaseCache) Revision() int64 { return c.rev.Load() }
 
-// Snapshot returns the current leases and whether the cache has been filled
-// from etcd at least once.
-func (c *LeaseCache) Snapshot() ([]subnet.Lease, bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	out := make([]subnet.Lease, 0, len(c.leases))
-	for _, l := range c.leases {
-		out = append(out, l)
-	}
-	return out, c.synced
-}
-
-// Get returns the lease on p.
-func (c *LeaseCache) Get(p netip.Prefix) (subnet.Lease, bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	l, ok := c.leases[p]
-	return l, ok
-}
-
-// Revision is the etcd revision the cache reflects.
-func (c *LeaseCache) Revision() int64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.rev
-}
-
-func (c *LeaseCache) notify() {
-	select {
-	case c.changed <- struct{}{}:
-	default:
-	}
-}
+// lease returns the lease on p.
+func (c *LeaseCache) lease(p netip.Prefix) (subnet.Lease, bool) { return c.Get(subnet.KeyName(p)) }
 
 func (c *LeaseCache) replace(leases []StoredLease, rev int64) {
-	c.mu.Lock()
-	c.leases = make(map[netip.Prefix]subnet.Lease, len(leases))
+	m := make(map[string]subnet.Lease, len(leases))
 	for _, l := range leases {
-		c.leases[l.Subnet] = l.Lease
+		m[subnet.KeyName(l.Subnet)] = l.Lease
 	}
-	c.rev, c.synced = rev, true
-	c.mu.Unlock()
-	c.notify()
-}
-
-func (c *LeaseCache) isSynced() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.synced
+	c.Replace(m)
+	c.rev.Store(rev)
 }
 
 // seed fills a cache that was never filled; a filled one is newer than any
 // listing taken before it.
 func (c *LeaseCache) seed(leases []StoredLease, rev int64) {
-	if !c.isSynced() && rev > 0 {
+	if !c.Synced() && rev > 0 {
 		c.replace(leases, rev)
 	}
 }
 
-// change is one watch event: a lease written, or (Lease nil) gone.
-type change struct {
-	Subnet netip.Prefix
-	Lease  *subnet.Lease
-}
-
-// apply applies one watch response's events in their order: a key written
-// and deleted in the same response is gone afterwards.
-func (c *LeaseCache) apply(rev int64, changes []change) {
+// apply applies one watch response's events in their order (a key written
+// and deleted in the same response is gone afterwards) and then its revision.
+func (c *LeaseCache) apply(rev int64, changes []subnet.Change) {
 	c.events.Add(uint64(len(changes)))
-	c.mu.Lock()
-	for _, ch := range changes {
-		if ch.Lease == nil {
-			delete(c.leases, ch.Subnet)
-		} else {
-			c.leases[ch.Subnet] = *ch.Lease
-		}
-	}
-	c.rev = rev
-	c.mu.Unlock()
-	if len(changes) > 0 {
-		c.notify()
-	}
+	c.Apply(changes...)
+	c.rev.Store(rev)
 }
 
 // Watch fills cache from a listing, unless it was filled before, and keeps it
@@ -128,7 +67,7 @@ func (c *LeaseCache) apply(rev int64, changes []change) {
 // compacted that revision away. It returns only when ctx ends.
 func (r *Registry) Watch(ctx context.Context, cache *LeaseCache) error {
 	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
-	needList := !cache.isSynced() // a cache seeded by Acquire is watched from its revision
+	needList := !cache.Synced() // a cache seeded by Acquire is watched from its revision
 	for {
 		if needList {
 			leases, rev, err := r.Leases(ctx)
@@ -176,12 +115,12 @@ func (r *Registry) watchFrom(ctx context.Context, cache *LeaseCache, backoff *ba
 			return false, err
 		}
 		backoff.reset()
-		changes := make([]change, 0, len(wr.Events))
+		changes := make([]subnet.Change, 0, len(wr.Events))
 		for _, ev := range wr.Events {
 			p, perr := subnet.ParseKeyName(strings.TrimPrefix(string(ev.Kv.Key), r.SubnetsPrefix()))
 			if ev.Type == mvccpb.DELETE {
 				if perr == nil {
-					changes = append(changes, change{Subnet: p})
+					changes = append(changes, subnet.Change{Key: subnet.KeyName(p)})
 				}
 				continue
 			}
@@ -189,12 +128,12 @@ func (r *Registry) watchFrom(ctx context.Context, cache *LeaseCache, backoff *ba
 			if err != nil {
 				r.log.Warn("skipping malformed lease", "key", string(ev.Kv.Key), "err", err)
 				if perr == nil {
-					changes = append(changes, change{Subnet: p}) // a lease overwritten with garbage is gone
+					changes = append(changes, subnet.Change{Key: subnet.KeyName(p)}) // a lease overwritten with garbage is gone
 				}
 				continue
 			}
 			l.Claimed = ev.Kv.CreateRevision
-			changes = append(changes, change{Subnet: l.Subnet, Lease: &l.Lease})
+			changes = append(changes, subnet.Change{Key: subnet.KeyName(l.Subnet), Lease: &l.Lease})
 		}
 		cache.apply(wr.Header.Revision, changes)
 	}

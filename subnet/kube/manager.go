@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"slices"
 	"sync"
 	"time"
 
@@ -67,10 +66,12 @@ type Manager struct {
 	own      subnet.Lease
 	acquired bool
 	released bool
-	peers    map[string]subnet.Lease // by node name; never the own node
-	synced   bool
 	skipped  map[string]string // node -> why it is not a peer, to log each reason once
-	changed  chan struct{}
+
+	// cache holds the peers by node name, never the own node; changed is
+	// the daemon's subscription to it.
+	cache   *subnet.Cache
+	changed <-chan struct{}
 
 	// store is the informer's Node cache, read by the worker. Run sets it;
 	// unit tests seed one.
@@ -104,13 +105,14 @@ func NewManager(o Options, cfg *subnet.Config, attrs subnet.LeaseAttrs) (*Manage
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	attrs.NodeName = o.NodeName
+	cache := subnet.NewCache()
 	return &Manager{
 		client: o.Client, node: o.NodeName, prefix: o.AnnotationPrefix, keys: Keys(o.AnnotationPrefix),
 		setCond: o.SetNodeCondition, log: o.Log.With("node", o.NodeName), waiting: o.Waiting,
 		cfg: cfg, attrs: attrs,
 		retryMin: 200 * time.Millisecond, retryMax: 5 * time.Second,
-		peers: map[string]subnet.Lease{}, skipped: map[string]string{},
-		changed: make(chan struct{}, 1),
+		skipped: map[string]string{},
+		cache:   cache, changed: cache.Subscribe(),
 	}, nil
 }
 
@@ -233,39 +235,17 @@ func (m *Manager) setOwn(l subnet.Lease) {
 	m.own, m.acquired = l, true
 	m.mu.Unlock()
 	if !same {
-		m.notify()
+		m.cache.Notify()
 	}
 }
 
 // Peers returns the leases of every other Node with a podCIDR and twill's
-// annotations, in subnet order, and whether the informer has listed the Nodes
-// at least once.
-func (m *Manager) Peers() ([]subnet.Lease, bool) {
-	m.mu.Lock()
-	out := make([]subnet.Lease, 0, len(m.peers))
-	for _, l := range m.peers {
-		out = append(out, l)
-	}
-	synced := m.synced
-	m.mu.Unlock()
-	slices.SortFunc(out, func(a, b subnet.Lease) int {
-		if c := a.Subnet.Addr().Compare(b.Subnet.Addr()); c != 0 {
-			return c
-		}
-		return a.Subnet.Bits() - b.Subnet.Bits()
-	})
-	return out, synced
-}
+// annotations, in no particular order, and whether the informer has listed
+// the Nodes at least once.
+func (m *Manager) Peers() ([]subnet.Lease, bool) { return m.cache.Peers("") }
 
 // Changed signals, coalesced, that Own or Peers changed.
 func (m *Manager) Changed() <-chan struct{} { return m.changed }
-
-func (m *Manager) notify() {
-	select {
-	case m.changed <- struct{}{}:
-	default:
-	}
-}
 
 // Release removes the annotations twilld wrote (backend type, backend data,
 // public IP) from the own Node, so peers drop this node; an operator's

@@ -117,12 +117,8 @@ func (m *Manager) syncAll(ctx context.Context) (retry []string) {
 			retry = append(retry, key)
 		}
 	}
-	m.mu.Lock()
-	m.synced = true
-	n := len(m.peers)
-	m.mu.Unlock()
-	m.log.Info("nodes listed", "nodes", len(keys), "peers", n)
-	m.notify()
+	m.cache.MarkSynced()
+	m.log.Info("nodes listed", "nodes", len(keys), "peers", m.cache.Len())
 	return retry
 }
 
@@ -184,13 +180,10 @@ func (m *Manager) syncNode(ctx context.Context, name string) error {
 
 func (m *Manager) setPeer(name string, l subnet.Lease) {
 	m.mu.Lock()
-	old, had := m.peers[name]
-	m.peers[name] = l
 	delete(m.skipped, name)
 	m.mu.Unlock()
-	if !had || !leaseEqual(old, l) {
+	if m.cache.Apply(subnet.Change{Key: name, Lease: &l}) {
 		m.log.Debug("peer", "peer", name, "subnet", l.Subnet, "publicIP", l.Attrs.PublicIP)
-		m.notify()
 	}
 }
 
@@ -198,8 +191,6 @@ func (m *Manager) setPeer(name string, l subnet.Lease) {
 // once per change of reason.
 func (m *Manager) dropPeer(name, reason string, deleted bool) {
 	m.mu.Lock()
-	_, had := m.peers[name]
-	delete(m.peers, name)
 	logIt := reason != "" && m.skipped[name] != reason
 	if reason == "" || deleted {
 		delete(m.skipped, name)
@@ -210,9 +201,8 @@ func (m *Manager) dropPeer(name, reason string, deleted bool) {
 	if logIt {
 		m.log.Warn("skipping node", "peer", name, "reason", reason)
 	}
-	if had {
+	if m.cache.Apply(subnet.Change{Key: name}) {
 		m.log.Debug("peer gone", "peer", name, "deleted", deleted)
-		m.notify()
 	}
 }
 
