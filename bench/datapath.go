@@ -16,7 +16,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/internal/tools/lab"
 )
 
 // runDatapath is figure 5: a two-host lab (etcd embedded in twillctl, twilld

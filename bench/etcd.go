@@ -16,7 +16,7 @@ import (
 
 	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/backend/vxlan"
-	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/internal/tools/lab"
 	"github.com/twillnet/twill/subnet"
 	"github.com/twillnet/twill/subnet/etcd"
 )

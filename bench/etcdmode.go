@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/twillnet/twill/backend/vxlan"
-	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/internal/tools/lab"
 	"github.com/twillnet/twill/subnet"
 )
 

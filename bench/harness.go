@@ -36,7 +36,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/internal/tools/lab"
 )
 
 // Config is what the harness is told on its command line.

@@ -19,8 +19,8 @@ import (
 	"github.com/twillnet/twill/backend/vxlan"
 	"github.com/twillnet/twill/bench/kubenode"
 	"github.com/twillnet/twill/deploy"
-	"github.com/twillnet/twill/internal/kubeapi"
-	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/internal/tools/kubeapi"
+	"github.com/twillnet/twill/internal/tools/lab"
 	"github.com/twillnet/twill/subnet"
 	"github.com/twillnet/twill/subnet/kube"
 )

@@ -20,7 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/twillnet/twill/backend/dataplane"
-	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/internal/tools/testenv"
 	"github.com/twillnet/twill/subnet"
 )
 

@@ -20,7 +20,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/twillnet/twill/bench/kubenode"
-	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/internal/tools/testenv"
 	"github.com/twillnet/twill/subnet"
 	"github.com/twillnet/twill/subnet/kube"
 )

@@ -10,7 +10,7 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/twillnet/twill/internal/ctl"
+	"github.com/twillnet/twill/internal/tools/ctl"
 )
 
 func main() {

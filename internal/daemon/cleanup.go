@@ -10,8 +10,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/twillnet/twill/backend"
-	"github.com/twillnet/twill/internal/masq"
+	"github.com/twillnet/twill/backend/dataplane"
+	"github.com/twillnet/twill/internal/daemon/masq"
 	"github.com/twillnet/twill/internal/netlinkx"
 )
 
@@ -41,7 +41,7 @@ func Cleanup(ctx context.Context, log *slog.Logger) error {
 	}
 	routes, err := netlinkx.Dump(ctx, "list routes", func() ([]netlink.Route, error) {
 		// Table 0 with RT_FILTER_TABLE lists every table.
-		return h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: backend.RouteProtocol, Table: unix.RT_TABLE_UNSPEC},
+		return h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: dataplane.RouteProtocol, Table: unix.RT_TABLE_UNSPEC},
 			netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 	})
 	if err != nil {

@@ -7,8 +7,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/twillnet/twill/backend"
 	"github.com/twillnet/twill/backend/backendtest"
+	"github.com/twillnet/twill/backend/dataplane"
 )
 
 // A route that vanished between the listing and its deletion is no error of
@@ -19,7 +19,7 @@ func TestDeleteRoutesToleratesGoneRoutes(t *testing.T) {
 	var routes []netlink.Route
 	for i, dst := range []string{"10.244.2.0/24", "10.244.3.0/24"} {
 		_, ipn, _ := net.ParseCIDR(dst)
-		r := netlink.Route{LinkIndex: ext.Index, Dst: ipn, Gw: net.IPv4(198, 18, 0, byte(2+i)), Protocol: backend.RouteProtocol}
+		r := netlink.Route{LinkIndex: ext.Index, Dst: ipn, Gw: net.IPv4(198, 18, 0, byte(2+i)), Protocol: dataplane.RouteProtocol}
 		if err := h.RouteAdd(&r); err != nil {
 			t.Fatal(err)
 		}

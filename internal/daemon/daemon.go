@@ -24,9 +24,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/twillnet/twill/backend"
-	"github.com/twillnet/twill/internal/iface"
-	"github.com/twillnet/twill/internal/masq"
+	"github.com/twillnet/twill/internal/daemon/iface"
+	"github.com/twillnet/twill/internal/daemon/masq"
 	"github.com/twillnet/twill/subnet"
 	"github.com/twillnet/twill/subnet/etcd"
 )
@@ -108,7 +107,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	be, err := backend.New(cfg.Backend, ext, nl, log)
+	be, err := newBackend(cfg.Backend, ext, nl, log)
 	if err != nil {
 		return err
 	}
@@ -188,7 +187,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 type daemon struct {
 	c   Config
 	cfg *subnet.Config
-	be  backend.Backend
+	be  Backend
 	mgr leaseManager
 	met *metrics
 	hl  *health
@@ -266,7 +265,7 @@ const maxIncremental = 128
 // pass is one reconcile: the env file follows the own lease, the datapath
 // follows all leases. A full pass reads the kernel and programs every peer;
 // after a change signal, when the last pass succeeded and only a few peers
-// changed, only those peers are programmed (see backend.Backend.Update).
+// changed, only those peers are programmed (see Backend.Update).
 func (d *daemon) pass(ctx context.Context, full bool) {
 	own := d.mgr.Own()
 	if own.Subnet != d.envSubnet {

@@ -3,7 +3,7 @@ package daemon
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/twillnet/twill/backend"
+	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/subnet/etcd"
 )
 
@@ -111,12 +111,12 @@ func (m *metrics) registerLeaseStats(stats func() etcd.Stats) {
 // registerKernelWrites exports what the backend has written to the kernel
 // since twilld started. A restart that finds everything in place writes
 // nothing: the figure stays 0.
-func (m *metrics) registerKernelWrites(counters func() backend.Counters) {
-	for kind, get := range map[string]func(backend.Counters) uint64{
-		"route":  func(c backend.Counters) uint64 { return c.Routes },
-		"fdb":    func(c backend.Counters) uint64 { return c.FDB },
-		"neigh":  func(c backend.Counters) uint64 { return c.Neighs },
-		"device": func(c backend.Counters) uint64 { return c.Devices },
+func (m *metrics) registerKernelWrites(counters func() dataplane.Counters) {
+	for kind, get := range map[string]func(dataplane.Counters) uint64{
+		"route":  func(c dataplane.Counters) uint64 { return c.Routes },
+		"fdb":    func(c dataplane.Counters) uint64 { return c.FDB },
+		"neigh":  func(c dataplane.Counters) uint64 { return c.Neighs },
+		"device": func(c dataplane.Counters) uint64 { return c.Devices },
 	} {
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name:        "twill_kernel_writes_total",

@@ -16,7 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/twillnet/twill/backend"
+	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/subnet"
 )
 
@@ -30,7 +30,7 @@ type recordingBackend struct {
 	decline   bool     // Update declines
 	updateErr error
 	writes    uint64 // what the next Reconcile pretends to write
-	counters  backend.Counters
+	counters  dataplane.Counters
 	failFull  error // what Reconcile returns
 }
 
@@ -38,7 +38,7 @@ func (b *recordingBackend) Prepare(context.Context) (json.RawMessage, int, error
 	return nil, 1450, nil
 }
 func (b *recordingBackend) Cleanup(context.Context) error { return nil }
-func (b *recordingBackend) Counters() backend.Counters    { return b.counters }
+func (b *recordingBackend) Counters() dataplane.Counters  { return b.counters }
 
 func (b *recordingBackend) Reconcile(_ context.Context, _ subnet.Lease, peers []subnet.Lease) error {
 	b.calls = append(b.calls, fmt.Sprintf("full %d", len(peers)))

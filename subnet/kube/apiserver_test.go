@@ -18,7 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/internal/tools/testenv"
 )
 
 // The service account twilld runs as in these tests, bound to a ClusterRole

@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twillnet/twill/internal/lab"
-	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/internal/tools/lab"
+	"github.com/twillnet/twill/internal/tools/testenv"
 	"github.com/twillnet/twill/subnet"
 )
 

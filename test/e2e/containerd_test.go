@@ -16,8 +16,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 
-	"github.com/twillnet/twill/internal/lab"
-	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/internal/tools/lab"
+	"github.com/twillnet/twill/internal/tools/testenv"
 )
 
 // criNode is one host of the containerd test: its runtime and the paths the

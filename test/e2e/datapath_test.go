@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/internal/tools/lab"
 )
 
 // expected is what each host of a 3-host lab must hold: one entry of each

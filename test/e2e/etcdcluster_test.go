@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twillnet/twill/internal/lab"
-	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/internal/tools/lab"
+	"github.com/twillnet/twill/internal/tools/testenv"
 )
 
 // etcdLeader returns which member (from 1) of the lab's cluster leads.

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/internal/tools/lab"
 )
 
 var kernelKinds = []string{"route", "fdb", "neigh", "device"}

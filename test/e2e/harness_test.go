@@ -1,5 +1,5 @@
 // Package e2e runs twill's real programs on simulated hosts: network
-// namespaces joined by an underlay bridge (internal/lab's topology), a real
+// namespaces joined by an underlay bridge (internal/tools/lab's topology), a real
 // etcd from `make tools` serving inside the underlay namespace, and twilld
 // processes inside the host namespaces. Every test makes its own namespaces
 // under a unique prefix and removes them, and every process it started, when
@@ -27,8 +27,8 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
-	"github.com/twillnet/twill/internal/lab"
-	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/internal/tools/lab"
+	"github.com/twillnet/twill/internal/tools/testenv"
 	"github.com/twillnet/twill/subnet"
 )
 

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twillnet/twill/internal/lab"
-	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/internal/tools/lab"
+	"github.com/twillnet/twill/internal/tools/testenv"
 )
 
 const allocConf = `{"Network":"10.244.0.0/16","Backend":{"Type":"alloc"}}`

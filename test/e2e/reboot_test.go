@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/internal/tools/lab"
 )
 
 // dirNames lists a directory's file names, without the ones skip rejects.

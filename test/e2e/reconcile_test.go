@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/internal/tools/lab"
 	"github.com/twillnet/twill/subnet"
 )
 

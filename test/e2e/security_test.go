@@ -17,8 +17,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twillnet/twill/internal/lab"
-	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/internal/tools/lab"
+	"github.com/twillnet/twill/internal/tools/testenv"
 )
 
 // pki makes a CA and certificates signed by it, as PEM files in dir.

@@ -20,7 +20,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twillnet/twill/internal/kubeapi"
+	"github.com/twillnet/twill/internal/tools/kubeapi"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 )

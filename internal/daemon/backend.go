@@ -1,19 +1,4 @@
-// Package backend is the seam between twilld and the datapath: a Backend
-// turns the node's own lease and its peers' leases into kernel state.
-//
-// Backends are level-triggered. Reconcile is given the whole picture (own
-// lease and every peer) each time, reads what the kernel holds of twill's,
-// and changes only the difference, so it is run at start-up, after every
-// batch of lease changes and on a timer, and the kernel converges whatever
-// happened in between (peers gone while twilld was down, entries deleted by
-// hand, a failed call last time). The desired-state functions
-// (vxlan.Desired, hostgw.Desired) and the diff (dataplane.Diff) are pure and
-// tested without a kernel; package dataplane explains how twill recognises
-// its own entries.
-//
-// The backends are chosen by an explicit switch in New; there is no
-// registry.
-package backend
+package daemon
 
 import (
 	"context"
@@ -31,18 +16,15 @@ import (
 	"github.com/twillnet/twill/subnet"
 )
 
-// ExternalInterface is the underlay interface twilld sends peer traffic
-// through. (It is defined in package dataplane so the backends, which this
-// package imports, can use it too.)
-type ExternalInterface = dataplane.ExternalInterface
-
-// RouteProtocol marks the routes twill makes (`ip route show proto 116`).
-const RouteProtocol = dataplane.RouteProtocol
-
-// PeerError says which peer could not be programmed and why. Reconcile's
-// error joins one per failed peer; find them with errors.As on each of the
-// joined errors, or just print the error.
-type PeerError = dataplane.PeerError
+// The Backend seam is defined here, where it is consumed. Backends are
+// level-triggered: Reconcile is given the whole picture (own lease and every
+// peer) each time, reads what the kernel holds of twill's and changes only
+// the difference, so it runs at start-up, on a timer and whenever an Update
+// cannot decide alone, and the kernel converges whatever happened in between
+// (peers gone while twilld was down, entries deleted by hand, a failed call
+// last time). The desired-state functions (vxlan.Desired, hostgw.Desired)
+// and the diff (dataplane.Diff) are pure and tested without a kernel;
+// package dataplane explains how twill recognises its own entries.
 
 // Backend programs the datapath of one network on this node. Its methods
 // must not run concurrently: twilld runs one pass at a time.
@@ -73,16 +55,14 @@ type Backend interface {
 	// Cleanup removes everything the backend made: device, routes.
 	Cleanup(ctx context.Context) error
 	// Counters returns what the backend has written to the kernel so far.
-	Counters() Counters
+	Counters() dataplane.Counters
 }
 
-// Counters count kernel writes by kind.
-type Counters = dataplane.Counters
-
-// New returns the backend cfg.Type names. h is a netlink handle in the
+// newBackend returns the backend cfg.Type names, chosen by an explicit
+// switch (no registry). h is a netlink handle in the
 // namespace to program (netlink.NewHandle() for twilld's own; tests use
 // netlink.NewHandleAt). The backend does not close it.
-func New(cfg subnet.BackendConfig, ext ExternalInterface, h *netlink.Handle, log *slog.Logger) (Backend, error) {
+func newBackend(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.Handle, log *slog.Logger) (Backend, error) {
 	if h == nil {
 		return nil, errors.New("backend: no netlink handle")
 	}
@@ -101,7 +81,7 @@ func New(cfg subnet.BackendConfig, ext ExternalInterface, h *netlink.Handle, log
 // alloc only leases subnets; something else (or nothing) carries the traffic.
 type alloc struct{ mtu int }
 
-func newAlloc(cfg subnet.BackendConfig, ext ExternalInterface) (*alloc, error) {
+func newAlloc(cfg subnet.BackendConfig, ext dataplane.ExternalInterface) (*alloc, error) {
 	mtu := cfg.MTU
 	if mtu == 0 {
 		mtu = ext.MTU
@@ -126,4 +106,4 @@ func (a *alloc) Update(ctx context.Context, _ subnet.Lease, _ []subnet.Lease, _ 
 
 func (a *alloc) Cleanup(ctx context.Context) error { return ctx.Err() }
 
-func (a *alloc) Counters() Counters { return Counters{} }
+func (a *alloc) Counters() dataplane.Counters { return dataplane.Counters{} }

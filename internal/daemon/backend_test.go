@@ -1,4 +1,4 @@
-package backend_test
+package daemon
 
 import (
 	"context"
@@ -7,39 +7,39 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/twillnet/twill/backend"
+	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/backend/hostgw"
 	"github.com/twillnet/twill/backend/vxlan"
 	"github.com/twillnet/twill/subnet"
 )
 
-var ext = backend.ExternalInterface{Name: "eth0", Index: 2, Addr: netip.MustParseAddr("198.18.0.1"),
+var ext = dataplane.ExternalInterface{Name: "eth0", Index: 2, Addr: netip.MustParseAddr("198.18.0.1"),
 	Prefix: netip.MustParsePrefix("198.18.0.0/24"), MTU: 1500}
 
 func TestNew(t *testing.T) {
 	h := &netlink.Handle{} // New makes no netlink call
 	for _, tc := range []struct {
 		cfg   subnet.BackendConfig
-		check func(backend.Backend) bool
+		check func(Backend) bool
 	}{
-		{subnet.BackendConfig{Type: subnet.BackendVXLAN, VNI: 1, Port: 8472}, func(b backend.Backend) bool { _, ok := b.(*vxlan.Backend); return ok }},
-		{subnet.BackendConfig{Type: subnet.BackendHostGW}, func(b backend.Backend) bool { _, ok := b.(*hostgw.Backend); return ok }},
-		{subnet.BackendConfig{Type: subnet.BackendAlloc}, func(b backend.Backend) bool { return b != nil }},
+		{subnet.BackendConfig{Type: subnet.BackendVXLAN, VNI: 1, Port: 8472}, func(b Backend) bool { _, ok := b.(*vxlan.Backend); return ok }},
+		{subnet.BackendConfig{Type: subnet.BackendHostGW}, func(b Backend) bool { _, ok := b.(*hostgw.Backend); return ok }},
+		{subnet.BackendConfig{Type: subnet.BackendAlloc}, func(b Backend) bool { return b != nil }},
 	} {
-		b, err := backend.New(tc.cfg, ext, h, nil)
+		b, err := newBackend(tc.cfg, ext, h, nil)
 		if err != nil || !tc.check(b) {
 			t.Errorf("New(%s) = %T, %v", tc.cfg.Type, b, err)
 		}
 	}
-	if _, err := backend.New(subnet.BackendConfig{Type: "udp"}, ext, h, nil); err == nil {
+	if _, err := newBackend(subnet.BackendConfig{Type: "udp"}, ext, h, nil); err == nil {
 		t.Error("unknown type accepted")
 	}
-	if _, err := backend.New(subnet.BackendConfig{Type: subnet.BackendAlloc}, ext, nil, nil); err == nil {
+	if _, err := newBackend(subnet.BackendConfig{Type: subnet.BackendAlloc}, ext, nil, nil); err == nil {
 		t.Error("nil handle accepted")
 	}
 	bad := ext
 	bad.Index = 0
-	if _, err := backend.New(subnet.BackendConfig{Type: subnet.BackendVXLAN}, bad, h, nil); err == nil {
+	if _, err := newBackend(subnet.BackendConfig{Type: subnet.BackendVXLAN}, bad, h, nil); err == nil {
 		t.Error("external interface without index accepted")
 	}
 }
@@ -47,7 +47,7 @@ func TestNew(t *testing.T) {
 func TestAlloc(t *testing.T) {
 	ctx := context.Background()
 	for cfgMTU, want := range map[int]int{0: 1500, 1400: 1400} {
-		b, err := backend.New(subnet.BackendConfig{Type: subnet.BackendAlloc, MTU: cfgMTU}, ext, &netlink.Handle{}, nil)
+		b, err := newBackend(subnet.BackendConfig{Type: subnet.BackendAlloc, MTU: cfgMTU}, ext, &netlink.Handle{}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -65,7 +65,7 @@ func TestAlloc(t *testing.T) {
 }
 
 func TestHostGWMTU(t *testing.T) {
-	b, err := backend.New(subnet.BackendConfig{Type: subnet.BackendHostGW, MTU: 1300}, ext, &netlink.Handle{}, nil)
+	b, err := newBackend(subnet.BackendConfig{Type: subnet.BackendHostGW, MTU: 1300}, ext, &netlink.Handle{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,7 +17,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/twillnet/twill/deploy"
-	"github.com/twillnet/twill/internal/kubeapi"
+	"github.com/twillnet/twill/internal/tools/kubeapi"
 )
 
 // KubePort is the lab's kube-apiserver port, on WorldAddr in the underlay.

@@ -16,7 +16,7 @@ import (
 // RepoRoot is the checkout this package was compiled from.
 func RepoRoot() string {
 	_, file, _, _ := runtime.Caller(0)
-	return filepath.Join(filepath.Dir(file), "..", "..")
+	return filepath.Join(filepath.Dir(file), "..", "..", "..")
 }
 
 // strict reports whether missing prerequisites are failures.

@@ -13,8 +13,8 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/twillnet/twill/internal/embedetcd"
-	"github.com/twillnet/twill/internal/lab"
+	"github.com/twillnet/twill/internal/tools/embedetcd"
+	"github.com/twillnet/twill/internal/tools/lab"
 )
 
 const defaultLabDir = "/tmp/twill-lab"

@@ -11,7 +11,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
-	"github.com/twillnet/twill/backend"
+	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/internal/netlinkx"
 )
 
@@ -36,7 +36,7 @@ func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
 	}
 	defer h.Close()
 	routes, err := netlinkx.Dump(ctx, "list routes", func() ([]netlink.Route, error) {
-		return h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: backend.RouteProtocol, Table: 254}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+		return h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: dataplane.RouteProtocol, Table: 254}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 	})
 	if err != nil {
 		return c, err

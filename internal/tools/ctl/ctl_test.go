@@ -12,7 +12,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/internal/tools/testenv"
 )
 
 func runCtl(t *testing.T, ep string, args ...string) (string, string, error) {

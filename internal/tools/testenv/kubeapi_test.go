@@ -17,7 +17,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
-	"github.com/twillnet/twill/internal/testenv"
+	"github.com/twillnet/twill/internal/tools/testenv"
 )
 
 func whoami(t *testing.T, cs kubernetes.Interface) string {

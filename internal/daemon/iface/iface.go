@@ -12,15 +12,15 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/twillnet/twill/backend"
+	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/internal/netlinkx"
 )
 
 // Resolve returns the external interface for spec: an interface name, an IPv4
 // address of one, or "" for the interface of the IPv4 default route. Its
 // address is the first global IPv4 address, or the one spec names.
-func Resolve(ctx context.Context, h *netlink.Handle, spec string) (backend.ExternalInterface, error) {
-	var ext backend.ExternalInterface
+func Resolve(ctx context.Context, h *netlink.Handle, spec string) (dataplane.ExternalInterface, error) {
+	var ext dataplane.ExternalInterface
 	var link netlink.Link
 	var want netip.Addr
 	var err error
@@ -53,7 +53,7 @@ func Resolve(ctx context.Context, h *netlink.Handle, spec string) (backend.Exter
 			continue
 		}
 		ones, _ := a.Mask.Size()
-		ext = backend.ExternalInterface{Name: attrs.Name, Index: attrs.Index, Addr: ip, Prefix: netip.PrefixFrom(ip, ones).Masked(), MTU: attrs.MTU}
+		ext = dataplane.ExternalInterface{Name: attrs.Name, Index: attrs.Index, Addr: ip, Prefix: netip.PrefixFrom(ip, ones).Masked(), MTU: attrs.MTU}
 		return ext, nil
 	}
 	return ext, fmt.Errorf("interface %s has no usable IPv4 address", attrs.Name)

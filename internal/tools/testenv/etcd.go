@@ -7,7 +7,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/twillnet/twill/internal/embedetcd"
+	"github.com/twillnet/twill/internal/tools/embedetcd"
 )
 
 // Etcd starts a real single-member etcd in this process for the test and
