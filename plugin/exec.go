@@ -16,6 +16,8 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 	"golang.org/x/sys/unix"
+
+	"github.com/twillnet/twill/internal/retry"
 )
 
 // Exec finds and runs delegate plugins. It is the part of libcni's
@@ -164,17 +166,16 @@ func (defaultExec) FindInPath(plugin string, paths []string) (string, error) {
 	return "", fmt.Errorf("failed to find plugin %q in path %s", plugin, paths)
 }
 
-// textBusyRetries and textBusyWait: a plugin binary that is being replaced
-// cannot be executed ("text file busy"); like invoke, wait for the writer.
-const (
-	textBusyRetries = 5
-	textBusyWait    = time.Second
-)
+// textBusyRetries: a plugin binary that is being replaced cannot be
+// executed ("text file busy"); like invoke, wait for the writer, a second
+// between attempts.
+const textBusyRetries = 5
 
 // ExecPlugin runs the plugin with stdin and environ and returns its stdout.
 // A failure is the plugin's CNI error from stdout, or else an error quoting
 // its stderr. The plugin's stderr goes on to ours.
 func (defaultExec) ExecPlugin(ctx context.Context, pluginPath string, stdin []byte, environ []string) ([]byte, error) {
+	busy := retry.Backoff{Min: time.Second}
 	for attempt := 0; ; attempt++ {
 		c, err := startChild(pluginPath, stdin, environ)
 		switch {
@@ -183,12 +184,8 @@ func (defaultExec) ExecPlugin(ctx context.Context, pluginPath string, stdin []by
 		case errors.Is(err, errNoMemfd):
 			return execPipes(ctx, pluginPath, stdin, environ)
 		case errors.Is(err, syscall.ETXTBSY) && attempt < textBusyRetries:
-			t := time.NewTimer(textBusyWait)
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return nil, ctx.Err()
-			case <-t.C:
+			if err := busy.Wait(ctx); err != nil {
+				return nil, err
 			}
 		default:
 			return nil, pluginErr(err, nil, nil)

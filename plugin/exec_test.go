@@ -303,3 +303,18 @@ func TestDelegateTimeout(t *testing.T) {
 		t.Error("the state of a DEL whose delegate hung was removed")
 	}
 }
+
+// A delegate binary being written ("text file busy") is tried again a second
+// later, as invoke does, and runs once the writer is done.
+func TestDefaultExecWaitsForABusyBinary(t *testing.T) {
+	path := scriptPlugin(t, t.TempDir(), "busy", `echo '{"ok":true}'`)
+	w, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { time.Sleep(300 * time.Millisecond); w.Close() }()
+	out, err := defaultExec{}.ExecPlugin(context.Background(), path, nil, nil)
+	if err != nil || strings.TrimSpace(string(out)) != `{"ok":true}` {
+		t.Fatalf("ExecPlugin = %q, %v; want the plugin's output once the writer closed it", out, err)
+	}
+}

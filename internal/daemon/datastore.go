@@ -10,6 +10,7 @@ import (
 
 	"google.golang.org/grpc/connectivity"
 
+	"github.com/twillnet/twill/internal/retry"
 	"github.com/twillnet/twill/subnet"
 	"github.com/twillnet/twill/subnet/etcd"
 )
@@ -105,7 +106,7 @@ func (e *etcdLeases) Own() subnet.Lease { return e.Manager.Own().Lease() }
 // waiting once in the log and every time through notReady.
 func waitFor(ctx context.Context, log *slog.Logger, notReady func(string), get func() (*subnet.Config, string)) (*subnet.Config, error) {
 	last := ""
-	delay := 500 * time.Millisecond
+	bo := retry.Backoff{Min: 500 * time.Millisecond, Max: 5 * time.Second}
 	for {
 		cfg, reason := get()
 		if cfg != nil {
@@ -117,14 +118,9 @@ func waitFor(ctx context.Context, log *slog.Logger, notReady func(string), get f
 			log.Warn("not starting yet", "reason", reason)
 			last = reason
 		}
-		t := time.NewTimer(delay)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return nil, ctx.Err()
-		case <-t.C:
+		if err := bo.Wait(ctx); err != nil {
+			return nil, err
 		}
-		delay = min(2*delay, 5*time.Second)
 	}
 }
 

@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/twillnet/twill/internal/retry"
 )
 
 // MaxDumpAttempts bounds how often one dump is tried when the kernel keeps
@@ -28,9 +30,6 @@ import (
 // tries rides out a burst; a table that changes without pause is an error worth
 // reporting rather than a reason to spin.
 const MaxDumpAttempts = 8
-
-// firstBackoff is the wait before the second attempt; it doubles each time.
-const firstBackoff = time.Millisecond
 
 // ErrInterrupted is returned (wrapped) when every attempt of a dump was
 // interrupted. It also matches netlink.ErrDumpInterrupted with errors.Is.
@@ -42,7 +41,8 @@ var ErrInterrupted = errors.New("netlink dump interrupted on every attempt")
 // returned.
 func Dump[T any](ctx context.Context, what string, list func() (T, error)) (T, error) {
 	var zero T
-	wait := firstBackoff
+	// 1 ms before the second attempt, doubling: 127 ms in all before the 8th.
+	bo := retry.Backoff{Min: time.Millisecond, Max: time.Second}
 	for attempt := 1; ; attempt++ {
 		if err := ctx.Err(); err != nil {
 			return zero, fmt.Errorf("%s: %w", what, err)
@@ -57,14 +57,9 @@ func Dump[T any](ctx context.Context, what string, list func() (T, error)) (T, e
 		if attempt == MaxDumpAttempts {
 			return zero, fmt.Errorf("%s: %w (%d attempts): %w", what, ErrInterrupted, attempt, err)
 		}
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return zero, fmt.Errorf("%s: %w", what, ctx.Err())
-		case <-t.C:
+		if err := bo.Wait(ctx); err != nil {
+			return zero, fmt.Errorf("%s: %w", what, err)
 		}
-		wait *= 2
 	}
 }
 

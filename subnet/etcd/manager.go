@@ -10,6 +10,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/twillnet/twill/internal/retry"
 	"github.com/twillnet/twill/subnet"
 )
 
@@ -60,7 +61,7 @@ func NewManager(reg *Registry, req AcquireRequest) *Manager {
 // Errors that retrying cannot fix (no free subnet, a public IP in use by
 // another node) are returned at once.
 func (m *Manager) Acquire(ctx context.Context) (*Acquired, error) {
-	bo := newBackoff(200*time.Millisecond, 10*time.Second)
+	bo := retry.Backoff{Min: 200 * time.Millisecond, Max: 10 * time.Second}
 	for {
 		a, err := m.reg.Acquire(ctx, m.req)
 		if err == nil {
@@ -73,7 +74,7 @@ func (m *Manager) Acquire(ctx context.Context) (*Acquired, error) {
 			return nil, err
 		}
 		m.log.Warn("acquire lease failed; retrying", "err", err)
-		if err := bo.wait(ctx); err != nil {
+		if err := bo.Wait(ctx); err != nil {
 			return nil, err
 		}
 	}
@@ -143,8 +144,8 @@ func (m *Manager) Run(ctx context.Context) error {
 			}
 			// No free subnet: keep trying; a peer may leave.
 			m.log.Error("cannot acquire a lease", "err", err)
-			bo := newBackoff(5*time.Second, 5*time.Second)
-			if bo.wait(ctx) != nil {
+			wait := retry.Backoff{Min: 5 * time.Second}
+			if wait.Wait(ctx) != nil {
 				break
 			}
 			continue

@@ -13,6 +13,7 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/twillnet/twill/internal/retry"
 	"github.com/twillnet/twill/subnet"
 )
 
@@ -66,7 +67,7 @@ func (c *LeaseCache) apply(rev int64, changes []subnet.Change) {
 // seen after the connection drops, and a fresh listing only when etcd has
 // compacted that revision away. It returns only when ctx ends.
 func (r *Registry) Watch(ctx context.Context, cache *LeaseCache) error {
-	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
+	backoff := &retry.Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second}
 	needList := !cache.Synced() // a cache seeded by Acquire is watched from its revision
 	for {
 		if needList {
@@ -76,7 +77,7 @@ func (r *Registry) Watch(ctx context.Context, cache *LeaseCache) error {
 					return ctx.Err()
 				}
 				r.log.Warn("list leases failed; retrying", "err", err)
-				if err := backoff.wait(ctx); err != nil {
+				if err := backoff.Wait(ctx); err != nil {
 					return err
 				}
 				continue
@@ -96,14 +97,14 @@ func (r *Registry) Watch(ctx context.Context, cache *LeaseCache) error {
 		if err != nil {
 			r.log.Warn("lease watch interrupted; resuming", "revision", cache.Revision(), "err", err)
 		}
-		if err := backoff.wait(ctx); err != nil {
+		if err := backoff.Wait(ctx); err != nil {
 			return err
 		}
 	}
 }
 
 // watchFrom runs one watch from the cache's revision until it fails.
-func (r *Registry) watchFrom(ctx context.Context, cache *LeaseCache, backoff *backoff) (compacted bool, err error) {
+func (r *Registry) watchFrom(ctx context.Context, cache *LeaseCache, backoff *retry.Backoff) (compacted bool, err error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
 	wch := r.cli.Watch(wctx, r.SubnetsPrefix(), clientv3.WithPrefix(), clientv3.WithRev(cache.Revision()+1), clientv3.WithProgressNotify())
@@ -114,7 +115,7 @@ func (r *Registry) watchFrom(ctx context.Context, cache *LeaseCache, backoff *ba
 		if err := wr.Err(); err != nil {
 			return false, err
 		}
-		backoff.reset()
+		backoff.Reset()
 		changes := make([]subnet.Change, 0, len(wr.Events))
 		for _, ev := range wr.Events {
 			p, perr := subnet.ParseKeyName(strings.TrimPrefix(string(ev.Kv.Key), r.SubnetsPrefix()))
@@ -142,24 +143,3 @@ func (r *Registry) watchFrom(ctx context.Context, cache *LeaseCache, backoff *ba
 	}
 	return false, fmt.Errorf("watch on %s closed", r.SubnetsPrefix())
 }
-
-type backoff struct {
-	next, max time.Duration
-	min       time.Duration
-}
-
-func newBackoff(min, max time.Duration) *backoff { return &backoff{next: min, min: min, max: max} }
-
-func (b *backoff) wait(ctx context.Context) error {
-	t := time.NewTimer(b.next)
-	defer t.Stop()
-	b.next = min(b.next*2, b.max)
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
-}
-
-func (b *backoff) reset() { b.next = b.min }

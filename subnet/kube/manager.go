@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/twillnet/twill/internal/retry"
 	"github.com/twillnet/twill/subnet"
 )
 
@@ -123,7 +124,7 @@ func NewManager(o Options, cfg *subnet.Config, attrs subnet.LeaseAttrs) (*Manage
 // and waited on with backoff, since an operator or a controller may fix it;
 // Acquire returns an error only when ctx ends.
 func (m *Manager) Acquire(ctx context.Context) (subnet.Lease, error) {
-	bo := backoff{next: m.retryMin, max: m.retryMax}
+	bo := retry.Backoff{Min: m.retryMin, Max: m.retryMax}
 	last := ""
 	for {
 		l, reason := m.tryAcquire(ctx)
@@ -141,7 +142,7 @@ func (m *Manager) Acquire(ctx context.Context) (subnet.Lease, error) {
 				last = reason
 			}
 		}
-		if err := bo.wait(ctx); err != nil {
+		if err := bo.Wait(ctx); err != nil {
 			return subnet.Lease{}, fmt.Errorf("acquire lease of node %s (%s): %w", m.node, reason, err)
 		}
 	}
@@ -257,13 +258,13 @@ func (m *Manager) Release(ctx context.Context) error {
 	m.released = true
 	m.mu.Unlock()
 	remove := map[string]*string{m.keys.BackendType: nil, m.keys.BackendData: nil, m.keys.PublicIP: nil}
-	bo := backoff{next: m.retryMin, max: m.retryMax}
+	bo := retry.Backoff{Min: m.retryMin, Max: m.retryMax}
 	for {
 		err := m.patchAnnotations(ctx, remove)
 		if err == nil || apierrors.IsNotFound(err) {
 			return nil
 		}
-		if bo.wait(ctx) != nil {
+		if bo.Wait(ctx) != nil {
 			return fmt.Errorf("release lease: %w", err)
 		}
 	}
@@ -303,19 +304,4 @@ func (m *Manager) DatapathReady(ctx context.Context) error {
 	}
 	m.log.Info("node condition NetworkUnavailable set to False")
 	return nil
-}
-
-// backoff doubles a delay up to a maximum, waiting on ctx.
-type backoff struct{ next, max time.Duration }
-
-func (b *backoff) wait(ctx context.Context) error {
-	t := time.NewTimer(b.next)
-	defer t.Stop()
-	b.next = min(2*b.next, b.max)
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }
