@@ -47,6 +47,7 @@ type Containerd struct {
 	config, log     string
 	proc            *exec.Cmd
 	done            chan struct{}
+	answered        bool // it has started and answered once
 }
 
 // ContainerdBinaries returns the paths of containerd and ctr in binDir, or,
@@ -174,6 +175,7 @@ func (c *Containerd) Start(t testing.TB) {
 	for {
 		_, err := c.Ctr("version")
 		if err == nil {
+			c.answered = true
 			return
 		}
 		select {
@@ -258,6 +260,11 @@ func run(bin string, args ...string) (string, error) {
 func (c *Containerd) cleanup(t testing.TB) {
 	if t.Failed() {
 		t.Logf("containerd log (%s), last lines:\n%s", c.log, tail(c.log, 40))
+	}
+	if c.proc == nil && c.answered {
+		// Stopped by the test (which then failed before starting it again):
+		// start it to remove the pods, so the CNI chain's DEL runs.
+		c.Start(t)
 	}
 	if c.proc != nil {
 		if out, err := c.Crictl(t, "rmp", "--all", "--force"); err != nil {
