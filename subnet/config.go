@@ -27,7 +27,8 @@ const (
 
 // Defaults applied by ParseConfig.
 const (
-	DefaultSubnetLen = 24
+	DefaultSubnetLen     = 24
+	DefaultIPv6SubnetLen = 64
 	DefaultBackend   = BackendVXLAN
 	DefaultVNI       = 1
 	DefaultVXLANPort = 8472
@@ -45,11 +46,23 @@ var backendOptions = map[string][]string{
 // Config is the network configuration shared by every node of a twill network.
 // Its JSON form is the net-conf.json schema flannel users know.
 type Config struct {
+	// EnableIPv4 and EnableIPv6 say which families pods get (flannel's keys;
+	// IPv4 only by default). The keys of a family that is off are checked
+	// but not used, as flannel ignores them.
+	EnableIPv4 bool
+	EnableIPv6 bool
+
 	Network   netip.Prefix
 	SubnetLen int
 	SubnetMin netip.Addr
 	SubnetMax netip.Addr
-	Backend   BackendConfig
+
+	IPv6Network   netip.Prefix
+	IPv6SubnetLen int
+	IPv6SubnetMin netip.Addr
+	IPv6SubnetMax netip.Addr
+
+	Backend BackendConfig
 }
 
 // BackendConfig selects the datapath and its options. Zero values mean "default".
@@ -63,11 +76,17 @@ type BackendConfig struct {
 
 // configJSON is the wire form; strings keep parse errors under our control.
 type configJSON struct {
-	Network   string          `json:"Network"`
-	SubnetLen *int            `json:"SubnetLen,omitempty"`
-	SubnetMin string          `json:"SubnetMin,omitempty"`
-	SubnetMax string          `json:"SubnetMax,omitempty"`
-	Backend   json.RawMessage `json:"Backend,omitempty"`
+	EnableIPv4    *bool           `json:"EnableIPv4,omitempty"`
+	EnableIPv6    *bool           `json:"EnableIPv6,omitempty"`
+	Network       string          `json:"Network"`
+	SubnetLen     *int            `json:"SubnetLen,omitempty"`
+	SubnetMin     string          `json:"SubnetMin,omitempty"`
+	SubnetMax     string          `json:"SubnetMax,omitempty"`
+	IPv6Network   string          `json:"IPv6Network,omitempty"`
+	IPv6SubnetLen *int            `json:"IPv6SubnetLen,omitempty"`
+	IPv6SubnetMin string          `json:"IPv6SubnetMin,omitempty"`
+	IPv6SubnetMax string          `json:"IPv6SubnetMax,omitempty"`
+	Backend       json.RawMessage `json:"Backend,omitempty"`
 }
 
 type backendJSON struct {
@@ -86,13 +105,24 @@ func ParseConfig(data []byte) (*Config, error) {
 	if err := decodeStrict(data, &raw); err != nil {
 		return nil, fmt.Errorf("network config: %w", err)
 	}
-	cfg := &Config{SubnetLen: DefaultSubnetLen}
+	cfg := &Config{EnableIPv4: true, SubnetLen: DefaultSubnetLen, IPv6SubnetLen: DefaultIPv6SubnetLen}
+	if raw.EnableIPv4 != nil {
+		cfg.EnableIPv4 = *raw.EnableIPv4
+	}
+	if raw.EnableIPv6 != nil {
+		cfg.EnableIPv6 = *raw.EnableIPv6
+	}
+	if !cfg.EnableIPv4 && !cfg.EnableIPv6 {
+		return nil, errors.New("network config: EnableIPv4, EnableIPv6: both are false; enable at least one family")
+	}
 	var err error
-	if strings.TrimSpace(raw.Network) == "" {
+	if strings.TrimSpace(raw.Network) == "" && cfg.EnableIPv4 {
 		return nil, errors.New("network config: Network: required (an IPv4 CIDR such as 10.244.0.0/16)")
 	}
-	if cfg.Network, err = netip.ParsePrefix(raw.Network); err != nil {
-		return nil, fmt.Errorf("network config: Network: %q is not a CIDR: %w", raw.Network, err)
+	if raw.Network != "" {
+		if cfg.Network, err = netip.ParsePrefix(raw.Network); err != nil {
+			return nil, fmt.Errorf("network config: Network: %q is not a CIDR: %w", raw.Network, err)
+		}
 	}
 	if raw.SubnetLen != nil {
 		cfg.SubnetLen = *raw.SubnetLen
@@ -107,11 +137,39 @@ func ParseConfig(data []byte) (*Config, error) {
 			return nil, fmt.Errorf("network config: SubnetMax: %q is not an IP address", raw.SubnetMax)
 		}
 	}
+	if strings.TrimSpace(raw.IPv6Network) == "" && cfg.EnableIPv6 {
+		return nil, errors.New("network config: IPv6Network: required when EnableIPv6 is true (an IPv6 CIDR such as fd00:10:244::/56)")
+	}
+	if raw.IPv6Network != "" {
+		if cfg.IPv6Network, err = netip.ParsePrefix(raw.IPv6Network); err != nil {
+			return nil, fmt.Errorf("network config: IPv6Network: %q is not a CIDR: %w", raw.IPv6Network, err)
+		}
+	}
+	if raw.IPv6SubnetLen != nil {
+		cfg.IPv6SubnetLen = *raw.IPv6SubnetLen
+	}
+	if raw.IPv6SubnetMin != "" {
+		if cfg.IPv6SubnetMin, err = netip.ParseAddr(raw.IPv6SubnetMin); err != nil {
+			return nil, fmt.Errorf("network config: IPv6SubnetMin: %q is not an IP address", raw.IPv6SubnetMin)
+		}
+	}
+	if raw.IPv6SubnetMax != "" {
+		if cfg.IPv6SubnetMax, err = netip.ParseAddr(raw.IPv6SubnetMax); err != nil {
+			return nil, fmt.Errorf("network config: IPv6SubnetMax: %q is not an IP address", raw.IPv6SubnetMax)
+		}
+	}
 	if cfg.Backend, err = parseBackend(raw.Backend); err != nil {
 		return nil, fmt.Errorf("network config: %w", err)
 	}
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("network config: %w", err)
+	}
+	// The keys are understood and checked; the datapath is IPv4-only so far.
+	switch {
+	case cfg.EnableIPv6:
+		return nil, errors.New("network config: EnableIPv6: IPv6 pod networks are not supported by this version of twill yet; set EnableIPv6 to false or leave it out")
+	case !cfg.EnableIPv4:
+		return nil, errors.New("network config: EnableIPv4: an IPv4 pod network is required by this version of twill; set EnableIPv4 to true or leave it out")
 	}
 	return cfg, nil
 }
@@ -166,34 +224,19 @@ func parseBackend(data json.RawMessage) (BackendConfig, error) {
 }
 
 func (c *Config) validate() error {
-	if !c.Network.Addr().Is4() {
-		return fmt.Errorf("Network: %s is not an IPv4 CIDR", c.Network)
-	}
-	if c.Network.Masked() != c.Network {
-		return fmt.Errorf("Network: %s has host bits set (did you mean %s?)", c.Network, c.Network.Masked())
-	}
-	if c.SubnetLen < 1 || c.SubnetLen > 30 {
-		return fmt.Errorf("SubnetLen: %d is out of range (1 to 30; a subnet needs room for a gateway and pods)", c.SubnetLen)
-	}
-	if c.SubnetLen <= c.Network.Bits() {
-		return fmt.Errorf("SubnetLen: %d must be longer than the Network's prefix length %d, or the network holds fewer than two subnets", c.SubnetLen, c.Network.Bits())
-	}
-	for _, f := range []struct {
-		name string
-		addr netip.Addr
-	}{{"SubnetMin", c.SubnetMin}, {"SubnetMax", c.SubnetMax}} {
-		if !f.addr.IsValid() {
-			continue
-		}
-		if !c.Network.Contains(f.addr) {
-			return fmt.Errorf("%s: %s is outside Network %s", f.name, f.addr, c.Network)
-		}
-		if p := netip.PrefixFrom(f.addr, c.SubnetLen).Masked(); p.Addr() != f.addr {
-			return fmt.Errorf("%s: %s is not aligned to SubnetLen %d (nearest: %s)", f.name, f.addr, c.SubnetLen, p.Addr())
+	if c.Network.IsValid() {
+		if err := validateFamily(familyKeys{"Network", "SubnetLen", "SubnetMin", "SubnetMax"}, false,
+			c.Network, c.SubnetLen, c.SubnetMin, c.SubnetMax); err != nil {
+			return err
 		}
 	}
-	if c.SubnetMin.IsValid() && c.SubnetMax.IsValid() && c.SubnetMax.Less(c.SubnetMin) {
-		return fmt.Errorf("SubnetMax: %s is below SubnetMin %s", c.SubnetMax, c.SubnetMin)
+	if c.IPv6Network.IsValid() {
+		if err := validateFamily(familyKeys{"IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax"}, true,
+			c.IPv6Network, c.IPv6SubnetLen, c.IPv6SubnetMin, c.IPv6SubnetMax); err != nil {
+			return err
+		}
+	} else if c.IPv6SubnetMin.IsValid() || c.IPv6SubnetMax.IsValid() {
+		return errors.New("IPv6SubnetMin, IPv6SubnetMax: set without IPv6Network")
 	}
 	b := c.Backend
 	if b.Type == BackendVXLAN {
@@ -206,6 +249,49 @@ func (c *Config) validate() error {
 	}
 	if b.MTU != 0 && (b.MTU < 576 || b.MTU > 65535) {
 		return fmt.Errorf("Backend.MTU: %d is out of range (576 to 65535, or 0 for automatic)", b.MTU)
+	}
+	return nil
+}
+
+// familyKeys name one family's keys in errors.
+type familyKeys struct{ network, subnetLen, subnetMin, subnetMax string }
+
+// validateFamily checks one family's network, subnet length and range.
+// IPv4 subnets are 1 to 30 bits long (room for a gateway and pods); IPv6
+// subnets up to /120, so a node can be given 256 addresses at least.
+func validateFamily(k familyKeys, v6 bool, network netip.Prefix, subnetLen int, lo, hi netip.Addr) error {
+	family, maxLen := "IPv4", 30
+	if v6 {
+		family, maxLen = "IPv6", 120
+	}
+	if network.Addr().Is6() != v6 || network.Addr().Is4In6() {
+		return fmt.Errorf("%s: %s is not an %s CIDR", k.network, network, family)
+	}
+	if network.Masked() != network {
+		return fmt.Errorf("%s: %s has host bits set (did you mean %s?)", k.network, network, network.Masked())
+	}
+	if subnetLen < 1 || subnetLen > maxLen {
+		return fmt.Errorf("%s: %d is out of range (1 to %d; a subnet needs room for a gateway and pods)", k.subnetLen, subnetLen, maxLen)
+	}
+	if subnetLen <= network.Bits() {
+		return fmt.Errorf("%s: %d must be longer than the %s's prefix length %d, or the network holds fewer than two subnets", k.subnetLen, subnetLen, k.network, network.Bits())
+	}
+	for _, f := range []struct {
+		name string
+		addr netip.Addr
+	}{{k.subnetMin, lo}, {k.subnetMax, hi}} {
+		if !f.addr.IsValid() {
+			continue
+		}
+		if !network.Contains(f.addr) {
+			return fmt.Errorf("%s: %s is outside %s %s", f.name, f.addr, k.network, network)
+		}
+		if p := netip.PrefixFrom(f.addr, subnetLen).Masked(); p.Addr() != f.addr {
+			return fmt.Errorf("%s: %s is not aligned to %s %d (nearest: %s)", f.name, f.addr, k.subnetLen, subnetLen, p.Addr())
+		}
+	}
+	if lo.IsValid() && hi.IsValid() && hi.Less(lo) {
+		return fmt.Errorf("%s: %s is below %s %s", k.subnetMax, hi, k.subnetMin, lo)
 	}
 	return nil
 }
@@ -235,12 +321,30 @@ func (c *Config) Contains(p netip.Prefix) bool {
 
 // MarshalJSON writes the net-conf.json form with defaults filled in.
 func (c Config) MarshalJSON() ([]byte, error) {
-	out := map[string]any{"Network": c.Network.String(), "SubnetLen": c.SubnetLen}
+	out := map[string]any{"SubnetLen": c.SubnetLen}
+	if c.Network.IsValid() {
+		out["Network"] = c.Network.String()
+	}
+	if !c.EnableIPv4 {
+		out["EnableIPv4"] = false
+	}
+	if c.EnableIPv6 {
+		out["EnableIPv6"] = true
+	}
 	if c.SubnetMin.IsValid() {
 		out["SubnetMin"] = c.SubnetMin.String()
 	}
 	if c.SubnetMax.IsValid() {
 		out["SubnetMax"] = c.SubnetMax.String()
+	}
+	if c.IPv6Network.IsValid() {
+		out["IPv6Network"], out["IPv6SubnetLen"] = c.IPv6Network.String(), c.IPv6SubnetLen
+		if c.IPv6SubnetMin.IsValid() {
+			out["IPv6SubnetMin"] = c.IPv6SubnetMin.String()
+		}
+		if c.IPv6SubnetMax.IsValid() {
+			out["IPv6SubnetMax"] = c.IPv6SubnetMax.String()
+		}
 	}
 	b := map[string]any{"Type": c.Backend.Type}
 	if c.Backend.Type == BackendVXLAN {

@@ -54,6 +54,26 @@ func TestParseConfig(t *testing.T) {
 		{name: "VNI range", in: `{"Network":"10.1.0.0/16","Backend":{"VNI":16777216}}`, wantErr: "Backend.VNI: 16777216 is out of range"},
 		{name: "port range", in: `{"Network":"10.1.0.0/16","Backend":{"Port":0}}`, wantErr: "Backend.Port: 0 is not a UDP port"},
 		{name: "MTU range", in: `{"Network":"10.1.0.0/16","Backend":{"MTU":100}}`, wantErr: "Backend.MTU: 100 is out of range"},
+		// The family keys (flannel's names).
+		{name: "EnableIPv4 true", in: `{"EnableIPv4":true,"Network":"10.1.0.0/16"}`, check: func(t *testing.T, c *Config) {
+			if !c.EnableIPv4 || c.EnableIPv6 || c.IPv6SubnetLen != DefaultIPv6SubnetLen {
+				t.Errorf("families %v/%v, IPv6SubnetLen %d", c.EnableIPv4, c.EnableIPv6, c.IPv6SubnetLen)
+			}
+		}},
+		{name: "IPv6 keys of a family that is off are checked, not used", in: `{"Network":"10.1.0.0/16","EnableIPv6":false,"IPv6Network":"fd00:10::/56"}`},
+		{name: "both families off", in: `{"EnableIPv4":false,"EnableIPv6":false}`, wantErr: "EnableIPv4, EnableIPv6: both are false"},
+		{name: "IPv6 without IPv6Network", in: `{"Network":"10.1.0.0/16","EnableIPv6":true}`, wantErr: "IPv6Network: required when EnableIPv6 is true"},
+		{name: "IPv6Network not IPv6", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"10.2.0.0/16"}`, wantErr: "IPv6Network: 10.2.0.0/16 is not an IPv6 CIDR"},
+		{name: "IPv6Network malformed", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/129"}`, wantErr: `IPv6Network: "fd00::/129" is not a CIDR`},
+		{name: "IPv6Network host bits", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::1/64"}`, wantErr: "IPv6Network: fd00::1/64 has host bits set"},
+		{name: "IPv6SubnetLen not longer", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/64"}`, wantErr: "IPv6SubnetLen: 64 must be longer than the IPv6Network's prefix length 64"},
+		{name: "IPv6SubnetLen too long", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetLen":124}`, wantErr: "IPv6SubnetLen: 124 is out of range (1 to 120"},
+		{name: "IPv6SubnetMin outside", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetMin":"fd01::"}`, wantErr: "IPv6SubnetMin: fd01:: is outside IPv6Network fd00::/56"},
+		{name: "IPv6SubnetMax unaligned", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetMax":"fd00:0:0:5::1"}`, wantErr: "IPv6SubnetMax: fd00:0:0:5::1 is not aligned to IPv6SubnetLen 64"},
+		{name: "IPv6SubnetMax below min", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:5::"}`, wantErr: "IPv6SubnetMax: fd00:0:0:5:: is below IPv6SubnetMin"},
+		{name: "IPv6 range without network", in: `{"Network":"10.1.0.0/16","IPv6SubnetMin":"fd00::"}`, wantErr: "set without IPv6Network"},
+		{name: "dual-stack is not supported yet", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/56"}`, wantErr: "EnableIPv6: IPv6 pod networks are not supported by this version of twill yet"},
+		{name: "IPv6-only is not supported yet", in: `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10::/56"}`, wantErr: "EnableIPv6: IPv6 pod networks are not supported"},
 		{name: "not json", in: `Network: 10.1.0.0/16`, wantErr: "invalid JSON"},
 		{name: "trailing data", in: `{"Network":"10.1.0.0/16"} {}`, wantErr: "trailing data"},
 		{name: "backend not object", in: `{"Network":"10.1.0.0/16","Backend":"vxlan"}`, wantErr: "Backend: must be an object"},
@@ -83,6 +103,7 @@ func TestConfigRoundTrip(t *testing.T) {
 		`{"Network":"10.244.0.0/16"}`,
 		`{"Network":"10.1.0.0/16","SubnetLen":26,"SubnetMin":"10.1.1.0","SubnetMax":"10.1.2.192","Backend":{"Type":"vxlan","VNI":42,"Port":4789,"DirectRouting":true,"MTU":1400}}`,
 		`{"Network":"172.16.0.0/12","Backend":{"Type":"host-gw","MTU":9000}}`,
+		`{"EnableIPv4":true,"Network":"10.1.0.0/16","EnableIPv6":false,"IPv6Network":"fd00:10::/56","IPv6SubnetLen":72,"IPv6SubnetMin":"fd00:10:0:1::"}`,
 	} {
 		c, err := ParseConfig([]byte(in))
 		if err != nil {
