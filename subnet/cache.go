@@ -141,8 +141,11 @@ func (c *Cache) Peers(own string) ([]Lease, bool) {
 }
 
 // SameLease reports whether two leases program the same datapath: same
-// subnet, claim, public IP and backend. Expiry and node name do not count.
+// subnets, claim, public addresses and backend. Expiry and node name do not
+// count.
 func SameLease(a, b Lease) bool {
-	return a.Subnet == b.Subnet && a.Claimed == b.Claimed && a.Attrs.PublicIP == b.Attrs.PublicIP &&
-		a.Attrs.BackendType == b.Attrs.BackendType && bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData)
+	return a.Subnet == b.Subnet && a.IPv6Subnet == b.IPv6Subnet && a.Claimed == b.Claimed &&
+		a.Attrs.PublicIP == b.Attrs.PublicIP && a.Attrs.PublicIPv6 == b.Attrs.PublicIPv6 &&
+		a.Attrs.BackendType == b.Attrs.BackendType && bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData) &&
+		bytes.Equal(a.Attrs.BackendV6Data, b.Attrs.BackendV6Data)
 }

@@ -29,9 +29,9 @@ const (
 const (
 	DefaultSubnetLen     = 24
 	DefaultIPv6SubnetLen = 64
-	DefaultBackend   = BackendVXLAN
-	DefaultVNI       = 1
-	DefaultVXLANPort = 8472
+	DefaultBackend       = BackendVXLAN
+	DefaultVNI           = 1
+	DefaultVXLANPort     = 8472
 )
 
 // backendOptions lists, per backend type, the options it accepts besides Type.

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/twillnet/twill/subnet"
@@ -95,6 +96,9 @@ type StoredLease struct {
 	ModRevision int64
 }
 
+// name is the key's last element, the lease's name (subnet.LeaseKeyName).
+func (l StoredLease) name() string { return l.Key[strings.LastIndexByte(l.Key, '/')+1:] }
+
 // Leases lists every well-formed lease and the revision of the listing. A
 // malformed key or value is skipped with a warning naming the key: one bad
 // entry never hides the others.
@@ -113,7 +117,7 @@ func (r *Registry) list(ctx context.Context) ([]StoredLease, map[netip.Prefix]bo
 	out := make([]StoredLease, 0, len(resp.Kvs))
 	occupied := make(map[netip.Prefix]bool, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		if p, err := subnet.ParseKeyName(strings.TrimPrefix(string(kv.Key), r.SubnetsPrefix())); err == nil {
+		if p, _, err := subnet.ParseLeaseKey(strings.TrimPrefix(string(kv.Key), r.SubnetsPrefix())); err == nil && p.IsValid() {
 			occupied[p] = true
 		}
 		l, err := r.decode(kv.Key, kv.Value)
@@ -129,14 +133,10 @@ func (r *Registry) list(ctx context.Context) ([]StoredLease, map[netip.Prefix]bo
 
 // Lease reads the lease on p, with its expiry.
 func (r *Registry) Lease(ctx context.Context, p netip.Prefix) (*StoredLease, error) {
-	resp, err := r.cli.Get(ctx, r.SubnetKey(p))
+	kv, err := r.leaseKV(ctx, p)
 	if err != nil {
-		return nil, fmt.Errorf("read lease %s: %w", p, err)
+		return nil, err
 	}
-	if len(resp.Kvs) == 0 {
-		return nil, fmt.Errorf("%w: %s", ErrLeaseNotFound, p)
-	}
-	kv := resp.Kvs[0]
 	l, err := r.decode(kv.Key, kv.Value)
 	if err != nil {
 		return nil, err
@@ -153,7 +153,11 @@ func (r *Registry) Lease(ctx context.Context, p netip.Prefix) (*StoredLease, err
 
 // DeleteLease removes the lease on p. Its node notices and re-acquires a subnet.
 func (r *Registry) DeleteLease(ctx context.Context, p netip.Prefix) error {
-	resp, err := r.cli.Delete(ctx, r.SubnetKey(p))
+	kv, err := r.leaseKV(ctx, p)
+	if err != nil {
+		return err
+	}
+	resp, err := r.cli.Delete(ctx, string(kv.Key))
 	if err != nil {
 		return fmt.Errorf("delete lease %s: %w", p, err)
 	}
@@ -163,20 +167,39 @@ func (r *Registry) DeleteLease(ctx context.Context, p netip.Prefix) error {
 	return nil
 }
 
+// leaseKV reads the key of the lease whose IPv4 subnet is p: twill's own
+// form, or a dual-stack lease's (flannel's "p&v6subnet").
+func (r *Registry) leaseKV(ctx context.Context, p netip.Prefix) (*mvccpb.KeyValue, error) {
+	name := subnet.KeyName(p)
+	resp, err := r.cli.Get(ctx, r.SubnetKey(p), clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("read lease %s: %w", p, err)
+	}
+	for _, kv := range resp.Kvs {
+		if rest := strings.TrimPrefix(string(kv.Key), r.SubnetsPrefix()+name); rest == "" || strings.HasPrefix(rest, "&") {
+			return kv, nil
+		}
+	}
+	return nil, fmt.Errorf("%w: %s", ErrLeaseNotFound, p)
+}
+
 func (r *Registry) decode(key, value []byte) (StoredLease, error) {
 	name, ok := strings.CutPrefix(string(key), r.SubnetsPrefix())
 	if !ok {
 		return StoredLease{}, fmt.Errorf("key %q is outside %s", key, r.SubnetsPrefix())
 	}
-	p, err := subnet.ParseKeyName(name)
+	v4, v6, err := subnet.ParseLeaseKey(name)
 	if err != nil {
 		return StoredLease{}, err
+	}
+	if !v4.IsValid() {
+		return StoredLease{}, fmt.Errorf("lease %s has no IPv4 subnet (an IPv6-only lease; twill's datapath is IPv4 so far)", name)
 	}
 	attrs, err := subnet.ParseLeaseAttrs(value)
 	if err != nil {
 		return StoredLease{}, err
 	}
-	return StoredLease{Lease: subnet.Lease{Subnet: p, Attrs: attrs}, Key: string(key)}, nil
+	return StoredLease{Lease: subnet.Lease{Subnet: v4, IPv6Subnet: v6, Attrs: attrs}, Key: string(key)}, nil
 }
 
 // AcquireRequest says what a node wants.
@@ -267,7 +290,14 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 			}
 			cmp = clientv3.Compare(clientv3.CreateRevision(r.SubnetKey(target)), "=", 0)
 		}
-		resp, err := r.cli.Txn(ctx).If(cmp).Then(clientv3.OpPut(r.SubnetKey(target), string(value), put...)).Commit()
+		ops := []clientv3.Op{clientv3.OpPut(r.SubnetKey(target), string(value), put...)}
+		if mine != nil && mine.Key != r.SubnetKey(target) {
+			// The node's lease under another name (flannel's dual-stack form,
+			// "v4&v6"): twill's IPv4 lease replaces it in the same
+			// transaction, so the node never holds two keys.
+			ops = append(ops, clientv3.OpDelete(mine.Key))
+		}
+		resp, err := r.cli.Txn(ctx).If(cmp).Then(ops...).Commit()
 		if err != nil {
 			r.revoke(grant.ID)
 			return nil, fmt.Errorf("write lease %s: %w", target, err)

@@ -282,3 +282,35 @@ func TestSamePublicIPOnTwoNodesIsRefused(t *testing.T) {
 		t.Fatalf("leases after the refusal: %+v", leases)
 	}
 }
+
+// A node whose lease is in flannel's dual-stack form (a flanneld that ran
+// there before) takes its subnet over as twill's IPv4 lease, and the old key
+// goes in the same transaction; operators find a dual-stack lease by its
+// IPv4 subnet.
+func TestDualStackLeaseIsTakenOver(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	dualKey := f.reg.SubnetsPrefix() + "10.244.9.0-24&fd00:10:244:9::-64"
+	if _, err := f.cli.Put(ctx, dualKey, `{"PublicIP":"198.18.0.9","PublicIPv6":"fd00:198:18::9","BackendType":"alloc"}`); err != nil {
+		t.Fatal(err)
+	}
+	l, err := f.reg.Lease(ctx, netip.MustParsePrefix("10.244.9.0/24"))
+	if err != nil || l.IPv6Subnet != netip.MustParsePrefix("fd00:10:244:9::/64") || l.Attrs.PublicIPv6 != netip.MustParseAddr("fd00:198:18::9") {
+		t.Fatalf("the dual-stack lease read by its IPv4 subnet: %+v, %v", l, err)
+	}
+	a, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.9"), TTL: time.Minute})
+	if err != nil || a.Subnet != netip.MustParsePrefix("10.244.9.0/24") || !a.Reused {
+		t.Fatalf("acquire: %+v, %v; want 10.244.9.0/24 taken over", a, err)
+	}
+	resp, err := f.cli.Get(ctx, f.reg.SubnetsPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, kv := range resp.Kvs {
+		keys = append(keys, string(kv.Key))
+	}
+	if len(keys) != 1 || keys[0] != f.reg.SubnetKey(a.Subnet) {
+		t.Fatalf("keys after the takeover: %v, want only %s", keys, f.reg.SubnetKey(a.Subnet))
+	}
+}

@@ -18,7 +18,7 @@ import (
 )
 
 // LeaseCache is the node's subnet.Cache as the etcd watch keeps it, keyed by
-// the subnet's key name (subnet.KeyName), with the etcd revision it reflects:
+// the lease key's name under the subnets prefix (subnet.LeaseKeyName), with the etcd revision it reflects:
 // where the watch resumes, and what tells a reader whether a write it made is
 // in the picture yet.
 type LeaseCache struct {
@@ -40,7 +40,7 @@ func (c *LeaseCache) lease(p netip.Prefix) (subnet.Lease, bool) { return c.Get(s
 func (c *LeaseCache) replace(leases []StoredLease, rev int64) {
 	m := make(map[string]subnet.Lease, len(leases))
 	for _, l := range leases {
-		m[subnet.KeyName(l.Subnet)] = l.Lease
+		m[l.name()] = l.Lease
 	}
 	c.Replace(m)
 	c.rev.Store(rev)
@@ -118,23 +118,19 @@ func (r *Registry) watchFrom(ctx context.Context, cache *LeaseCache, backoff *re
 		backoff.Reset()
 		changes := make([]subnet.Change, 0, len(wr.Events))
 		for _, ev := range wr.Events {
-			p, perr := subnet.ParseKeyName(strings.TrimPrefix(string(ev.Kv.Key), r.SubnetsPrefix()))
+			name := strings.TrimPrefix(string(ev.Kv.Key), r.SubnetsPrefix())
 			if ev.Type == mvccpb.DELETE {
-				if perr == nil {
-					changes = append(changes, subnet.Change{Key: subnet.KeyName(p)})
-				}
+				changes = append(changes, subnet.Change{Key: name})
 				continue
 			}
 			l, err := r.decode(ev.Kv.Key, ev.Kv.Value)
 			if err != nil {
 				r.log.Warn("skipping malformed lease", "key", string(ev.Kv.Key), "err", err)
-				if perr == nil {
-					changes = append(changes, subnet.Change{Key: subnet.KeyName(p)}) // a lease overwritten with garbage is gone
-				}
+				changes = append(changes, subnet.Change{Key: name}) // a lease overwritten with garbage is gone
 				continue
 			}
 			l.Claimed = ev.Kv.CreateRevision
-			changes = append(changes, subnet.Change{Key: subnet.KeyName(l.Subnet), Lease: &l.Lease})
+			changes = append(changes, subnet.Change{Key: name, Lease: &l.Lease})
 		}
 		cache.apply(wr.Header.Revision, changes)
 	}

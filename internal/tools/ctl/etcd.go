@@ -133,10 +133,13 @@ func configSet(ctx context.Context, args []string, out, errOut io.Writer) error 
 
 // leaseView is the JSON form of a lease in twillctl's output.
 type leaseView struct {
-	Subnet      string          `json:"subnet"`
-	PublicIP    string          `json:"publicIP"`
-	BackendType string          `json:"backendType"`
-	BackendData json.RawMessage `json:"backendData,omitempty"`
+	Subnet        string          `json:"subnet"`
+	IPv6Subnet    string          `json:"ipv6Subnet,omitempty"`
+	PublicIP      string          `json:"publicIP"`
+	PublicIPv6    string          `json:"publicIPv6,omitempty"`
+	BackendType   string          `json:"backendType"`
+	BackendData   json.RawMessage `json:"backendData,omitempty"`
+	BackendV6Data json.RawMessage `json:"backendV6Data,omitempty"`
 	NodeName    string          `json:"nodeName,omitempty"`
 	Key         string          `json:"key"`
 	ExpiresIn   string          `json:"expiresIn,omitempty"`
@@ -145,7 +148,13 @@ type leaseView struct {
 
 func view(ctx context.Context, cli *clientv3.Client, l etcd.StoredLease) leaseView {
 	v := leaseView{Subnet: l.Subnet.String(), PublicIP: l.Attrs.PublicIP.String(), BackendType: l.Attrs.BackendType,
-		BackendData: l.Attrs.BackendData, NodeName: l.Attrs.NodeName, Key: l.Key}
+		BackendData: l.Attrs.BackendData, BackendV6Data: l.Attrs.BackendV6Data, NodeName: l.Attrs.NodeName, Key: l.Key}
+	if l.IPv6Subnet.IsValid() {
+		v.IPv6Subnet = l.IPv6Subnet.String()
+	}
+	if l.Attrs.PublicIPv6.IsValid() {
+		v.PublicIPv6 = l.Attrs.PublicIPv6.String()
+	}
 	if l.EtcdLease != clientv3.NoLease && cli != nil {
 		if ttl, err := cli.TimeToLive(ctx, l.EtcdLease); err == nil && ttl.TTL > 0 {
 			v.TTLSeconds = ttl.TTL
@@ -187,7 +196,14 @@ func leasesList(ctx context.Context, args []string, out, errOut io.Writer) error
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "SUBNET\tPUBLIC-IP\tBACKEND\tBACKEND-DATA\tNODE\tEXPIRES-IN")
 	for _, v := range views {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Subnet, v.PublicIP, v.BackendType, summary(v.BackendData), dash(v.NodeName), dash(v.ExpiresIn))
+		sn, ip := v.Subnet, v.PublicIP
+		if v.IPv6Subnet != "" { // a dual-stack lease (flannel's): both families
+			sn += "," + v.IPv6Subnet
+		}
+		if v.PublicIPv6 != "" {
+			ip += "," + v.PublicIPv6
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", sn, ip, v.BackendType, summary(v.BackendData), dash(v.NodeName), dash(v.ExpiresIn))
 	}
 	return tw.Flush()
 }
