@@ -140,10 +140,10 @@ type leaseView struct {
 	BackendType   string          `json:"backendType"`
 	BackendData   json.RawMessage `json:"backendData,omitempty"`
 	BackendV6Data json.RawMessage `json:"backendV6Data,omitempty"`
-	NodeName    string          `json:"nodeName,omitempty"`
-	Key         string          `json:"key"`
-	ExpiresIn   string          `json:"expiresIn,omitempty"`
-	TTLSeconds  int64           `json:"ttlSeconds,omitempty"`
+	NodeName      string          `json:"nodeName,omitempty"`
+	Key           string          `json:"key"`
+	ExpiresIn     string          `json:"expiresIn,omitempty"`
+	TTLSeconds    int64           `json:"ttlSeconds,omitempty"`
 }
 
 func view(ctx context.Context, cli *clientv3.Client, l etcd.StoredLease) leaseView {
