@@ -132,8 +132,8 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 }
 
 // Update programs the routes of a few changed peers on top of the last full
-// pass (see the Backend interface in internal/daemon). It declines, writing nothing, when a changed
-// peer cannot be programmed.
+// pass (see the Backend interface in internal/daemon). It declines, writing
+// nothing, when a changed peer cannot be programmed.
 func (b *Backend) Update(ctx context.Context, own subnet.Lease, changed []subnet.Lease, removed []netip.Prefix) (bool, error) {
 	if !b.prog.Usable(own.Subnet) {
 		return false, nil

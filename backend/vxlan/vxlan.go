@@ -151,9 +151,10 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 }
 
 // Update programs the changes of a few peers on top of the last full pass
-// (see the Backend interface in internal/daemon). It declines, writing nothing, when a changed peer
-// cannot be programmed or takes a VTEP MAC another peer holds: only a full
-// pass can tell which of two clashing peers wins.
+// (see the Backend interface in internal/daemon). It declines, writing
+// nothing, when a changed peer cannot be programmed or takes a VTEP MAC
+// another peer holds: only a full pass can tell which of two clashing peers
+// wins.
 func (b *Backend) Update(ctx context.Context, own subnet.Lease, changed []subnet.Lease, removed []netip.Prefix) (bool, error) {
 	if !b.prog.Usable(own.Subnet) {
 		return false, nil
