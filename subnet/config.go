@@ -76,17 +76,18 @@ type BackendConfig struct {
 
 // configJSON is the wire form; strings keep parse errors under our control.
 type configJSON struct {
-	EnableIPv4    *bool           `json:"EnableIPv4,omitempty"`
-	EnableIPv6    *bool           `json:"EnableIPv6,omitempty"`
-	Network       string          `json:"Network"`
-	SubnetLen     *int            `json:"SubnetLen,omitempty"`
-	SubnetMin     string          `json:"SubnetMin,omitempty"`
-	SubnetMax     string          `json:"SubnetMax,omitempty"`
-	IPv6Network   string          `json:"IPv6Network,omitempty"`
-	IPv6SubnetLen *int            `json:"IPv6SubnetLen,omitempty"`
-	IPv6SubnetMin string          `json:"IPv6SubnetMin,omitempty"`
-	IPv6SubnetMax string          `json:"IPv6SubnetMax,omitempty"`
-	Backend       json.RawMessage `json:"Backend,omitempty"`
+	EnableIPv4     *bool           `json:"EnableIPv4,omitempty"`
+	EnableNFTables *bool           `json:"EnableNFTables,omitempty"`
+	EnableIPv6     *bool           `json:"EnableIPv6,omitempty"`
+	Network        string          `json:"Network"`
+	SubnetLen      *int            `json:"SubnetLen,omitempty"`
+	SubnetMin      string          `json:"SubnetMin,omitempty"`
+	SubnetMax      string          `json:"SubnetMax,omitempty"`
+	IPv6Network    string          `json:"IPv6Network,omitempty"`
+	IPv6SubnetLen  *int            `json:"IPv6SubnetLen,omitempty"`
+	IPv6SubnetMin  string          `json:"IPv6SubnetMin,omitempty"`
+	IPv6SubnetMax  string          `json:"IPv6SubnetMax,omitempty"`
+	Backend        json.RawMessage `json:"Backend,omitempty"`
 }
 
 type backendJSON struct {
@@ -164,8 +165,12 @@ func ParseConfig(data []byte) (*Config, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("network config: %w", err)
 	}
-	// The keys are understood and checked; the datapath is IPv4-only so far.
+	// The keys are understood and checked; the datapath is IPv4-only so far,
+	// and the rules are iptables' (flannel's stock config says
+	// "EnableNFTables": false, which is what twill does).
 	switch {
+	case raw.EnableNFTables != nil && *raw.EnableNFTables:
+		return nil, errors.New("network config: EnableNFTables: nftables rules are not supported by this version of twill yet; set it to false or leave it out (twill writes iptables rules)")
 	case cfg.EnableIPv6:
 		return nil, errors.New("network config: EnableIPv6: IPv6 pod networks are not supported by this version of twill yet; set EnableIPv6 to false or leave it out")
 	case !cfg.EnableIPv4:

@@ -73,6 +73,8 @@ func TestParseConfig(t *testing.T) {
 		{name: "IPv6SubnetMax below min", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:5::"}`, wantErr: "IPv6SubnetMax: fd00:0:0:5:: is below IPv6SubnetMin"},
 		{name: "IPv6 range without network", in: `{"Network":"10.1.0.0/16","IPv6SubnetMin":"fd00::"}`, wantErr: "set without IPv6Network"},
 		{name: "dual-stack is not supported yet", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/56"}`, wantErr: "EnableIPv6: IPv6 pod networks are not supported by this version of twill yet"},
+		{name: "flannel's stock config", in: `{"Network":"10.244.0.0/16","EnableNFTables":false,"Backend":{"Type":"vxlan"}}`},
+		{name: "nftables is not supported yet", in: `{"Network":"10.244.0.0/16","EnableNFTables":true}`, wantErr: "EnableNFTables: nftables rules are not supported by this version of twill yet"},
 		{name: "IPv6-only is not supported yet", in: `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10::/56"}`, wantErr: "EnableIPv6: IPv6 pod networks are not supported"},
 		{name: "not json", in: `Network: 10.1.0.0/16`, wantErr: "invalid JSON"},
 		{name: "trailing data", in: `{"Network":"10.1.0.0/16"} {}`, wantErr: "trailing data"},
