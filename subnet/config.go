@@ -127,6 +127,8 @@ func ParseConfig(data []byte) (*Config, error) {
 	}
 	if raw.SubnetLen != nil {
 		cfg.SubnetLen = *raw.SubnetLen
+	} else if cfg.Network.IsValid() {
+		cfg.SubnetLen = defaultSubnetLen(cfg.Network, DefaultSubnetLen)
 	}
 	if raw.SubnetMin != "" {
 		if cfg.SubnetMin, err = netip.ParseAddr(raw.SubnetMin); err != nil {
@@ -148,6 +150,8 @@ func ParseConfig(data []byte) (*Config, error) {
 	}
 	if raw.IPv6SubnetLen != nil {
 		cfg.IPv6SubnetLen = *raw.IPv6SubnetLen
+	} else if cfg.IPv6Network.IsValid() {
+		cfg.IPv6SubnetLen = defaultSubnetLen(cfg.IPv6Network, DefaultIPv6SubnetLen)
 	}
 	if raw.IPv6SubnetMin != "" {
 		if cfg.IPv6SubnetMin, err = netip.ParseAddr(raw.IPv6SubnetMin); err != nil {
@@ -258,16 +262,27 @@ func (c *Config) validate() error {
 	return nil
 }
 
+// defaultSubnetLen is flannel's default for a network: def (24, or 64 for
+// IPv6) when the network holds at least four such subnets, else a quarter
+// of the network. validateFamily refuses what is then too small.
+func defaultSubnetLen(network netip.Prefix, def int) int {
+	if network.Bits()+2 <= def {
+		return def
+	}
+	return network.Bits() + 2
+}
+
 // familyKeys name one family's keys in errors.
 type familyKeys struct{ network, subnetLen, subnetMin, subnetMax string }
 
-// validateFamily checks one family's network, subnet length and range.
-// IPv4 subnets are 1 to 30 bits long (room for a gateway and pods); IPv6
-// subnets up to /120, so a node can be given 256 addresses at least.
+// validateFamily checks one family's network, subnet length and range, with
+// flannel's limits: a subnet is at most a /30 (/126 for IPv6), room for a
+// gateway and a pod, and the network holds at least four subnets (the first
+// is not handed out by default).
 func validateFamily(k familyKeys, v6 bool, network netip.Prefix, subnetLen int, lo, hi netip.Addr) error {
 	family, maxLen := "IPv4", 30
 	if v6 {
-		family, maxLen = "IPv6", 120
+		family, maxLen = "IPv6", 126
 	}
 	if network.Addr().Is6() != v6 || network.Addr().Is4In6() {
 		return fmt.Errorf("%s: %s is not an %s CIDR", k.network, network, family)
@@ -278,8 +293,8 @@ func validateFamily(k familyKeys, v6 bool, network netip.Prefix, subnetLen int, 
 	if subnetLen < 1 || subnetLen > maxLen {
 		return fmt.Errorf("%s: %d is out of range (1 to %d; a subnet needs room for a gateway and pods)", k.subnetLen, subnetLen, maxLen)
 	}
-	if subnetLen <= network.Bits() {
-		return fmt.Errorf("%s: %d must be longer than the %s's prefix length %d, or the network holds fewer than two subnets", k.subnetLen, subnetLen, k.network, network.Bits())
+	if subnetLen < network.Bits()+2 {
+		return fmt.Errorf("%s: %d must be at least 2 longer than the %s's prefix length %d: the network must hold four subnets or more", k.subnetLen, subnetLen, k.network, network.Bits())
 	}
 	for _, f := range []struct {
 		name string
@@ -301,13 +316,15 @@ func validateFamily(k familyKeys, v6 bool, network netip.Prefix, subnetLen int, 
 	return nil
 }
 
-// FirstSubnet and LastSubnet bound the subnets a node may lease: SubnetMin and
-// SubnetMax when set, else the whole Network.
+// FirstSubnet and LastSubnet bound the subnets handed out: SubnetMin and
+// SubnetMax when set, else the whole Network but its first subnet, whose
+// network address is the Network's own (flannel skips it too).
 func (c *Config) FirstSubnet() netip.Prefix {
 	if c.SubnetMin.IsValid() {
 		return netip.PrefixFrom(c.SubnetMin, c.SubnetLen)
 	}
-	return netip.PrefixFrom(c.Network.Addr(), c.SubnetLen)
+	second, _ := nextSubnet(netip.PrefixFrom(c.Network.Addr(), c.SubnetLen))
+	return second
 }
 
 // LastSubnet is the highest subnet a node may lease.
@@ -318,10 +335,16 @@ func (c *Config) LastSubnet() netip.Prefix {
 	return netip.PrefixFrom(lastAddr(c.Network), c.SubnetLen).Masked()
 }
 
-// Contains reports whether p is a subnet of the right size inside the leasable range.
+// Contains reports whether p is a subnet of the right size a node may hold:
+// inside SubnetMin..SubnetMax when set. A node already holding the first
+// subnet, which is no longer handed out by default, keeps it.
 func (c *Config) Contains(p netip.Prefix) bool {
+	first := c.FirstSubnet()
+	if !c.SubnetMin.IsValid() {
+		first = netip.PrefixFrom(c.Network.Addr(), c.SubnetLen)
+	}
 	return p.Bits() == c.SubnetLen && p.Masked() == p && c.Network.Contains(p.Addr()) &&
-		!p.Addr().Less(c.FirstSubnet().Addr()) && !c.LastSubnet().Addr().Less(p.Addr())
+		!p.Addr().Less(first.Addr()) && !c.LastSubnet().Addr().Less(p.Addr())
 }
 
 // MarshalJSON writes the net-conf.json form with defaults filled in.

@@ -17,8 +17,30 @@ func TestParseConfig(t *testing.T) {
 			if c.SubnetLen != 24 || c.Backend.Type != "vxlan" || c.Backend.VNI != 1 || c.Backend.Port != 8472 {
 				t.Errorf("defaults not applied: %+v", c)
 			}
-			if c.FirstSubnet() != netip.MustParsePrefix("10.244.0.0/24") || c.LastSubnet() != netip.MustParsePrefix("10.244.255.0/24") {
+			// The first subnet is not handed out (as in flannel) but stays
+			// valid for a node that holds it.
+			if c.FirstSubnet() != netip.MustParsePrefix("10.244.1.0/24") || c.LastSubnet() != netip.MustParsePrefix("10.244.255.0/24") {
 				t.Errorf("range = %s..%s", c.FirstSubnet(), c.LastSubnet())
+			}
+			if !c.Contains(netip.MustParsePrefix("10.244.0.0/24")) {
+				t.Error("a node on the first subnet would lose it")
+			}
+		}},
+		// flannel's SubnetLen default: 24, or a quarter of a Network smaller than a /22.
+		{name: "SubnetLen default for a /23", in: `{"Network":"10.1.0.0/23"}`, check: func(t *testing.T, c *Config) {
+			if c.SubnetLen != 25 || c.FirstSubnet() != netip.MustParsePrefix("10.1.0.128/25") {
+				t.Errorf("SubnetLen %d, first %s; want 25 and 10.1.0.128/25", c.SubnetLen, c.FirstSubnet())
+			}
+		}},
+		{name: "SubnetLen default for a /28", in: `{"Network":"10.1.0.0/28"}`, check: func(t *testing.T, c *Config) {
+			if c.SubnetLen != 30 {
+				t.Errorf("SubnetLen %d, want 30", c.SubnetLen)
+			}
+		}},
+		{name: "a /29 is too small", in: `{"Network":"10.1.0.0/29"}`, wantErr: "SubnetLen: 31 is out of range"},
+		{name: "IPv6SubnetLen default for a /63", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/63"}`, check: func(t *testing.T, c *Config) {
+			if c.IPv6SubnetLen != 65 {
+				t.Errorf("IPv6SubnetLen %d, want 65", c.IPv6SubnetLen)
 			}
 		}},
 		{name: "full vxlan", in: `{"Network":"10.1.0.0/16","SubnetLen":26,"SubnetMin":"10.1.1.0","SubnetMax":"10.1.2.192","Backend":{"Type":"vxlan","VNI":42,"Port":4789,"DirectRouting":true,"MTU":1400}}`,
@@ -41,7 +63,8 @@ func TestParseConfig(t *testing.T) {
 		{name: "malformed CIDR", in: `{"Network":"10.1.0.0/33"}`, wantErr: `Network: "10.1.0.0/33" is not a CIDR`},
 		{name: "ipv6", in: `{"Network":"fd00::/48"}`, wantErr: "not an IPv4 CIDR"},
 		{name: "host bits", in: `{"Network":"10.1.2.0/16"}`, wantErr: "host bits set"},
-		{name: "too small for SubnetLen", in: `{"Network":"10.1.0.0/24","SubnetLen":24}`, wantErr: "SubnetLen: 24 must be longer"},
+		{name: "too small for SubnetLen", in: `{"Network":"10.1.0.0/24","SubnetLen":24}`, wantErr: "SubnetLen: 24 must be at least 2 longer than the Network's prefix length 24"},
+		{name: "two subnets are too few", in: `{"Network":"10.1.0.0/23","SubnetLen":24}`, wantErr: "must hold four subnets or more"},
 		{name: "SubnetLen out of range", in: `{"Network":"10.0.0.0/8","SubnetLen":31}`, wantErr: "SubnetLen: 31 is out of range"},
 		{name: "min outside", in: `{"Network":"10.1.0.0/16","SubnetMin":"10.2.0.0"}`, wantErr: "SubnetMin: 10.2.0.0 is outside Network"},
 		{name: "max unaligned", in: `{"Network":"10.1.0.0/16","SubnetMax":"10.1.5.7"}`, wantErr: "SubnetMax: 10.1.5.7 is not aligned to SubnetLen 24 (nearest: 10.1.5.0)"},
@@ -66,8 +89,8 @@ func TestParseConfig(t *testing.T) {
 		{name: "IPv6Network not IPv6", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"10.2.0.0/16"}`, wantErr: "IPv6Network: 10.2.0.0/16 is not an IPv6 CIDR"},
 		{name: "IPv6Network malformed", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/129"}`, wantErr: `IPv6Network: "fd00::/129" is not a CIDR`},
 		{name: "IPv6Network host bits", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::1/64"}`, wantErr: "IPv6Network: fd00::1/64 has host bits set"},
-		{name: "IPv6SubnetLen not longer", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/64"}`, wantErr: "IPv6SubnetLen: 64 must be longer than the IPv6Network's prefix length 64"},
-		{name: "IPv6SubnetLen too long", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetLen":124}`, wantErr: "IPv6SubnetLen: 124 is out of range (1 to 120"},
+		{name: "IPv6SubnetLen not longer", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/64","IPv6SubnetLen":64}`, wantErr: "IPv6SubnetLen: 64 must be at least 2 longer than the IPv6Network's prefix length 64"},
+		{name: "IPv6SubnetLen too long", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetLen":127}`, wantErr: "IPv6SubnetLen: 127 is out of range (1 to 126"},
 		{name: "IPv6SubnetMin outside", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetMin":"fd01::"}`, wantErr: "IPv6SubnetMin: fd01:: is outside IPv6Network fd00::/56"},
 		{name: "IPv6SubnetMax unaligned", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetMax":"fd00:0:0:5::1"}`, wantErr: "IPv6SubnetMax: fd00:0:0:5::1 is not aligned to IPv6SubnetLen 64"},
 		{name: "IPv6SubnetMax below min", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:5::"}`, wantErr: "IPv6SubnetMax: fd00:0:0:5:: is below IPv6SubnetMin"},

@@ -2,6 +2,7 @@ package etcd
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"sync"
 	"testing"
@@ -313,16 +314,22 @@ func TestReservationStaysAReservation(t *testing.T) {
 // is not holding a lease: here it lost its lease and cannot acquire another
 // (every subnet is taken), and a peer's public IP changes meanwhile.
 func TestPeerChangeSignalledWhileReacquiring(t *testing.T) {
-	f := newFixture(t, `{"Network":"10.244.0.0/23","SubnetLen":24,"Backend":{"Type":"alloc"}}`)
+	// Three subnets are handed out (the first of the /22 is not).
+	f := newFixture(t, `{"Network":"10.244.0.0/22","SubnetLen":24,"Backend":{"Type":"alloc"}}`)
 	ctx := ctxT(t)
 	m := runManager(t, f.reg, AcquireRequest{Config: f.cfg, Attrs: attrs("198.18.0.1"), TTL: time.Minute})
 	own := m.Own().Subnet
-	other := netip.MustParsePrefix("10.244.0.0/24")
-	if other == own {
-		other = netip.MustParsePrefix("10.244.1.0/24")
+	var others []netip.Prefix
+	for _, s := range []string{"10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"} {
+		if p := netip.MustParsePrefix(s); p != own {
+			others = append(others, p)
+		}
 	}
-	if _, err := f.cli.Put(ctx, f.reg.SubnetKey(other), `{"PublicIP":"198.18.0.2","BackendType":"alloc"}`); err != nil {
-		t.Fatal(err)
+	other := others[0]
+	for i, p := range others {
+		if _, err := f.cli.Put(ctx, f.reg.SubnetKey(p), fmt.Sprintf(`{"PublicIP":"198.18.0.%d","BackendType":"alloc"}`, 20+i)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	// Another node's value on the own key: the lease is lost, and with both
 	// subnets taken the manager keeps retrying.
@@ -342,7 +349,7 @@ func TestPeerChangeSignalledWhileReacquiring(t *testing.T) {
 	case <-time.After(3 * time.Second): // the retry loop waits 5 s between attempts
 		t.Fatal("no change signal for a peer change during re-acquisition")
 	}
-	if got := peerSet(m)[other]; got != netip.MustParseAddr("198.18.0.4") {
+	if got := peerSet(m)[other]; got != netip.MustParseAddr("198.18.0.4") { // was .20
 		t.Fatalf("peer %s has public IP %v, want 198.18.0.4", other, got)
 	}
 }
