@@ -337,22 +337,22 @@ func TestLiveLeaseDeleted(t *testing.T) {
 // node. The network has exactly one subnet per host, so the new node can
 // only get the dead one's.
 func TestDeadNodeLeaseExpires(t *testing.T) {
-	const hosts = 4
+	const hosts = 3 // the /22 hands out three /24s: its first is not handed out
 	l := newLab(t, lab.Options{Hosts: hosts, PodsPerHost: 1, Backend: "vxlan", Network: netip.MustParsePrefix("10.244.0.0/22"),
 		DaemonArgs: []string{"--resync-interval", "1s"}})
 	ctx := ctxFor(t, 2*time.Minute)
-	// h4 runs with a short TTL; its lease is taken over with it on restart.
-	if err := l.StopDaemon(ctx, 4); err != nil {
+	// The last host runs with a short TTL; its lease is taken over with it on restart.
+	if err := l.StopDaemon(ctx, hosts); err != nil {
 		t.Fatal(err)
 	}
-	if err := l.StartDaemon(4, "--lease-ttl", "3s"); err != nil {
+	if err := l.StartDaemon(hosts, "--lease-ttl", "3s"); err != nil {
 		t.Fatal(err)
 	}
-	old := hostEnv(t, l, 4).Subnet.Masked()
-	waitFor(t, "h4's lease to carry the short TTL", 15*time.Second, func() error {
-		x, ok := leaseOf(t, l, l.Topology().HostAddr(4))
+	old := hostEnv(t, l, hosts).Subnet.Masked()
+	waitFor(t, "the last host's lease to carry the short TTL", 15*time.Second, func() error {
+		x, ok := leaseOf(t, l, l.Topology().HostAddr(hosts))
 		if !ok || x.TTLSeconds > 3 {
-			return fmt.Errorf("h4's lease: %+v", x)
+			return fmt.Errorf("the last host's lease: %+v", x)
 		}
 		return nil
 	})
@@ -360,7 +360,7 @@ func TestDeadNodeLeaseExpires(t *testing.T) {
 		waitCounts(t, l, i, expected("vxlan", hosts-1), 10*time.Second)
 	}
 
-	if err := l.KillDaemon(ctx, 4); err != nil {
+	if err := l.KillDaemon(ctx, hosts); err != nil {
 		t.Fatal(err)
 	}
 	killed := time.Now()
@@ -368,24 +368,24 @@ func TestDeadNodeLeaseExpires(t *testing.T) {
 		waitCounts(t, l, i, expected("vxlan", hosts-2), 15*time.Second)
 	}
 	t.Logf("every peer removed the dead node's entries %s after it died (TTL 3s)", time.Since(killed).Round(100*time.Millisecond))
-	if _, ok := leaseOf(t, l, l.Topology().HostAddr(4)); ok {
+	if _, ok := leaseOf(t, l, l.Topology().HostAddr(hosts)); ok {
 		t.Fatal("the dead node's lease is still there")
 	}
 
 	// A new machine in its place: another address and name, no env file.
-	h4 := l.Topology().HostNS(4)
-	newAddr := netip.MustParseAddr("198.18.0.104")
-	ipn(t, h4, "addr", "del", netip.PrefixFrom(l.Topology().HostAddr(4), 24).String(), "dev", "eth0")
-	ipn(t, h4, "addr", "add", netip.PrefixFrom(newAddr, 24).String(), "dev", "eth0")
-	ipn(t, h4, "route", "replace", "default", "via", lab.WorldAddr.String())
-	removeFile(t, l.EnvFile(4))
-	if err := l.StartDaemon(4, "--node-name", "h4-new"); err != nil {
+	last := l.Topology().HostNS(hosts)
+	newAddr := netip.MustParseAddr("198.18.0.103")
+	ipn(t, last, "addr", "del", netip.PrefixFrom(l.Topology().HostAddr(hosts), 24).String(), "dev", "eth0")
+	ipn(t, last, "addr", "add", netip.PrefixFrom(newAddr, 24).String(), "dev", "eth0")
+	ipn(t, last, "route", "replace", "default", "via", lab.WorldAddr.String())
+	removeFile(t, l.EnvFile(hosts))
+	if err := l.StartDaemon(hosts, "--node-name", "h3-new"); err != nil {
 		t.Fatal(err)
 	}
-	if got := hostEnv(t, l, 4).Subnet.Masked(); got != old {
+	if got := hostEnv(t, l, hosts).Subnet.Masked(); got != old {
 		t.Fatalf("the new node got %s, want the dead node's %s", got, old)
 	}
-	if x, ok := leaseOf(t, l, newAddr); !ok || x.NodeName != "h4-new" || x.Subnet != old.String() {
+	if x, ok := leaseOf(t, l, newAddr); !ok || x.NodeName != "h3-new" || x.Subnet != old.String() {
 		t.Fatalf("the new node's lease: %+v", x)
 	}
 	for i := 1; i <= hosts; i++ {

@@ -134,7 +134,7 @@ func TestInvalidConfigIsReported(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if code != 503 || !strings.Contains(body, "SubnetLen: 8 must be longer") {
+		if code != 503 || !strings.Contains(body, "SubnetLen: 8 must be at least 2 longer") {
 			return fmt.Errorf("readyz = %d %q", code, body)
 		}
 		return nil
