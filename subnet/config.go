@@ -74,6 +74,14 @@ type BackendConfig struct {
 	MTU           int
 }
 
+// flannelOnlyOptions are backend options flannel documents that twill does
+// not have, with what to do about each.
+var flannelOnlyOptions = map[string]string{
+	"GBP":       "VXLAN Group Based Policy is not implemented; remove the option (false is what twill does)",
+	"Learning":  "twill writes every peer's FDB entry itself and runs VXLAN without learning; remove the option",
+	"MacPrefix": "twill uses the VTEP MAC the kernel gives its device; remove the option",
+}
+
 // configJSON is the wire form; strings keep parse errors under our control.
 type configJSON struct {
 	EnableIPv4     *bool           `json:"EnableIPv4,omitempty"`
@@ -192,6 +200,11 @@ func parseBackend(data json.RawMessage) (BackendConfig, error) {
 	var present map[string]json.RawMessage
 	if err := json.Unmarshal(data, &present); err != nil {
 		return b, fmt.Errorf("Backend: must be an object: %w", err)
+	}
+	for _, name := range slices.Sorted(maps.Keys(present)) {
+		if why, ok := flannelOnlyOptions[name]; ok {
+			return b, fmt.Errorf("Backend.%s: flannel's option is not supported by twill: %s", name, why)
+		}
 	}
 	var raw backendJSON
 	if err := decodeStrict(data, &raw); err != nil {
