@@ -114,7 +114,7 @@ func ParseConfig(data []byte) (*Config, error) {
 	if err := decodeStrict(data, &raw); err != nil {
 		return nil, fmt.Errorf("network config: %w", err)
 	}
-	cfg := &Config{EnableIPv4: true, SubnetLen: DefaultSubnetLen, IPv6SubnetLen: DefaultIPv6SubnetLen}
+	cfg := &Config{EnableIPv4: true}
 	if raw.EnableIPv4 != nil {
 		cfg.EnableIPv4 = *raw.EnableIPv4
 	}
@@ -124,53 +124,16 @@ func ParseConfig(data []byte) (*Config, error) {
 	if !cfg.EnableIPv4 && !cfg.EnableIPv6 {
 		return nil, errors.New("network config: EnableIPv4, EnableIPv6: both are false; enable at least one family")
 	}
-	var err error
-	if strings.TrimSpace(raw.Network) == "" && cfg.EnableIPv4 {
-		return nil, errors.New("network config: Network: required (an IPv4 CIDR such as 10.244.0.0/16)")
+	v4, err := parseFamily(ipv4Keys, cfg.EnableIPv4, raw.Network, raw.SubnetLen, raw.SubnetMin, raw.SubnetMax)
+	if err != nil {
+		return nil, fmt.Errorf("network config: %w", err)
 	}
-	if raw.Network != "" {
-		if cfg.Network, err = netip.ParsePrefix(raw.Network); err != nil {
-			return nil, fmt.Errorf("network config: Network: %q is not a CIDR: %w", raw.Network, err)
-		}
+	v6, err := parseFamily(ipv6Keys, cfg.EnableIPv6, raw.IPv6Network, raw.IPv6SubnetLen, raw.IPv6SubnetMin, raw.IPv6SubnetMax)
+	if err != nil {
+		return nil, fmt.Errorf("network config: %w", err)
 	}
-	if raw.SubnetLen != nil {
-		cfg.SubnetLen = *raw.SubnetLen
-	} else if cfg.Network.IsValid() {
-		cfg.SubnetLen = defaultSubnetLen(cfg.Network, DefaultSubnetLen)
-	}
-	if raw.SubnetMin != "" {
-		if cfg.SubnetMin, err = netip.ParseAddr(raw.SubnetMin); err != nil {
-			return nil, fmt.Errorf("network config: SubnetMin: %q is not an IP address", raw.SubnetMin)
-		}
-	}
-	if raw.SubnetMax != "" {
-		if cfg.SubnetMax, err = netip.ParseAddr(raw.SubnetMax); err != nil {
-			return nil, fmt.Errorf("network config: SubnetMax: %q is not an IP address", raw.SubnetMax)
-		}
-	}
-	if strings.TrimSpace(raw.IPv6Network) == "" && cfg.EnableIPv6 {
-		return nil, errors.New("network config: IPv6Network: required when EnableIPv6 is true (an IPv6 CIDR such as fd00:10:244::/56)")
-	}
-	if raw.IPv6Network != "" {
-		if cfg.IPv6Network, err = netip.ParsePrefix(raw.IPv6Network); err != nil {
-			return nil, fmt.Errorf("network config: IPv6Network: %q is not a CIDR: %w", raw.IPv6Network, err)
-		}
-	}
-	if raw.IPv6SubnetLen != nil {
-		cfg.IPv6SubnetLen = *raw.IPv6SubnetLen
-	} else if cfg.IPv6Network.IsValid() {
-		cfg.IPv6SubnetLen = defaultSubnetLen(cfg.IPv6Network, DefaultIPv6SubnetLen)
-	}
-	if raw.IPv6SubnetMin != "" {
-		if cfg.IPv6SubnetMin, err = netip.ParseAddr(raw.IPv6SubnetMin); err != nil {
-			return nil, fmt.Errorf("network config: IPv6SubnetMin: %q is not an IP address", raw.IPv6SubnetMin)
-		}
-	}
-	if raw.IPv6SubnetMax != "" {
-		if cfg.IPv6SubnetMax, err = netip.ParseAddr(raw.IPv6SubnetMax); err != nil {
-			return nil, fmt.Errorf("network config: IPv6SubnetMax: %q is not an IP address", raw.IPv6SubnetMax)
-		}
-	}
+	cfg.Network, cfg.SubnetLen, cfg.SubnetMin, cfg.SubnetMax = v4.network, v4.subnetLen, v4.min, v4.max
+	cfg.IPv6Network, cfg.IPv6SubnetLen, cfg.IPv6SubnetMin, cfg.IPv6SubnetMax = v6.network, v6.subnetLen, v6.min, v6.max
 	if cfg.Backend, err = parseBackend(raw.Backend); err != nil {
 		return nil, fmt.Errorf("network config: %w", err)
 	}
@@ -247,14 +210,12 @@ func parseBackend(data json.RawMessage) (BackendConfig, error) {
 
 func (c *Config) validate() error {
 	if c.Network.IsValid() {
-		if err := validateFamily(familyKeys{"Network", "SubnetLen", "SubnetMin", "SubnetMax"}, false,
-			c.Network, c.SubnetLen, c.SubnetMin, c.SubnetMax); err != nil {
+		if err := validateFamily(ipv4Keys, family{c.Network, c.SubnetLen, c.SubnetMin, c.SubnetMax}); err != nil {
 			return err
 		}
 	}
 	if c.IPv6Network.IsValid() {
-		if err := validateFamily(familyKeys{"IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax"}, true,
-			c.IPv6Network, c.IPv6SubnetLen, c.IPv6SubnetMin, c.IPv6SubnetMax); err != nil {
+		if err := validateFamily(ipv6Keys, family{c.IPv6Network, c.IPv6SubnetLen, c.IPv6SubnetMin, c.IPv6SubnetMax}); err != nil {
 			return err
 		}
 	} else if c.IPv6SubnetMin.IsValid() || c.IPv6SubnetMax.IsValid() {
@@ -285,46 +246,97 @@ func defaultSubnetLen(network netip.Prefix, def int) int {
 	return network.Bits() + 2
 }
 
-// familyKeys name one family's keys in errors.
-type familyKeys struct{ network, subnetLen, subnetMin, subnetMax string }
+// familyKeys name one family's keys, and say what it defaults to.
+type familyKeys struct {
+	enable, network, subnetLen, subnetMin, subnetMax string
+	v6                                               bool
+	defaultLen, maxLen                               int
+	example                                          string
+}
+
+var (
+	ipv4Keys = familyKeys{"EnableIPv4", "Network", "SubnetLen", "SubnetMin", "SubnetMax", false, DefaultSubnetLen, 30, "10.244.0.0/16"}
+	ipv6Keys = familyKeys{"EnableIPv6", "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", true, DefaultIPv6SubnetLen, 126, "fd00:10:244::/56"}
+)
+
+// family is one family's network and subnet range.
+type family struct {
+	network   netip.Prefix
+	subnetLen int
+	min, max  netip.Addr
+}
+
+// parseFamily reads one family's keys; the network is required when the
+// family is enabled, and SubnetLen defaults as flannel's does.
+func parseFamily(k familyKeys, enabled bool, network string, subnetLen *int, lo, hi string) (family, error) {
+	var f family
+	var err error
+	if strings.TrimSpace(network) == "" {
+		if enabled {
+			return f, fmt.Errorf("%s: required when %s is true (a CIDR such as %s)", k.network, k.enable, k.example)
+		}
+	} else if f.network, err = netip.ParsePrefix(network); err != nil {
+		return f, fmt.Errorf("%s: %q is not a CIDR: %w", k.network, network, err)
+	}
+	switch {
+	case subnetLen != nil:
+		f.subnetLen = *subnetLen
+	case f.network.IsValid():
+		f.subnetLen = defaultSubnetLen(f.network, k.defaultLen)
+	default:
+		f.subnetLen = k.defaultLen
+	}
+	for _, a := range []struct {
+		name, s string
+		to      *netip.Addr
+	}{{k.subnetMin, lo, &f.min}, {k.subnetMax, hi, &f.max}} {
+		if a.s == "" {
+			continue
+		}
+		if *a.to, err = netip.ParseAddr(a.s); err != nil {
+			return f, fmt.Errorf("%s: %q is not an IP address", a.name, a.s)
+		}
+	}
+	return f, nil
+}
 
 // validateFamily checks one family's network, subnet length and range, with
 // flannel's limits: a subnet is at most a /30 (/126 for IPv6), room for a
 // gateway and a pod, and the network holds at least four subnets (the first
 // is not handed out by default).
-func validateFamily(k familyKeys, v6 bool, network netip.Prefix, subnetLen int, lo, hi netip.Addr) error {
-	family, maxLen := "IPv4", 30
-	if v6 {
-		family, maxLen = "IPv6", 126
+func validateFamily(k familyKeys, f family) error {
+	if f.network.Addr().Is6() != k.v6 || f.network.Addr().Is4In6() {
+		name := "IPv4"
+		if k.v6 {
+			name = "IPv6"
+		}
+		return fmt.Errorf("%s: %s is not an %s CIDR", k.network, f.network, name)
 	}
-	if network.Addr().Is6() != v6 || network.Addr().Is4In6() {
-		return fmt.Errorf("%s: %s is not an %s CIDR", k.network, network, family)
+	if f.network.Masked() != f.network {
+		return fmt.Errorf("%s: %s has host bits set (did you mean %s?)", k.network, f.network, f.network.Masked())
 	}
-	if network.Masked() != network {
-		return fmt.Errorf("%s: %s has host bits set (did you mean %s?)", k.network, network, network.Masked())
+	if f.subnetLen < 1 || f.subnetLen > k.maxLen {
+		return fmt.Errorf("%s: %d is out of range (1 to %d; a subnet needs room for a gateway and pods)", k.subnetLen, f.subnetLen, k.maxLen)
 	}
-	if subnetLen < 1 || subnetLen > maxLen {
-		return fmt.Errorf("%s: %d is out of range (1 to %d; a subnet needs room for a gateway and pods)", k.subnetLen, subnetLen, maxLen)
+	if f.subnetLen < f.network.Bits()+2 {
+		return fmt.Errorf("%s: %d must be at least 2 longer than the %s's prefix length %d: the network must hold four subnets or more", k.subnetLen, f.subnetLen, k.network, f.network.Bits())
 	}
-	if subnetLen < network.Bits()+2 {
-		return fmt.Errorf("%s: %d must be at least 2 longer than the %s's prefix length %d: the network must hold four subnets or more", k.subnetLen, subnetLen, k.network, network.Bits())
-	}
-	for _, f := range []struct {
+	for _, a := range []struct {
 		name string
 		addr netip.Addr
-	}{{k.subnetMin, lo}, {k.subnetMax, hi}} {
-		if !f.addr.IsValid() {
+	}{{k.subnetMin, f.min}, {k.subnetMax, f.max}} {
+		if !a.addr.IsValid() {
 			continue
 		}
-		if !network.Contains(f.addr) {
-			return fmt.Errorf("%s: %s is outside %s %s", f.name, f.addr, k.network, network)
+		if !f.network.Contains(a.addr) {
+			return fmt.Errorf("%s: %s is outside %s %s", a.name, a.addr, k.network, f.network)
 		}
-		if p := netip.PrefixFrom(f.addr, subnetLen).Masked(); p.Addr() != f.addr {
-			return fmt.Errorf("%s: %s is not aligned to %s %d (nearest: %s)", f.name, f.addr, k.subnetLen, subnetLen, p.Addr())
+		if p := netip.PrefixFrom(a.addr, f.subnetLen).Masked(); p.Addr() != a.addr {
+			return fmt.Errorf("%s: %s is not aligned to %s %d (nearest: %s)", a.name, a.addr, k.subnetLen, f.subnetLen, p.Addr())
 		}
 	}
-	if lo.IsValid() && hi.IsValid() && hi.Less(lo) {
-		return fmt.Errorf("%s: %s is below %s %s", k.subnetMax, hi, k.subnetMin, lo)
+	if f.min.IsValid() && f.max.IsValid() && f.max.Less(f.min) {
+		return fmt.Errorf("%s: %s is below %s %s", k.subnetMax, f.max, k.subnetMin, f.min)
 	}
 	return nil
 }

@@ -144,8 +144,7 @@ func (m *Manager) Run(ctx context.Context) error {
 			}
 			// No free subnet: keep trying; a peer may leave.
 			m.log.Error("cannot acquire a lease", "err", err)
-			wait := retry.Backoff{Min: 5 * time.Second}
-			if wait.Wait(ctx) != nil {
+			if retry.Sleep(ctx, 5*time.Second) != nil {
 				break
 			}
 			continue

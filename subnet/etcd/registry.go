@@ -258,16 +258,15 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 		}
 		// A reservation (an operator's key with no etcd lease, as flannel's
 		// reservations are) stays one: the node takes it without a TTL.
-		reservation := mine != nil && mine.EtcdLease == clientv3.NoLease
-		var grant *clientv3.LeaseGrantResponse
-		put := []clientv3.OpOption{}
-		if reservation {
-			grant = &clientv3.LeaseGrantResponse{ID: clientv3.NoLease}
-		} else {
-			if grant, err = r.cli.Grant(ctx, ttlSec); err != nil {
+		leaseID := clientv3.NoLease
+		var put []clientv3.OpOption
+		if mine == nil || mine.EtcdLease != clientv3.NoLease {
+			grant, err := r.cli.Grant(ctx, ttlSec)
+			if err != nil {
 				return nil, fmt.Errorf("grant etcd lease (TTL %ds): %w", ttlSec, err)
 			}
-			put = append(put, clientv3.WithLease(grant.ID))
+			leaseID = grant.ID
+			put = append(put, clientv3.WithLease(leaseID))
 		}
 		var (
 			target netip.Prefix
@@ -285,7 +284,7 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 		default:
 			target, err = subnet.PickFree(req.Config, taken, nil)
 			if err != nil {
-				r.revoke(grant.ID)
+				r.revoke(leaseID)
 				return nil, err
 			}
 			cmp = clientv3.Compare(clientv3.CreateRevision(r.SubnetKey(target)), "=", 0)
@@ -299,18 +298,18 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 		}
 		resp, err := r.cli.Txn(ctx).If(cmp).Then(ops...).Commit()
 		if err != nil {
-			r.revoke(grant.ID)
+			r.revoke(leaseID)
 			return nil, fmt.Errorf("write lease %s: %w", target, err)
 		}
 		if resp.Succeeded {
-			if mine != nil && mine.EtcdLease != clientv3.NoLease && mine.EtcdLease != grant.ID {
+			if mine != nil && mine.EtcdLease != clientv3.NoLease && mine.EtcdLease != leaseID {
 				// The key moved to the new etcd lease; the old one holds nothing now.
 				r.revoke(mine.EtcdLease)
 			}
-			return &Acquired{Subnet: target, EtcdLease: grant.ID, Reused: reused, Revision: resp.Header.Revision, Attrs: req.Attrs,
+			return &Acquired{Subnet: target, EtcdLease: leaseID, Reused: reused, Revision: resp.Header.Revision, Attrs: req.Attrs,
 				listing: leases, listedAt: rev}, nil
 		}
-		r.revoke(grant.ID)
+		r.revoke(leaseID)
 		r.log.Debug("lost the race for a subnet, retrying", "subnet", target, "attempt", attempt)
 		if attempt >= 50 {
 			return nil, fmt.Errorf("acquire a subnet: lost the race %d times in a row", attempt)

@@ -1,7 +1,6 @@
 package kube
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -179,10 +178,4 @@ func (n *cachedNode) lease(k AnnotationKeys) (subnet.Lease, bool, error) {
 // SubnetMin and SubnetMax of the config apply to etcd mode only.
 func inNetwork(cfg *subnet.Config, p netip.Prefix) bool {
 	return p.Bits() >= cfg.Network.Bits() && cfg.Network.Contains(p.Addr())
-}
-
-func leaseEqual(a, b subnet.Lease) bool {
-	return a.Subnet == b.Subnet && a.Expires.Equal(b.Expires) &&
-		a.Attrs.PublicIP == b.Attrs.PublicIP && a.Attrs.BackendType == b.Attrs.BackendType &&
-		a.Attrs.NodeName == b.Attrs.NodeName && bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData)
 }

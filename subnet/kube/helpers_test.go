@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"bytes"
 	"context"
 	"log/slog"
 	"net/netip"
@@ -129,4 +130,12 @@ func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// leaseEqual compares every field a parse yields (subnet.SameLease leaves
+// out what does not change the datapath).
+func leaseEqual(a, b subnet.Lease) bool {
+	return a.Subnet == b.Subnet && a.Expires.Equal(b.Expires) &&
+		a.Attrs.PublicIP == b.Attrs.PublicIP && a.Attrs.BackendType == b.Attrs.BackendType &&
+		a.Attrs.NodeName == b.Attrs.NodeName && bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData)
 }

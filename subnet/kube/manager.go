@@ -232,7 +232,7 @@ func (m *Manager) Own() subnet.Lease {
 
 func (m *Manager) setOwn(l subnet.Lease) {
 	m.mu.Lock()
-	same := m.acquired && leaseEqual(m.own, l)
+	same := m.acquired && subnet.SameLease(m.own, l)
 	m.own, m.acquired = l, true
 	m.mu.Unlock()
 	if !same {

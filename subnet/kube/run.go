@@ -227,7 +227,7 @@ func (m *Manager) syncOwn(ctx context.Context, node *cachedNode) error {
 		return nil
 	}
 	m.ownProblem("")
-	if old := m.Own(); !leaseEqual(old, l) {
+	if old := m.Own(); !subnet.SameLease(old, l) {
 		m.log.Warn("own lease changed with the Node", "oldSubnet", old.Subnet, "subnet", l.Subnet,
 			"oldPublicIP", old.Attrs.PublicIP, "publicIP", l.Attrs.PublicIP)
 		m.setOwn(l)

@@ -50,10 +50,10 @@ type Containerd struct {
 	answered        bool // it has started and answered once
 }
 
-// ContainerdBinaries returns the paths of containerd and ctr in binDir, or,
+// containerdBinaries returns the paths of containerd and ctr in binDir, or,
 // with binDir empty, Debian's (hack/install-deps.sh installs them). It
 // checks that containerd's shim and runc are there too.
-func ContainerdBinaries(t testing.TB, binDir string) (containerd, ctr string) {
+func containerdBinaries(t testing.TB, binDir string) (containerd, ctr string) {
 	t.Helper()
 	for _, name := range []string{"runc", "nsenter"} {
 		if _, err := exec.LookPath(name); err != nil {
@@ -85,7 +85,7 @@ func ContainerdBinaries(t testing.TB, binDir string) (containerd, ctr string) {
 func StartContainerd(t testing.TB, netns, dir, binDir string) *Containerd {
 	t.Helper()
 	RequireRoot(t)
-	containerd, ctr := ContainerdBinaries(t, binDir)
+	containerd, ctr := containerdBinaries(t, binDir)
 	c := &Containerd{
 		containerd:   containerd,
 		ctr:          ctr,
@@ -104,6 +104,11 @@ func StartContainerd(t testing.TB, netns, dir, binDir string) *Containerd {
 		}
 	}
 	if err := os.WriteFile(c.config, []byte(c.configTOML()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// crictl's own config file, so that the machine's /etc/crictl.yaml is not read.
+	crictl := "runtime-endpoint: unix://" + c.Socket + "\nimage-endpoint: unix://" + c.Socket + "\ntimeout: 60\n"
+	if err := os.WriteFile(c.crictlConfig(), []byte(crictl), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.cleanup(t) })
@@ -217,16 +222,10 @@ func (c *Containerd) Ctr(args ...string) (string, error) {
 // error carries stderr, where crictl writes the runtime's errors.
 func (c *Containerd) Crictl(t testing.TB, args ...string) (string, error) {
 	t.Helper()
-	// Its own config file, so that the machine's /etc/crictl.yaml is not read.
-	conf := filepath.Join(c.Dir, "crictl.yaml")
-	if _, err := os.Stat(conf); err != nil {
-		yaml := "runtime-endpoint: unix://" + c.Socket + "\nimage-endpoint: unix://" + c.Socket + "\ntimeout: 60\n"
-		if err := os.WriteFile(conf, []byte(yaml), 0o644); err != nil {
-			return "", err
-		}
-	}
-	return run(Tool(t, "crictl"), append([]string{"--config", conf}, args...)...)
+	return run(Tool(t, "crictl"), append([]string{"--config", c.crictlConfig()}, args...)...)
 }
+
+func (c *Containerd) crictlConfig() string { return filepath.Join(c.Dir, "crictl.yaml") }
 
 // Version is what containerd says of its version.
 func (c *Containerd) Version(t testing.TB) string {
@@ -236,9 +235,6 @@ func (c *Containerd) Version(t testing.TB) string {
 	}
 	return strings.TrimSpace(out)
 }
-
-// Log returns the last lines of containerd's log.
-func (c *Containerd) Log(n int) string { return tail(c.log, n) }
 
 // run runs a program with a deadline and returns its stdout; a failure's
 // error carries its stderr.
