@@ -14,19 +14,19 @@ var ErrNoFreeSubnet = errors.New("no free subnet")
 // /8 cut into /30s costs a bounded walk.
 const maxCandidates = 256
 
-// PickFree chooses a free subnet in the leasable range of cfg. Among the first
+// PickFree chooses a free subnet in r. Among the first
 // free subnets it picks one at random, so that nodes starting together rarely
 // race for the same one (the datastore's create-if-absent settles any race).
-func PickFree(cfg *Config, taken map[netip.Prefix]bool, rnd *rand.Rand) (netip.Prefix, error) {
+func PickFree(r Range, taken map[netip.Prefix]bool, rnd *rand.Rand) (netip.Prefix, error) {
 	var odd []netip.Prefix // leases of another size, left from an older SubnetLen
 	for t := range taken {
-		if t.Bits() != cfg.SubnetLen {
+		if t.Bits() != r.SubnetLen {
 			odd = append(odd, t)
 		}
 	}
 	var free []netip.Prefix
-	last := cfg.LastSubnet()
-	for p := cfg.FirstSubnet(); ; {
+	last := r.Last()
+	for p := r.First(); ; {
 		if !taken[p] && !overlapsAny(p, odd) {
 			free = append(free, p)
 			if len(free) == maxCandidates {
@@ -36,7 +36,7 @@ func PickFree(cfg *Config, taken map[netip.Prefix]bool, rnd *rand.Rand) (netip.P
 		if p == last {
 			break
 		}
-		next, ok := nextSubnet(p)
+		next, ok := NextSubnet(p)
 		if !ok {
 			break
 		}
@@ -44,7 +44,7 @@ func PickFree(cfg *Config, taken map[netip.Prefix]bool, rnd *rand.Rand) (netip.P
 	}
 	if len(free) == 0 {
 		return netip.Prefix{}, fmt.Errorf("%w in %s between %s and %s (%d leased)",
-			ErrNoFreeSubnet, cfg.Network, cfg.FirstSubnet(), last, len(taken))
+			ErrNoFreeSubnet, r.Network, r.First(), last, len(taken))
 	}
 	if rnd == nil {
 		return free[rand.IntN(len(free))], nil
@@ -59,15 +59,4 @@ func overlapsAny(p netip.Prefix, list []netip.Prefix) bool {
 		}
 	}
 	return false
-}
-
-// nextSubnet returns the subnet of the same size that follows p.
-func nextSubnet(p netip.Prefix) (netip.Prefix, bool) {
-	a := p.Addr().As4()
-	v := uint64(a[0])<<24 | uint64(a[1])<<16 | uint64(a[2])<<8 | uint64(a[3])
-	v += uint64(1) << (32 - p.Bits())
-	if v > 0xffffffff {
-		return netip.Prefix{}, false
-	}
-	return netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), p.Bits()), true
 }

@@ -21,19 +21,19 @@ func TestPickFreeFillsRangeThenFails(t *testing.T) {
 	taken := map[netip.Prefix]bool{}
 	rnd := rand.New(rand.NewPCG(1, 2))
 	for i := 0; i < 10; i++ {
-		p, err := PickFree(c, taken, rnd)
+		p, err := PickFree(c.Range(false), taken, rnd)
 		if err != nil {
 			t.Fatalf("pick %d: %v", i, err)
 		}
 		if taken[p] {
 			t.Fatalf("picked %s twice", p)
 		}
-		if !c.Contains(p) || p.Addr().As4()[2] < 10 || p.Addr().As4()[2] > 19 {
+		if !c.Range(false).Contains(p) || p.Addr().As4()[2] < 10 || p.Addr().As4()[2] > 19 {
 			t.Fatalf("picked %s outside SubnetMin..SubnetMax", p)
 		}
 		taken[p] = true
 	}
-	if _, err := PickFree(c, taken, rnd); !errors.Is(err, ErrNoFreeSubnet) {
+	if _, err := PickFree(c.Range(false), taken, rnd); !errors.Is(err, ErrNoFreeSubnet) {
 		t.Fatalf("full range: err = %v, want ErrNoFreeSubnet", err)
 	}
 }
@@ -44,7 +44,7 @@ func TestPickFreeAlignmentAndOddLeases(t *testing.T) {
 	taken := map[netip.Prefix]bool{netip.MustParsePrefix("10.6.0.0/25"): true}
 	seen := map[netip.Prefix]bool{}
 	for i := 0; i < 200; i++ {
-		p, err := PickFree(c, taken, nil)
+		p, err := PickFree(c.Range(false), taken, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -69,13 +69,13 @@ func TestPickFreeWholeIPv4Space(t *testing.T) {
 	c := mustConfig(t, `{"Network":"255.255.255.0/24","SubnetLen":30}`)
 	taken := map[netip.Prefix]bool{}
 	for i := 0; i < 63; i++ { // 64 /30s, the first not handed out
-		p, err := PickFree(c, taken, nil)
+		p, err := PickFree(c.Range(false), taken, nil)
 		if err != nil {
 			t.Fatalf("pick %d: %v", i, err)
 		}
 		taken[p] = true
 	}
-	if _, err := PickFree(c, taken, nil); !errors.Is(err, ErrNoFreeSubnet) {
+	if _, err := PickFree(c.Range(false), taken, nil); !errors.Is(err, ErrNoFreeSubnet) {
 		t.Fatalf("err = %v", err)
 	}
 }
@@ -118,12 +118,12 @@ func BenchmarkPickFree5000(b *testing.B) {
 	c, _ := ParseConfig([]byte(`{"Network":"10.0.0.0/8"}`))
 	taken := map[netip.Prefix]bool{}
 	for i := 0; i < 5000; i++ {
-		p, _ := PickFree(c, taken, nil)
+		p, _ := PickFree(c.Range(false), taken, nil)
 		taken[p] = true
 	}
 	b.ResetTimer()
 	for b.Loop() {
-		if _, err := PickFree(c, taken, nil); err != nil {
+		if _, err := PickFree(c.Range(false), taken, nil); err != nil {
 			b.Fatal(err)
 		}
 	}

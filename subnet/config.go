@@ -341,35 +341,66 @@ func validateFamily(k familyKeys, f family) error {
 	return nil
 }
 
-// FirstSubnet and LastSubnet bound the subnets handed out: SubnetMin and
-// SubnetMax when set, else the whole Network but its first subnet, whose
-// network address is the Network's own (flannel skips it too).
-func (c *Config) FirstSubnet() netip.Prefix {
-	if c.SubnetMin.IsValid() {
-		return netip.PrefixFrom(c.SubnetMin, c.SubnetLen)
+// Range is the part of one family's network that nodes lease subnets from.
+type Range struct {
+	Network   netip.Prefix
+	SubnetLen int
+	Min, Max  netip.Addr // SubnetMin and SubnetMax; zero when not set
+}
+
+// Range returns the IPv4 range (v6 false) or the IPv6 one. Its Network is
+// zero when the config has none for that family.
+func (c *Config) Range(v6 bool) Range {
+	if v6 {
+		return Range{c.IPv6Network, c.IPv6SubnetLen, c.IPv6SubnetMin, c.IPv6SubnetMax}
 	}
-	second, _ := nextSubnet(netip.PrefixFrom(c.Network.Addr(), c.SubnetLen))
+	return Range{c.Network, c.SubnetLen, c.SubnetMin, c.SubnetMax}
+}
+
+// Families returns the ranges of the enabled families, IPv4 first.
+func (c *Config) Families() []Range {
+	var out []Range
+	if c.EnableIPv4 {
+		out = append(out, c.Range(false))
+	}
+	if c.EnableIPv6 {
+		out = append(out, c.Range(true))
+	}
+	return out
+}
+
+// First and Last bound the subnets handed out: Min and Max when set, else
+// the whole Network but its first subnet, whose network address is the
+// Network's own (flannel skips it too).
+func (r Range) First() netip.Prefix {
+	if r.Min.IsValid() {
+		return netip.PrefixFrom(r.Min, r.SubnetLen)
+	}
+	second, _ := NextSubnet(netip.PrefixFrom(r.Network.Addr(), r.SubnetLen))
 	return second
 }
 
-// LastSubnet is the highest subnet a node may lease.
-func (c *Config) LastSubnet() netip.Prefix {
-	if c.SubnetMax.IsValid() {
-		return netip.PrefixFrom(c.SubnetMax, c.SubnetLen)
+// Last is the highest subnet a node may lease.
+func (r Range) Last() netip.Prefix {
+	if r.Max.IsValid() {
+		return netip.PrefixFrom(r.Max, r.SubnetLen)
 	}
-	return netip.PrefixFrom(lastAddr(c.Network), c.SubnetLen).Masked()
+	return netip.PrefixFrom(LastAddr(r.Network), r.SubnetLen).Masked()
 }
 
 // Contains reports whether p is a subnet of the right size a node may hold:
-// inside SubnetMin..SubnetMax when set. A node already holding the first
-// subnet, which is no longer handed out by default, keeps it.
-func (c *Config) Contains(p netip.Prefix) bool {
-	first := c.FirstSubnet()
-	if !c.SubnetMin.IsValid() {
-		first = netip.PrefixFrom(c.Network.Addr(), c.SubnetLen)
+// inside Min..Max when set. A node already holding the first subnet, which
+// is no longer handed out by default, keeps it.
+func (r Range) Contains(p netip.Prefix) bool {
+	if !r.Network.IsValid() || !p.IsValid() {
+		return false
 	}
-	return p.Bits() == c.SubnetLen && p.Masked() == p && c.Network.Contains(p.Addr()) &&
-		!p.Addr().Less(first.Addr()) && !c.LastSubnet().Addr().Less(p.Addr())
+	first := r.First()
+	if !r.Min.IsValid() {
+		first = netip.PrefixFrom(r.Network.Addr(), r.SubnetLen)
+	}
+	return p.Bits() == r.SubnetLen && p.Masked() == p && r.Network.Contains(p.Addr()) &&
+		!p.Addr().Less(first.Addr()) && !r.Last().Addr().Less(p.Addr())
 }
 
 // MarshalJSON writes the net-conf.json form with defaults filled in.
@@ -420,12 +451,4 @@ func decodeStrict(data []byte, v any) error {
 		return errors.New("invalid JSON: trailing data after the object")
 	}
 	return nil
-}
-
-func lastAddr(p netip.Prefix) netip.Addr {
-	a := p.Masked().Addr().As4()
-	hostBits := 32 - p.Bits()
-	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3])
-	v |= uint32(1)<<hostBits - 1
-	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }

@@ -19,17 +19,17 @@ func TestParseConfig(t *testing.T) {
 			}
 			// The first subnet is not handed out (as in flannel) but stays
 			// valid for a node that holds it.
-			if c.FirstSubnet() != netip.MustParsePrefix("10.244.1.0/24") || c.LastSubnet() != netip.MustParsePrefix("10.244.255.0/24") {
-				t.Errorf("range = %s..%s", c.FirstSubnet(), c.LastSubnet())
+			if c.Range(false).First() != netip.MustParsePrefix("10.244.1.0/24") || c.Range(false).Last() != netip.MustParsePrefix("10.244.255.0/24") {
+				t.Errorf("range = %s..%s", c.Range(false).First(), c.Range(false).Last())
 			}
-			if !c.Contains(netip.MustParsePrefix("10.244.0.0/24")) {
+			if !c.Range(false).Contains(netip.MustParsePrefix("10.244.0.0/24")) {
 				t.Error("a node on the first subnet would lose it")
 			}
 		}},
 		// flannel's SubnetLen default: 24, or a quarter of a Network smaller than a /22.
 		{name: "SubnetLen default for a /23", in: `{"Network":"10.1.0.0/23"}`, check: func(t *testing.T, c *Config) {
-			if c.SubnetLen != 25 || c.FirstSubnet() != netip.MustParsePrefix("10.1.0.128/25") {
-				t.Errorf("SubnetLen %d, first %s; want 25 and 10.1.0.128/25", c.SubnetLen, c.FirstSubnet())
+			if c.SubnetLen != 25 || c.Range(false).First() != netip.MustParsePrefix("10.1.0.128/25") {
+				t.Errorf("SubnetLen %d, first %s; want 25 and 10.1.0.128/25", c.SubnetLen, c.Range(false).First())
 			}
 		}},
 		{name: "SubnetLen default for a /28", in: `{"Network":"10.1.0.0/28"}`, check: func(t *testing.T, c *Config) {
@@ -49,8 +49,8 @@ func TestParseConfig(t *testing.T) {
 				if c.Backend != want || c.SubnetLen != 26 {
 					t.Errorf("got %+v", c)
 				}
-				if c.FirstSubnet() != netip.MustParsePrefix("10.1.1.0/26") || c.LastSubnet() != netip.MustParsePrefix("10.1.2.192/26") {
-					t.Errorf("range = %s..%s", c.FirstSubnet(), c.LastSubnet())
+				if c.Range(false).First() != netip.MustParsePrefix("10.1.1.0/26") || c.Range(false).Last() != netip.MustParsePrefix("10.1.2.192/26") {
+					t.Errorf("range = %s..%s", c.Range(false).First(), c.Range(false).Last())
 				}
 			}},
 		{name: "host-gw", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw"}}`, check: func(t *testing.T, c *Config) {
@@ -162,7 +162,7 @@ func FuzzParseConfig(f *testing.F) {
 			return
 		}
 		// Whatever parses must describe a usable range.
-		if !c.Contains(c.FirstSubnet()) || !c.Contains(c.LastSubnet()) {
+		if !c.Range(false).Contains(c.Range(false).First()) || !c.Range(false).Contains(c.Range(false).Last()) {
 			t.Fatalf("accepted config with an empty range: %+v", c)
 		}
 		out, err := c.MarshalJSON()

@@ -8,15 +8,31 @@ import (
 	"testing"
 )
 
+var envTestConfig = &Config{EnableIPv4: true, EnableIPv6: true,
+	Network: netip.MustParsePrefix("10.244.0.0/16"), IPv6Network: netip.MustParsePrefix("fd00:10:244::/56")}
+
 func TestEnvRenderParse(t *testing.T) {
-	e := NewEnv(netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.244.7.0/24"), 1450, true)
-	want := "TWILL_NETWORK=10.244.0.0/16\nTWILL_SUBNET=10.244.7.1/24\nTWILL_MTU=1450\nTWILL_IPMASQ=true\n"
-	if got := string(e.Render()); got != want {
-		t.Fatalf("Render:\n%s\nwant:\n%s", got, want)
-	}
-	back, err := ParseEnv(e.Render())
-	if err != nil || back != e {
-		t.Fatalf("ParseEnv = %+v, %v; want %+v", back, err, e)
+	v4, v6 := netip.MustParsePrefix("10.244.7.0/24"), netip.MustParsePrefix("fd00:10:244:7::/64")
+	for _, tt := range []struct {
+		name string
+		own  Lease
+		want string
+	}{
+		{"ipv4", Lease{Subnet: v4}, "TWILL_NETWORK=10.244.0.0/16\nTWILL_SUBNET=10.244.7.1/24\nTWILL_MTU=1450\nTWILL_IPMASQ=true\n"},
+		{"dual", Lease{Subnet: v4, IPv6Subnet: v6}, "TWILL_NETWORK=10.244.0.0/16\nTWILL_SUBNET=10.244.7.1/24\n" +
+			"TWILL_IPV6_NETWORK=fd00:10:244::/56\nTWILL_IPV6_SUBNET=fd00:10:244:7::1/64\nTWILL_MTU=1450\nTWILL_IPMASQ=true\n"},
+		{"ipv6", Lease{IPv6Subnet: v6}, "TWILL_IPV6_NETWORK=fd00:10:244::/56\nTWILL_IPV6_SUBNET=fd00:10:244:7::1/64\nTWILL_MTU=1450\nTWILL_IPMASQ=true\n"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			e := NewEnv(envTestConfig, tt.own, 1450, true)
+			if got := string(e.Render()); got != tt.want {
+				t.Fatalf("Render:\n%s\nwant:\n%s", got, tt.want)
+			}
+			back, err := ParseEnv(e.Render())
+			if err != nil || back != e {
+				t.Fatalf("ParseEnv = %+v, %v; want %+v", back, err, e)
+			}
+		})
 	}
 }
 
@@ -37,6 +53,14 @@ func TestParseEnvErrors(t *testing.T) {
 		{"gateway is the network address", strings.Replace(good, "10.244.7.1/24", "10.244.7.0/24", 1), "network or broadcast address"},
 		{"gateway is the broadcast address", strings.Replace(good, "10.244.7.1/24", "10.244.7.255/24", 1), "network or broadcast address"},
 		{"subnet too small", strings.Replace(good, "10.244.7.1/24", "10.244.7.1/31", 1), "no room for pods"},
+		{"v6 network without subnet", good + "TWILL_IPV6_NETWORK=fd00::/56\n", "TWILL_IPV6_SUBNET is missing"},
+		{"v6 subnet without network", good + "TWILL_IPV6_SUBNET=fd00::1/64\n", "TWILL_IPV6_NETWORK is missing"},
+		{"v6 network is v4", good + "TWILL_IPV6_NETWORK=10.0.0.0/8\nTWILL_IPV6_SUBNET=fd00::1/64\n", "not an IPv6 network address"},
+		{"v4 subnet is v6", strings.Replace(good, "10.244.7.1/24", "fd00::1/64", 1), "not IPv4"},
+		{"v6 subnet outside", good + "TWILL_IPV6_NETWORK=fd00::/56\nTWILL_IPV6_SUBNET=fd01::1/64\n", "TWILL_IPV6_SUBNET fd01::1/64 lies outside TWILL_IPV6_NETWORK"},
+		{"v6 gateway is network address", good + "TWILL_IPV6_NETWORK=fd00::/56\nTWILL_IPV6_SUBNET=fd00::/64\n", "not a gateway"},
+		{"v6 subnet too small", good + "TWILL_IPV6_NETWORK=fd00::/56\nTWILL_IPV6_SUBNET=fd00::1/127\n", "at most /126"},
+		{"no family", "TWILL_MTU=1450\nTWILL_IPMASQ=false\n", "TWILL_NETWORK is missing"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -54,7 +78,7 @@ func TestParseEnvErrors(t *testing.T) {
 
 func TestWriteEnvAtomicAndMode(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "run", "twill", "subnet.env")
-	e := NewEnv(netip.MustParsePrefix("10.244.0.0/16"), netip.MustParsePrefix("10.244.7.0/24"), 1450, true)
+	e := NewEnv(envTestConfig, Lease{Subnet: netip.MustParsePrefix("10.244.7.0/24")}, 1450, true)
 	if err := WriteEnv(path, e); err != nil {
 		t.Fatal(err)
 	}

@@ -12,8 +12,9 @@ import (
 // Lease is one node's claim on a pod subnet.
 type Lease struct {
 	Subnet netip.Prefix
-	// IPv6Subnet is a dual-stack lease's IPv6 subnet (flannel writes both
-	// in one key); twill reads it and programs the IPv4 part so far.
+	// IPv6Subnet is the lease's IPv6 subnet: a dual-stack or IPv6-only
+	// lease has one (flannel writes both subnets in one key). Subnet is zero
+	// in an IPv6-only lease.
 	IPv6Subnet netip.Prefix
 	Attrs      LeaseAttrs
 	// Expires is when the datastore drops the lease unless it is renewed; zero
@@ -23,6 +24,28 @@ type Lease struct {
 	// (etcd: the key's create revision), 0 when unknown. When two leases
 	// overlap, the earlier claim is the one peers program (FilterPeers).
 	Claimed int64
+}
+
+// Key is what tells the leases of a network apart: the IPv4 subnet, or the
+// IPv6 subnet of an IPv6-only lease. No two programmed leases share one.
+func (l Lease) Key() netip.Prefix {
+	if l.Subnet.IsValid() {
+		return l.Subnet
+	}
+	return l.IPv6Subnet
+}
+
+// Family returns the lease as the datapath of one family sees it: the
+// family's subnet in Subnet, its public address in PublicIP and its backend
+// data in BackendData, the other family's fields empty. ok is false when the
+// lease has no subnet of that family.
+func (l Lease) Family(v6 bool) (f Lease, ok bool) {
+	f = Lease{Subnet: l.Subnet, Expires: l.Expires, Claimed: l.Claimed,
+		Attrs: LeaseAttrs{PublicIP: l.Attrs.PublicIP, BackendType: l.Attrs.BackendType, BackendData: l.Attrs.BackendData, NodeName: l.Attrs.NodeName}}
+	if v6 {
+		f.Subnet, f.Attrs.PublicIP, f.Attrs.BackendData = l.IPv6Subnet, l.Attrs.PublicIPv6, l.Attrs.BackendV6Data
+	}
+	return f, f.Subnet.IsValid()
 }
 
 // LeaseAttrs is what a node publishes with its lease; peers program their
@@ -52,29 +75,37 @@ func ParseLeaseAttrs(data []byte) (LeaseAttrs, error) {
 	if err := json.Unmarshal(data, &a); err != nil {
 		return a, fmt.Errorf("lease value is not valid JSON: %w", err)
 	}
-	if !a.PublicIP.IsValid() {
-		return a, fmt.Errorf("lease value has no PublicIP")
+	if a.PublicIPv6.IsValid() {
+		if err := CheckPublicIP(a.PublicIPv6, true); err != nil {
+			return a, fmt.Errorf("lease PublicIPv6: %w", err)
+		}
 	}
-	if err := CheckPublicIP(a.PublicIP); err != nil {
-		return a, fmt.Errorf("lease PublicIP: %w", err)
+	switch {
+	case a.PublicIPv6.IsValid() && (!a.PublicIP.IsValid() || a.PublicIP == netip.IPv4Unspecified()):
+		// An IPv6-only node: flannel writes "0.0.0.0" here.
+	case !a.PublicIP.IsValid():
+		return a, fmt.Errorf("lease value has no PublicIP")
+	default:
+		if err := CheckPublicIP(a.PublicIP, false); err != nil {
+			return a, fmt.Errorf("lease PublicIP: %w", err)
+		}
 	}
 	if a.BackendType == "" {
 		return a, fmt.Errorf("lease value has no BackendType")
 	}
-	if a.PublicIPv6.IsValid() && (!a.PublicIPv6.Is6() || a.PublicIPv6.Is4In6() || a.PublicIPv6.IsUnspecified() ||
-		a.PublicIPv6.IsLoopback() || a.PublicIPv6.IsMulticast()) {
-		return a, fmt.Errorf("lease PublicIPv6: %s is not a unicast IPv6 address", a.PublicIPv6)
-	}
 	return a, nil
 }
 
-// CheckPublicIP says whether ip can be where peers send a node's traffic:
-// an IPv4 unicast address, not unspecified, loopback or broadcast.
-func CheckPublicIP(ip netip.Addr) error {
+// CheckPublicIP says whether ip can be where peers send a node's traffic of
+// one family: a unicast address of that family (IPv6 when v6), not
+// unspecified, loopback, multicast, link-local or the IPv4 broadcast.
+func CheckPublicIP(ip netip.Addr, v6 bool) error {
 	switch {
-	case !ip.Is4():
-		return fmt.Errorf("%v is not IPv4", ip)
-	case ip.IsUnspecified(), ip.IsLoopback(), ip.IsMulticast(), ip == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+	case !ip.IsValid():
+		return fmt.Errorf("no %s address", familyName(v6))
+	case ip.Is6() != v6 || ip.Is4In6() || ip.Zone() != "":
+		return fmt.Errorf("%v is not an %s address", ip, familyName(v6))
+	case ip.IsUnspecified(), ip.IsLoopback(), ip.IsMulticast(), ip.IsLinkLocalUnicast(), ip == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
 		return fmt.Errorf("%s is not a unicast address another host can reach", ip)
 	}
 	return nil

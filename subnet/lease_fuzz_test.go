@@ -13,6 +13,7 @@ import (
 // testdata/fuzz/FuzzParseLeaseAttrs.
 func FuzzParseLeaseAttrs(f *testing.F) {
 	f.Add([]byte(`{"PublicIP":"198.18.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"},"NodeName":"h1"}`))
+	f.Add([]byte(`{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::1","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		a, err := ParseLeaseAttrs(data)
 		if err != nil {
@@ -21,7 +22,11 @@ func FuzzParseLeaseAttrs(f *testing.F) {
 		if len(data) > MaxLeaseValueSize {
 			t.Fatalf("accepted a %d-byte value", len(data))
 		}
-		if err := CheckPublicIP(a.PublicIP); err != nil {
+		if a.PublicIPv6.IsValid() {
+			if err := CheckPublicIP(a.PublicIPv6, true); err != nil {
+				t.Fatalf("accepted public IPv6: %v", err)
+			}
+		} else if err := CheckPublicIP(a.PublicIP, false); err != nil {
 			t.Fatalf("accepted public IP: %v", err)
 		}
 		if a.BackendType == "" {

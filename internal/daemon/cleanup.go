@@ -51,7 +51,7 @@ func Cleanup(ctx context.Context, log *slog.Logger) error {
 		errs = append(errs, err)
 	}
 	log.Info("deleted twill's routes", "count", len(routes))
-	if ipt, err := masq.NewIPTables(); err == nil {
+	if ipt, err := masq.NewIPTables(false); err == nil {
 		if err := masq.Cleanup(ctx, ipt); err != nil {
 			errs = append(errs, err)
 		} else {

@@ -74,7 +74,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if !publicIP.IsValid() {
 		publicIP = ext.Addr
 	}
-	if err := subnet.CheckPublicIP(publicIP); err != nil {
+	if err := subnet.CheckPublicIP(publicIP, false); err != nil {
 		return fmt.Errorf("public IP: %w; give one with --public-ip or --iface", err)
 	}
 	if len(c.PeerPublicIPs) > 0 && !slices.ContainsFunc(c.PeerPublicIPs, func(p netip.Prefix) bool { return p.Contains(publicIP) }) {
@@ -145,7 +145,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	d := &daemon{c: c, cfg: cfg, be: be, mgr: mgr, met: met, hl: hl, log: log, mtu: mtu,
 		policy: subnet.PeerPolicy{Network: cfg.Network, PublicIPs: c.PeerPublicIPs}}
 	if c.IPMasq {
-		if d.ipt, err = masq.NewIPTables(); err != nil {
+		if d.ipt, err = masq.NewIPTables(false); err != nil {
 			return fmt.Errorf("--ip-masq: %w", err)
 		}
 	} else {
@@ -155,7 +155,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			if ipt, err := masq.NewIPTables(); err == nil {
+			if ipt, err := masq.NewIPTables(false); err == nil {
 				if err := masq.Cleanup(ctx, ipt); err != nil && ctx.Err() == nil {
 					log.Warn("remove masquerade rules of an earlier run", "err", err)
 				}
@@ -163,7 +163,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		}()
 		defer func() { <-done }()
 	}
-	if err := d.writeEnv(own.Subnet); err != nil {
+	if err := d.writeEnv(own); err != nil {
 		return err
 	}
 
@@ -269,7 +269,7 @@ const maxIncremental = 128
 func (d *daemon) pass(ctx context.Context, full bool) {
 	own := d.mgr.Own()
 	if own.Subnet != d.envSubnet {
-		if err := d.writeEnv(own.Subnet); err != nil {
+		if err := d.writeEnv(own); err != nil {
 			d.log.Error("write subnet env file", "err", err)
 		}
 		d.met.leaseAcquired.Inc()
@@ -492,12 +492,12 @@ func (d *daemon) ensureRules(ctx context.Context, own netip.Prefix) {
 	}
 }
 
-func (d *daemon) writeEnv(p netip.Prefix) error {
-	env := subnet.NewEnv(d.cfg.Network, p, d.mtu, d.c.IPMasq)
+func (d *daemon) writeEnv(own subnet.Lease) error {
+	env := subnet.NewEnv(d.cfg, own, d.mtu, d.c.IPMasq)
 	if err := subnet.WriteEnv(d.c.SubnetFile, env); err != nil {
 		return err
 	}
-	d.envSubnet = p
+	d.envSubnet = own.Subnet
 	d.met.envFileWrites.Inc()
 	if !d.programmed {
 		d.hl.set("programming the datapath")
@@ -554,7 +554,7 @@ func previousSubnet(path string, cfg *subnet.Config, log *slog.Logger) netip.Pre
 		return netip.Prefix{}
 	}
 	p := env.Subnet.Masked()
-	if env.Network != cfg.Network || !cfg.Contains(p) {
+	if env.Network != cfg.Network || !cfg.Range(false).Contains(p) {
 		return netip.Prefix{}
 	}
 	return p

@@ -181,7 +181,7 @@ func TestReadyAfterTheFirstGoodPass(t *testing.T) {
 	d := &daemon{c: Config{SubnetFile: filepath.Join(t.TempDir(), "subnet.env")}, cfg: &subnet.Config{Network: netip.MustParsePrefix("10.244.0.0/16"), Backend: subnet.BackendConfig{Type: "vxlan"}},
 		be: be, mgr: &staticLeases{own: own}, met: newMetrics(), hl: hl, mtu: 1450, log: slog.New(slog.DiscardHandler),
 		policy: subnet.PeerPolicy{Network: netip.MustParsePrefix("10.244.0.0/16")}}
-	if err := d.writeEnv(own.Subnet); err != nil {
+	if err := d.writeEnv(own); err != nil {
 		t.Fatal(err)
 	}
 	if r := hl.reason(); r != "programming the datapath" || gauge(t, d.met.ready) != 0 {

@@ -278,11 +278,11 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 			// Our own lease from an earlier run: take it over unless it changed under us.
 			target, reused = mine.Subnet, true
 			cmp = clientv3.Compare(clientv3.ModRevision(mine.Key), "=", mine.ModRevision)
-		case req.Previous.IsValid() && req.Config.Contains(req.Previous) && !taken[req.Previous]:
+		case req.Previous.IsValid() && req.Config.Range(false).Contains(req.Previous) && !taken[req.Previous]:
 			target, reused = req.Previous, true
 			cmp = clientv3.Compare(clientv3.CreateRevision(r.SubnetKey(target)), "=", 0)
 		default:
-			target, err = subnet.PickFree(req.Config, taken, nil)
+			target, err = subnet.PickFree(req.Config.Range(false), taken, nil)
 			if err != nil {
 				r.revoke(leaseID)
 				return nil, err
@@ -334,7 +334,7 @@ func findOwn(leases []StoredLease, req AcquireRequest) (*StoredLease, error) {
 	name := req.Attrs.NodeName
 	var byPrevious *StoredLease
 	for i, l := range leases {
-		if !req.Config.Contains(l.Subnet) {
+		if !req.Config.Range(false).Contains(l.Subnet) {
 			continue
 		}
 		if l.Attrs.PublicIP == req.Attrs.PublicIP {

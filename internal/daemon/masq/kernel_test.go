@@ -54,7 +54,7 @@ func TestKernelEnsureAndCleanup(t *testing.T) {
 	do := inNetNS(t)
 	ctx := context.Background()
 	do(func() error {
-		ipt, err := NewIPTables()
+		ipt, err := NewIPTables(false)
 		if err != nil {
 			return err
 		}

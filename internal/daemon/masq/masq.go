@@ -64,10 +64,15 @@ type IPTables interface {
 	HasRandomFully() bool
 }
 
-// NewIPTables returns the IPv4 iptables of the current network namespace
-// (the iptables program found in PATH, waiting for the xtables lock).
-func NewIPTables() (IPTables, error) {
-	ipt, err := iptables.NewWithProtocol(iptables.ProtocolIPv4)
+// NewIPTables returns the iptables of the current network namespace for
+// IPv4, or ip6tables for IPv6 when v6 (the program found in PATH, waiting
+// for the xtables lock).
+func NewIPTables(v6 bool) (IPTables, error) {
+	proto := iptables.ProtocolIPv4
+	if v6 {
+		proto = iptables.ProtocolIPv6
+	}
+	ipt, err := iptables.NewWithProtocol(proto)
 	if err != nil {
 		return nil, fmt.Errorf("iptables: %w", err)
 	}
