@@ -60,7 +60,7 @@ func (b *benchHost) resetHost(ctx context.Context) []error {
 	}
 	b.twilld = nil
 	// The device is absent after a failed start: an error here is fine.
-	ipCmd(ctx, "-n", b.hostNS(), "link", "del", vxlan.DeviceName(subnet.DefaultVNI))
+	ipCmd(ctx, "-n", b.hostNS(), "link", "del", vxlan.DeviceName(subnet.DefaultVNI, false))
 	if _, err := ipCmd(ctx, "-n", b.hostNS(), "route", "flush", "proto", "116"); err != nil {
 		errs = append(errs, err)
 	}

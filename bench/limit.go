@@ -35,7 +35,7 @@ type batchLimit struct {
 
 func measureBatchLimit(ctx context.Context, h *Harness, n int) (*batchLimit, error) {
 	netns := h.cfg.Prefix + "lim"
-	dev := vxlan.DeviceName(subnet.DefaultVNI)
+	dev := vxlan.DeviceName(subnet.DefaultVNI, false)
 	dir, err := writeBatchFiles(h, n)
 	if err != nil {
 		return nil, err
@@ -74,7 +74,7 @@ func measureBatchLimit(ctx context.Context, h *Harness, n int) (*batchLimit, err
 // writeBatchFiles writes the iproute2 batch files for n peers and returns
 // their folder.
 func writeBatchFiles(h *Harness, n int) (string, error) {
-	dev := vxlan.DeviceName(subnet.DefaultVNI)
+	dev := vxlan.DeviceName(subnet.DefaultVNI, false)
 	dir := filepath.Join(h.work, "limit")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
@@ -151,7 +151,7 @@ type changeLimit struct {
 
 func measureChangeLimit(ctx context.Context, h *Harness, n, samples int) (*changeLimit, error) {
 	nsName := h.cfg.Prefix + "lim"
-	devName := vxlan.DeviceName(subnet.DefaultVNI)
+	devName := vxlan.DeviceName(subnet.DefaultVNI, false)
 	dir, err := writeBatchFiles(h, n)
 	if err != nil {
 		return nil, err

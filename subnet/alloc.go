@@ -14,13 +14,14 @@ var ErrNoFreeSubnet = errors.New("no free subnet")
 // /8 cut into /30s costs a bounded walk.
 const maxCandidates = 256
 
-// PickFree chooses a free subnet in r. Among the first
+// PickFree chooses a free subnet in r; taken may hold subnets of both
+// families. Among the first
 // free subnets it picks one at random, so that nodes starting together rarely
 // race for the same one (the datastore's create-if-absent settles any race).
 func PickFree(r Range, taken map[netip.Prefix]bool, rnd *rand.Rand) (netip.Prefix, error) {
 	var odd []netip.Prefix // leases of another size, left from an older SubnetLen
 	for t := range taken {
-		if t.Bits() != r.SubnetLen {
+		if t.Addr().Is6() == r.Network.Addr().Is6() && t.Bits() != r.SubnetLen {
 			odd = append(odd, t)
 		}
 	}

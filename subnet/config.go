@@ -140,16 +140,10 @@ func ParseConfig(data []byte) (*Config, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("network config: %w", err)
 	}
-	// The keys are understood and checked; the datapath is IPv4-only so far,
-	// and the rules are iptables' (flannel's stock config says
+	// The rules are iptables' (flannel's stock config says
 	// "EnableNFTables": false, which is what twill does).
-	switch {
-	case raw.EnableNFTables != nil && *raw.EnableNFTables:
+	if raw.EnableNFTables != nil && *raw.EnableNFTables {
 		return nil, errors.New("network config: EnableNFTables: nftables rules are not supported by this version of twill yet; set it to false or leave it out (twill writes iptables rules)")
-	case cfg.EnableIPv6:
-		return nil, errors.New("network config: EnableIPv6: IPv6 pod networks are not supported by this version of twill yet; set EnableIPv6 to false or leave it out")
-	case !cfg.EnableIPv4:
-		return nil, errors.New("network config: EnableIPv4: an IPv4 pod network is required by this version of twill; set EnableIPv4 to true or leave it out")
 	}
 	return cfg, nil
 }

@@ -97,10 +97,24 @@ func TestParseConfig(t *testing.T) {
 		{name: "IPv6SubnetMax unaligned", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetMax":"fd00:0:0:5::1"}`, wantErr: "IPv6SubnetMax: fd00:0:0:5::1 is not aligned to IPv6SubnetLen 64"},
 		{name: "IPv6SubnetMax below min", in: `{"Network":"10.1.0.0/16","IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:5::"}`, wantErr: "IPv6SubnetMax: fd00:0:0:5:: is below IPv6SubnetMin"},
 		{name: "IPv6 range without network", in: `{"Network":"10.1.0.0/16","IPv6SubnetMin":"fd00::"}`, wantErr: "set without IPv6Network"},
-		{name: "dual-stack is not supported yet", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/56"}`, wantErr: "EnableIPv6: IPv6 pod networks are not supported by this version of twill yet"},
+		{name: "dual-stack", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/56"}`, check: func(t *testing.T, c *Config) {
+			if !c.EnableIPv4 || !c.EnableIPv6 || c.IPv6SubnetLen != 64 || len(c.Families()) != 2 {
+				t.Errorf("got %+v", c)
+			}
+			r := c.Range(true)
+			if r.First() != netip.MustParsePrefix("fd00:10:0:1::/64") || r.Last() != netip.MustParsePrefix("fd00:10:0:ff::/64") {
+				t.Errorf("IPv6 range %s..%s", r.First(), r.Last())
+			}
+		}},
 		{name: "flannel's stock config", in: `{"Network":"10.244.0.0/16","EnableNFTables":false,"Backend":{"Type":"vxlan"}}`},
 		{name: "nftables is not supported yet", in: `{"Network":"10.244.0.0/16","EnableNFTables":true}`, wantErr: "EnableNFTables: nftables rules are not supported by this version of twill yet"},
-		{name: "IPv6-only is not supported yet", in: `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10::/56"}`, wantErr: "EnableIPv6: IPv6 pod networks are not supported"},
+		{name: "IPv6-only", in: `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10::/56"}`, check: func(t *testing.T, c *Config) {
+			if c.EnableIPv4 || !c.EnableIPv6 || c.Network.IsValid() || len(c.Families()) != 1 {
+				t.Errorf("got %+v", c)
+			}
+		}},
+		{name: "IPv6 enabled without a network", in: `{"Network":"10.1.0.0/16","EnableIPv6":true}`, wantErr: "IPv6Network: required when EnableIPv6 is true"},
+		{name: "both families off", in: `{"EnableIPv4":false,"Network":"10.1.0.0/16"}`, wantErr: "both are false"},
 		{name: "not json", in: `Network: 10.1.0.0/16`, wantErr: "invalid JSON"},
 		{name: "trailing data", in: `{"Network":"10.1.0.0/16"} {}`, wantErr: "trailing data"},
 		{name: "backend not object", in: `{"Network":"10.1.0.0/16","Backend":"vxlan"}`, wantErr: "Backend: must be an object"},

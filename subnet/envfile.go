@@ -159,7 +159,8 @@ func ParseEnv(data []byte) (Env, error) {
 	return e, nil
 }
 
-func familyName(v6 bool) string {
+// FamilyName is "IPv6" when v6, else "IPv4".
+func FamilyName(v6 bool) string {
 	if v6 {
 		return "IPv6"
 	}
@@ -169,7 +170,7 @@ func familyName(v6 bool) string {
 func parseEnvNetwork(val string, v6 bool) (netip.Prefix, error) {
 	p, err := netip.ParsePrefix(val)
 	if err == nil && (p.Addr().Is6() != v6 || p.Addr().Is4In6() || p.Masked() != p) {
-		err = fmt.Errorf("not an %s network address", familyName(v6))
+		err = fmt.Errorf("not an %s network address", FamilyName(v6))
 	}
 	return p, err
 }
@@ -177,7 +178,7 @@ func parseEnvNetwork(val string, v6 bool) (netip.Prefix, error) {
 func parseEnvSubnet(val string, v6 bool) (netip.Prefix, error) {
 	p, err := netip.ParsePrefix(val)
 	if err == nil && (p.Addr().Is6() != v6 || p.Addr().Is4In6()) {
-		err = fmt.Errorf("not %s", familyName(v6))
+		err = fmt.Errorf("not %s", FamilyName(v6))
 	}
 	return p, err
 }

@@ -26,8 +26,9 @@ type Skipped struct {
 }
 
 // FilterPeers returns the peers a node may program, in subnet order, and the
-// ones it must skip. A peer is skipped when its subnet is not an IPv4 network
-// address strictly inside the network, when it overlaps the own subnet or a
+// ones it must skip. All leases are of one family, the Network's (see
+// Lease.Family). A peer is skipped when its subnet is not a network address
+// of that family strictly inside the network, when it overlaps the own subnet or a
 // peer that claimed its addresses first, when it carries the node's own
 // public IP, or when its public IP is outside the allow-list.
 //
@@ -74,8 +75,8 @@ func FilterPeers(p PeerPolicy, own Lease, peers []Lease) (kept []Lease, skipped 
 func (p PeerPolicy) reject(own Lease, l Lease, taken *intervals) string {
 	sn := l.Subnet
 	switch {
-	case !sn.IsValid() || !sn.Addr().Is4() || sn.Masked() != sn:
-		return fmt.Sprintf("subnet %v is not an IPv4 network address", sn)
+	case !sn.IsValid() || sn.Addr().Is6() != p.Network.Addr().Is6() || sn.Masked() != sn:
+		return fmt.Sprintf("subnet %v is not an %s network address", sn, FamilyName(p.Network.Addr().Is6()))
 	case !p.Network.Contains(sn.Addr()) || sn.Bits() <= p.Network.Bits():
 		return fmt.Sprintf("subnet %s is outside the network %s", sn, p.Network)
 	case own.Subnet.IsValid() && own.Subnet.Overlaps(sn):
@@ -102,7 +103,7 @@ func ComparePrefix(a, b netip.Prefix) int {
 	return cmp.Compare(a.Bits(), b.Bits())
 }
 
-// intervals is a set of disjoint IPv4 prefixes, sorted by address.
+// intervals is a set of disjoint prefixes of one family, sorted by address.
 type intervals []netip.Prefix
 
 // overlap returns a member that overlaps p. The members are disjoint, so

@@ -13,13 +13,14 @@ import (
 	"github.com/twillnet/twill/internal/netlinkx"
 )
 
-// ReadActual reads the entries twill owns: its routes in the main table (by
-// RouteProtocol) plus, when dev is not 0, every IPv4 neighbour and FDB entry
-// on the device with that index. Other routes in the main table are recorded
-// in Foreign.
-func ReadActual(ctx context.Context, h *netlink.Handle, dev int) (State, error) {
+// ReadActual reads the entries twill owns of one family (netlink.FAMILY_V4
+// or FAMILY_V6): its routes in the main table (by RouteProtocol) plus, when
+// dev is not 0, every neighbour of the family and every FDB entry on the
+// device with that index. Other routes in the main table are recorded in
+// Foreign.
+func ReadActual(ctx context.Context, h *netlink.Handle, family, dev int) (State, error) {
 	s := NewState()
-	routes, err := netlinkx.RouteList(ctx, h, netlink.FAMILY_V4, &netlink.Route{}, 0)
+	routes, err := netlinkx.RouteList(ctx, h, family, &netlink.Route{}, 0)
 	if err != nil {
 		return s, err
 	}
@@ -27,7 +28,7 @@ func ReadActual(ctx context.Context, h *netlink.Handle, dev int) (State, error) 
 		if r.Table != unix.RT_TABLE_MAIN && r.Table != 0 {
 			continue
 		}
-		dst := prefixOf(r.Dst)
+		dst := prefixOf(r.Dst, family)
 		if !dst.IsValid() {
 			continue
 		}
@@ -44,7 +45,7 @@ func ReadActual(ctx context.Context, h *netlink.Handle, dev int) (State, error) 
 	if dev == 0 {
 		return s, nil
 	}
-	neighs, err := netlinkx.NeighList(ctx, h, dev, netlink.FAMILY_V4)
+	neighs, err := netlinkx.NeighList(ctx, h, dev, family)
 	if err != nil {
 		return s, err
 	}
@@ -75,9 +76,12 @@ func ReadActual(ctx context.Context, h *netlink.Handle, dev int) (State, error) 
 	return s, nil
 }
 
-func prefixOf(n *net.IPNet) netip.Prefix {
-	if n == nil {
-		return netip.PrefixFrom(netip.IPv4Unspecified(), 0) // the default route
+func prefixOf(n *net.IPNet, family int) netip.Prefix {
+	if n == nil { // the default route
+		if family == netlink.FAMILY_V6 {
+			return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+		}
+		return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
 	}
 	a, ok := netip.AddrFromSlice(n.IP)
 	if !ok {
@@ -244,7 +248,7 @@ func routeRequest(r Route, set bool) *netlink.Route {
 func neighRequest(n Neigh) *netlink.Neigh {
 	return &netlink.Neigh{
 		LinkIndex:    n.LinkIndex,
-		Family:       netlink.FAMILY_V4,
+		Family:       familyOf(n.IP),
 		State:        netlink.NUD_PERMANENT,
 		IP:           n.IP.AsSlice(),
 		HardwareAddr: n.MAC.HardwareAddr(),

@@ -47,8 +47,8 @@ const RouteProtocol netlink.RouteProtocol = 116
 type ExternalInterface struct {
 	Name  string
 	Index int
-	// Addr is the node's IPv4 address on it: the public IP it publishes and
-	// the VXLAN tunnel source.
+	// Addr is the node's address on it of the family the backend serves:
+	// the public IP it publishes and the VXLAN tunnel source.
 	Addr netip.Addr
 	// Prefix is the on-link network of Addr (e.g. 198.18.0.0/24). A peer
 	// whose public IP is inside it is directly reachable: host-gw requires
@@ -57,15 +57,29 @@ type ExternalInterface struct {
 	MTU    int
 }
 
+// IPv6 says whether the interface is seen through its IPv6 address: the
+// backend then programs the IPv6 pod network.
+func (e ExternalInterface) IPv6() bool { return e.Addr.Is6() }
+
+// Family is the netlink family of the interface's address.
+func (e ExternalInterface) Family() int { return familyOf(e.Addr) }
+
+func familyOf(a netip.Addr) int {
+	if a.Is6() {
+		return netlink.FAMILY_V6
+	}
+	return netlink.FAMILY_V4
+}
+
 // Validate checks the fields every backend relies on.
 func (e ExternalInterface) Validate() error {
 	switch {
 	case e.Index <= 0:
 		return fmt.Errorf("external interface %q: no interface index", e.Name)
-	case !e.Addr.Is4():
-		return fmt.Errorf("external interface %q: address %v is not IPv4", e.Name, e.Addr)
-	case !e.Prefix.IsValid() || !e.Prefix.Addr().Is4():
-		return fmt.Errorf("external interface %q: on-link network %v is not an IPv4 prefix", e.Name, e.Prefix)
+	case !e.Addr.IsValid() || e.Addr.Is4In6():
+		return fmt.Errorf("external interface %q: no address", e.Name)
+	case !e.Prefix.IsValid() || e.Prefix.Addr().Is4() != e.Addr.Is4():
+		return fmt.Errorf("external interface %q: on-link network %v is not of the family of its address %s", e.Name, e.Prefix, e.Addr)
 	case !e.Prefix.Contains(e.Addr):
 		return fmt.Errorf("external interface %q: address %s is outside its network %s", e.Name, e.Addr, e.Prefix)
 	case e.MTU < 576:
@@ -119,7 +133,7 @@ func (m *MAC) UnmarshalText(b []byte) error {
 	return nil
 }
 
-// RouteKey is what makes an IPv4 route unique in a table: a second route with
+// RouteKey is what makes a route unique in a table: a second route with
 // the same destination and metric replaces the first.
 type RouteKey struct {
 	Dst    netip.Prefix
@@ -156,7 +170,7 @@ func (r Route) String() string {
 	return s
 }
 
-// Neigh is an IPv4 neighbour (ARP) entry on a link.
+// Neigh is a neighbour entry on a link (ARP for IPv4, NDP for IPv6).
 type Neigh struct {
 	LinkIndex int
 	IP        netip.Addr

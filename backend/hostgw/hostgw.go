@@ -55,14 +55,14 @@ func Desired(own subnet.Lease, peers []subnet.Lease, ext dataplane.ExternalInter
 
 // route is one peer's route, checked as far as the peer alone allows.
 func route(own, peer subnet.Lease, ext dataplane.ExternalInterface) (dataplane.Route, error) {
-	sn, ip := peer.Subnet, peer.Attrs.PublicIP
+	sn, ip, v6 := peer.Subnet, peer.Attrs.PublicIP, ext.IPv6()
 	switch {
-	case !sn.IsValid() || !sn.Addr().Is4() || sn.Masked() != sn:
-		return dataplane.Route{}, fmt.Errorf("subnet %v is not an IPv4 network address", sn)
+	case !sn.IsValid() || sn.Addr().Is6() != v6 || sn.Masked() != sn:
+		return dataplane.Route{}, fmt.Errorf("subnet %v is not an %s network address", sn, subnet.FamilyName(v6))
 	case own.Subnet.IsValid() && own.Subnet.Overlaps(sn):
 		return dataplane.Route{}, fmt.Errorf("subnet overlaps this node's subnet %s", own.Subnet)
-	case !ip.Is4():
-		return dataplane.Route{}, fmt.Errorf("public IP %v is not IPv4", ip)
+	case !ip.IsValid() || ip.Is6() != v6:
+		return dataplane.Route{}, fmt.Errorf("public IP %v is not %s", ip, subnet.FamilyName(v6))
 	case ip == ext.Addr:
 		return dataplane.Route{}, fmt.Errorf("public IP %s is this node's own address", ip)
 	case !ext.Prefix.Contains(ip):
@@ -100,7 +100,7 @@ func New(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.H
 	if b.log == nil {
 		b.log = slog.New(slog.DiscardHandler)
 	}
-	b.log = b.log.With("backend", subnet.BackendHostGW)
+	b.log = b.log.With("backend", subnet.BackendHostGW, "family", subnet.FamilyName(ext.IPv6()))
 	return b, nil
 }
 
@@ -113,7 +113,7 @@ func (b *Backend) Prepare(ctx context.Context) (json.RawMessage, int, error) {
 // Reconcile makes twill's routes equal one route per peer.
 func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subnet.Lease) error {
 	desired, peerErr := Desired(own, peers, b.ext)
-	actual, err := dataplane.ReadActual(ctx, b.h, 0)
+	actual, err := dataplane.ReadActual(ctx, b.h, b.ext.Family(), 0)
 	if err != nil {
 		return fmt.Errorf("host-gw backend: read kernel state: %w", err)
 	}
@@ -164,7 +164,7 @@ func (b *Backend) Update(ctx context.Context, own subnet.Lease, changed []subnet
 // Cleanup removes every route twill made.
 func (b *Backend) Cleanup(ctx context.Context) error {
 	b.prog.Invalidate()
-	actual, err := dataplane.ReadActual(ctx, b.h, 0)
+	actual, err := dataplane.ReadActual(ctx, b.h, b.ext.Family(), 0)
 	if err == nil {
 		err = dataplane.Apply(ctx, b.h, dataplane.Diff(dataplane.NewState(), actual))
 	}

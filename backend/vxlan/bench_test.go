@@ -68,7 +68,7 @@ func BenchmarkReconcile5000Steady(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	actual, err := dataplane.ReadActual(ctx, h, dev.Attrs().Index)
+	actual, err := dataplane.ReadActual(ctx, h, netlink.FAMILY_V4, dev.Attrs().Index)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -150,14 +150,14 @@ func Desired(own subnet.Lease, peers []subnet.Lease, p Params) (dataplane.State,
 // be checked of the peer alone: a clash with another peer is Desired's to
 // find.
 func (p Params) Entries(own subnet.Lease, peer subnet.Lease) (dataplane.PeerEntries, error) {
-	sn := peer.Subnet
+	sn, v6 := peer.Subnet, p.Ext.IPv6()
 	switch {
-	case !sn.IsValid() || !sn.Addr().Is4() || sn.Masked() != sn:
-		return dataplane.PeerEntries{}, fmt.Errorf("subnet %v is not an IPv4 network address", sn)
+	case !sn.IsValid() || sn.Addr().Is6() != v6 || sn.Masked() != sn:
+		return dataplane.PeerEntries{}, fmt.Errorf("subnet %v is not an %s network address", sn, subnet.FamilyName(v6))
 	case own.Subnet.IsValid() && own.Subnet.Overlaps(sn):
 		return dataplane.PeerEntries{}, fmt.Errorf("subnet overlaps this node's subnet %s", own.Subnet)
-	case !peer.Attrs.PublicIP.Is4():
-		return dataplane.PeerEntries{}, fmt.Errorf("public IP %v is not IPv4", peer.Attrs.PublicIP)
+	case !peer.Attrs.PublicIP.IsValid() || peer.Attrs.PublicIP.Is6() != v6:
+		return dataplane.PeerEntries{}, fmt.Errorf("public IP %v is not %s", peer.Attrs.PublicIP, subnet.FamilyName(v6))
 	}
 	if p.DirectRouting && p.Ext.Prefix.Contains(peer.Attrs.PublicIP) {
 		return dataplane.PeerEntries{Route: dataplane.Route{Dst: sn, Gw: peer.Attrs.PublicIP, LinkIndex: p.Ext.Index, Peer: sn}}, nil

@@ -32,6 +32,7 @@ import (
 	"sync"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/internal/netlinkx"
@@ -39,14 +40,29 @@ import (
 )
 
 // Overhead is what VXLAN over IPv4 adds to a frame: outer IPv4 (20), UDP (8),
-// VXLAN (8) and the inner Ethernet header (14).
-const Overhead = 50
+// VXLAN (8) and the inner Ethernet header (14). Over IPv6 the outer header
+// is 40 bytes, so OverheadIPv6 is 70.
+const (
+	Overhead     = 50
+	OverheadIPv6 = 70
+)
 
-// DeviceName returns the name of the device for vni.
-func DeviceName(vni int) string { return fmt.Sprintf("twill.%d", vni) }
+// DeviceName returns the name of the device for vni: twill.<VNI> for the
+// IPv4 pod network, twill-v6.<VNI> for the IPv6 one (flannel's names are
+// flannel.<VNI> and flannel-v6.<VNI>).
+func DeviceName(vni int, v6 bool) string {
+	if v6 {
+		return fmt.Sprintf("twill-v6.%d", vni)
+	}
+	return fmt.Sprintf("twill.%d", vni)
+}
 
-// Backend programs VXLAN for one network.
+// Backend programs VXLAN for one family of one network: the family of the
+// external interface's address, which is both the pod traffic's family and
+// the underlay's (IPv4 pods over IPv4, IPv6 pods over IPv6, as flannel
+// does).
 type Backend struct {
+	v6            bool
 	vni, port     int
 	mtu           int
 	directRouting bool
@@ -72,7 +88,7 @@ func New(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.H
 	if h == nil {
 		return nil, errors.New("vxlan backend: no netlink handle")
 	}
-	b := &Backend{vni: cfg.VNI, port: cfg.Port, directRouting: cfg.DirectRouting, ext: ext, h: h, log: log}
+	b := &Backend{v6: ext.IPv6(), vni: cfg.VNI, port: cfg.Port, directRouting: cfg.DirectRouting, ext: ext, h: h, log: log}
 	if b.vni == 0 {
 		b.vni = subnet.DefaultVNI
 	}
@@ -85,6 +101,9 @@ func New(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.H
 	b.mtu = cfg.MTU
 	if b.mtu == 0 {
 		b.mtu = ext.MTU - Overhead
+		if b.v6 {
+			b.mtu = ext.MTU - OverheadIPv6
+		}
 	}
 	if b.mtu < 576 {
 		return nil, fmt.Errorf("vxlan backend: MTU %d is too small (external interface %s has MTU %d)", b.mtu, ext.Name, ext.MTU)
@@ -92,12 +111,15 @@ func New(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.H
 	if b.log == nil {
 		b.log = slog.New(slog.DiscardHandler)
 	}
-	b.log = b.log.With("backend", subnet.BackendVXLAN, "device", DeviceName(b.vni))
+	b.log = b.log.With("backend", subnet.BackendVXLAN, "device", b.Device())
 	return b, nil
 }
 
 // Device returns the name of the VXLAN device.
-func (b *Backend) Device() string { return DeviceName(b.vni) }
+func (b *Backend) Device() string { return DeviceName(b.vni, b.v6) }
+
+// hostBits is the length of the device address's prefix: one address.
+func (b *Backend) hostBits() int { return b.ext.Addr.BitLen() }
 
 // Prepare creates the device, or adopts a compatible one left by an earlier
 // run (keeping its MAC), and returns the BackendData to publish and the MTU
@@ -115,22 +137,23 @@ func (b *Backend) Prepare(ctx context.Context) (json.RawMessage, int, error) {
 	return data, b.mtu, nil
 }
 
-// Reconcile makes the kernel hold exactly the entries for own and peers:
-// device (re-created if gone, with the published MAC), its address (the own
-// subnet's network address /32), and per peer the route, neighbour and FDB
-// entries. Only differences are written.
+// Reconcile makes the kernel hold exactly the entries for own and peers
+// (leases of this backend's family, see subnet.Lease.Family): device
+// (re-created if gone, with the published MAC), its address (the own
+// subnet's network address, /32 or /128), and per peer the route, neighbour
+// and FDB entries. Only differences are written.
 func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subnet.Lease) error {
-	if !own.Subnet.IsValid() || !own.Subnet.Addr().Is4() {
-		return fmt.Errorf("vxlan backend: reconcile: own lease has no IPv4 subnet (%v)", own.Subnet)
+	if !own.Subnet.IsValid() || own.Subnet.Addr().Is6() != b.v6 {
+		return fmt.Errorf("vxlan backend: reconcile: own lease has no %s subnet (%v)", subnet.FamilyName(b.v6), own.Subnet)
 	}
 	link, err := b.ensureDevice(ctx)
 	if err != nil {
 		return err
 	}
 	dev := link.Attrs().Index
-	addrErr := b.ensureAddr(ctx, link, netip.PrefixFrom(own.Subnet.Masked().Addr(), 32))
+	addrErr := b.ensureAddr(ctx, link, netip.PrefixFrom(own.Subnet.Masked().Addr(), b.hostBits()))
 	desired, peerErr := Desired(own, peers, Params{Dev: dev, VNI: b.vni, Ext: b.ext, DirectRouting: b.directRouting})
-	actual, err := dataplane.ReadActual(ctx, b.h, dev)
+	actual, err := dataplane.ReadActual(ctx, b.h, b.ext.Family(), dev)
 	if err != nil {
 		return errors.Join(addrErr, fmt.Errorf("vxlan backend: read kernel state: %w", err))
 	}
@@ -201,11 +224,11 @@ func (b *Backend) Update(ctx context.Context, own subnet.Lease, changed []subnet
 	return true, nil
 }
 
-// Cleanup removes twill's routes and the device (which takes its neighbour
-// and FDB entries with it).
+// Cleanup removes twill's routes of the backend's family and the device
+// (which takes its neighbour and FDB entries with it).
 func (b *Backend) Cleanup(ctx context.Context) error {
 	b.prog.Invalidate()
-	actual, err := dataplane.ReadActual(ctx, b.h, 0)
+	actual, err := dataplane.ReadActual(ctx, b.h, b.ext.Family(), 0)
 	if err != nil {
 		return fmt.Errorf("vxlan backend: cleanup: %w", err)
 	}
@@ -347,11 +370,14 @@ func (b *Backend) createDevice(ctx context.Context, mac dataplane.MAC) (*netlink
 	return vx, nil
 }
 
-// ensureAddr gives the device exactly one IPv4 address: want. IPv6
-// addresses (the kernel's link-local one) are left alone.
+// ensureAddr gives the device exactly one address of its family: want. The
+// kernel's IPv6 link-local address is left alone. An IPv6 address is added
+// without duplicate address detection: nothing else on a tunnel device has
+// it, and a tentative address could not be the source of the node's own
+// traffic to pods for a second or two.
 func (b *Backend) ensureAddr(ctx context.Context, link netlink.Link, want netip.Prefix) error {
 	h := b.h
-	addrs, err := netlinkx.AddrList(ctx, h, link, netlink.FAMILY_V4)
+	addrs, err := netlinkx.AddrList(ctx, h, link, b.ext.Family())
 	if err != nil {
 		return err
 	}
@@ -359,8 +385,12 @@ func (b *Backend) ensureAddr(ctx context.Context, link netlink.Link, want netip.
 	var errs []error
 	for _, a := range addrs {
 		ip, _ := netip.AddrFromSlice(a.IP)
+		ip = ip.Unmap()
 		ones, _ := a.Mask.Size()
-		if netip.PrefixFrom(ip.Unmap(), ones) == want {
+		if ip.Is6() && ip.IsLinkLocalUnicast() {
+			continue
+		}
+		if netip.PrefixFrom(ip, ones) == want {
 			have = true
 			continue
 		}
@@ -369,7 +399,10 @@ func (b *Backend) ensureAddr(ctx context.Context, link netlink.Link, want netip.
 		}
 	}
 	if !have {
-		addr := &netlink.Addr{IPNet: &net.IPNet{IP: want.Addr().AsSlice(), Mask: net.CIDRMask(32, 32)}}
+		addr := &netlink.Addr{IPNet: &net.IPNet{IP: want.Addr().AsSlice(), Mask: net.CIDRMask(want.Bits(), want.Addr().BitLen())}}
+		if b.v6 {
+			addr.Flags = unix.IFA_F_NODAD
+		}
 		if err := h.AddrReplace(link, addr); err != nil {
 			errs = append(errs, fmt.Errorf("set address %s on %s: %w", want, b.Device(), err))
 		}

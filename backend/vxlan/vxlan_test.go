@@ -146,7 +146,7 @@ func (e *env) expect(peers []subnet.Lease, direct ...subnet.Lease) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	actual, err := dataplane.ReadActual(context.Background(), e.h, dev)
+	actual, err := dataplane.ReadActual(context.Background(), e.h, netlink.FAMILY_V4, dev)
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -34,13 +34,14 @@ func main() {
 func run(args []string) error {
 	fs := flag.NewFlagSet("twilld", flag.ContinueOnError)
 	var (
-		c         daemon.Config
-		endpoints = fs.String("etcd-endpoints", "http://127.0.0.1:2379", "comma-separated etcd client URLs")
-		publicIP  = fs.String("public-ip", "", "IPv4 address peers use to reach this node (default: the interface's address)")
-		peerCIDRs = fs.String("public-ip-cidr", "", "comma-separated IPv4 CIDRs; when set, peer leases whose public IP is outside them are skipped")
-		logLevel  = fs.String("log-level", "info", "debug, info, warn or error")
-		showVer   = fs.Bool("version", false, "print the version and exit")
-		cleanup   = fs.Bool("cleanup", false, "remove twill's devices, routes and iptables chains from this node, then exit")
+		c          daemon.Config
+		endpoints  = fs.String("etcd-endpoints", "http://127.0.0.1:2379", "comma-separated etcd client URLs")
+		publicIP   = fs.String("public-ip", "", "IPv4 address peers use to reach this node (default: the interface's)")
+		publicIPv6 = fs.String("public-ipv6", "", "IPv6 address peers use to reach this node when the network has IPv6 (default: the interface's)")
+		peerCIDRs  = fs.String("public-ip-cidr", "", "comma-separated CIDRs (IPv4, and IPv6 for a network with IPv6); when set, peer leases whose public IP is outside them are skipped")
+		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
+		showVer    = fs.Bool("version", false, "print the version and exit")
+		cleanup    = fs.Bool("cleanup", false, "remove twill's devices, routes and iptables chains from this node, then exit")
 	)
 	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", etcd.DefaultPrefix, "etcd key prefix of the network")
 	fs.StringVar(&c.Etcd.CAFile, "etcd-cafile", "", "CA bundle to verify etcd's server certificate")
@@ -48,7 +49,7 @@ func run(args []string) error {
 	fs.StringVar(&c.Etcd.KeyFile, "etcd-keyfile", "", "client key for etcd")
 	fs.StringVar(&c.Etcd.Username, "etcd-username", "", "etcd user name")
 	fs.StringVar(&c.Etcd.Password, "etcd-password", "", "etcd password (or ETCD_PASSWORD in the environment)")
-	fs.StringVar(&c.Iface, "iface", "", "interface (name or IPv4 address) for peer traffic (default: the default route's)")
+	fs.StringVar(&c.Iface, "iface", "", "interface (name, or an IPv4 or IPv6 address of it) for peer traffic (default: the default route's)")
 	fs.StringVar(&c.SubnetFile, "subnet-file", subnet.DefaultEnvFile, "where to write the subnet env file")
 	fs.BoolVar(&c.IPMasq, "ip-masq", false, "masquerade pod traffic leaving the cluster network")
 	fs.DurationVar(&c.LeaseTTL, "lease-ttl", 24*time.Hour, "TTL of the subnet lease; renewed while twilld runs")
@@ -80,20 +81,30 @@ func run(args []string) error {
 	if c.Etcd.Password == "" {
 		c.Etcd.Password = os.Getenv("ETCD_PASSWORD")
 	}
-	if *publicIP != "" {
-		ip, err := netip.ParseAddr(*publicIP)
-		if err != nil || !ip.Is4() {
-			return fmt.Errorf("--public-ip: %q is not an IPv4 address", *publicIP)
+	for _, f := range []struct {
+		name, val string
+		v6        bool
+		to        *netip.Addr
+	}{{"--public-ip", *publicIP, false, &c.PublicIP}, {"--public-ipv6", *publicIPv6, true, &c.PublicIPv6}} {
+		if f.val == "" {
+			continue
 		}
-		c.PublicIP = ip
+		ip, err := netip.ParseAddr(f.val)
+		if err == nil {
+			err = subnet.CheckPublicIP(ip, f.v6)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %q: %v", f.name, f.val, err)
+		}
+		*f.to = ip
 	}
 	for _, f := range strings.Split(*peerCIDRs, ",") {
 		if f = strings.TrimSpace(f); f == "" {
 			continue
 		}
 		p, err := netip.ParsePrefix(f)
-		if err != nil || !p.Addr().Is4() || p.Masked() != p {
-			return fmt.Errorf("--public-ip-cidr: %q is not an IPv4 network such as 192.168.0.0/16", f)
+		if err != nil || p.Addr().Is4In6() || p.Masked() != p {
+			return fmt.Errorf("--public-ip-cidr: %q is not a network such as 192.168.0.0/16 or fd00:198:18::/64", f)
 		}
 		c.PeerPublicIPs = append(c.PeerPublicIPs, p)
 	}

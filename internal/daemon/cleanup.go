@@ -13,11 +13,12 @@ import (
 	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/internal/daemon/masq"
 	"github.com/twillnet/twill/internal/netlinkx"
+	"github.com/twillnet/twill/subnet"
 )
 
 // Cleanup removes what twilld made in this network namespace: VXLAN devices
-// named twill.*, routes with twill's route protocol, and twill's iptables
-// chains. It needs neither the datastore nor the network config, so it works
+// named twill.* and twill-v6.*, routes of both families with twill's route
+// protocol, and twill's iptables and ip6tables chains. It needs neither the datastore nor the network config, so it works
 // on a node whose config is gone. The lease is left alone.
 func Cleanup(ctx context.Context, log *slog.Logger) error {
 	h, err := netlink.NewHandle()
@@ -31,7 +32,7 @@ func Cleanup(ctx context.Context, log *slog.Logger) error {
 		return err
 	}
 	for _, l := range links {
-		if _, ok := l.(*netlink.Vxlan); ok && strings.HasPrefix(l.Attrs().Name, "twill.") {
+		if _, ok := l.(*netlink.Vxlan); ok && (strings.HasPrefix(l.Attrs().Name, "twill.") || strings.HasPrefix(l.Attrs().Name, "twill-v6.")) {
 			if err := h.LinkDel(l); err != nil {
 				errs = append(errs, fmt.Errorf("delete %s: %w", l.Attrs().Name, err))
 			} else {
@@ -39,26 +40,32 @@ func Cleanup(ctx context.Context, log *slog.Logger) error {
 			}
 		}
 	}
-	routes, err := netlinkx.Dump(ctx, "list routes", func() ([]netlink.Route, error) {
-		// Table 0 with RT_FILTER_TABLE lists every table.
-		return h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: dataplane.RouteProtocol, Table: unix.RT_TABLE_UNSPEC},
-			netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
-	})
-	if err != nil {
-		return err
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := netlinkx.Dump(ctx, "list routes", func() ([]netlink.Route, error) {
+			// Table 0 with RT_FILTER_TABLE lists every table.
+			return h.RouteListFiltered(family, &netlink.Route{Protocol: dataplane.RouteProtocol, Table: unix.RT_TABLE_UNSPEC},
+				netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+		})
+		if err != nil {
+			return err
+		}
+		if err := deleteRoutes(h, routes); err != nil {
+			errs = append(errs, err)
+		}
+		log.Info("deleted twill's routes", "family", subnet.FamilyName(family == netlink.FAMILY_V6), "count", len(routes))
 	}
-	if err := deleteRoutes(h, routes); err != nil {
-		errs = append(errs, err)
-	}
-	log.Info("deleted twill's routes", "count", len(routes))
-	if ipt, err := masq.NewIPTables(false); err == nil {
+	for _, v6 := range []bool{false, true} {
+		name := map[bool]string{false: "iptables", true: "ip6tables"}[v6]
+		ipt, err := masq.NewIPTables(v6)
+		if err != nil {
+			log.Warn(name+" not available; skipping its cleanup", "err", err)
+			continue
+		}
 		if err := masq.Cleanup(ctx, ipt); err != nil {
 			errs = append(errs, err)
 		} else {
-			log.Info("deleted twill's iptables chains")
+			log.Info("deleted twill's " + name + " chains")
 		}
-	} else {
-		log.Warn("iptables not available; skipping its cleanup", "err", err)
 	}
 	return errors.Join(errs...)
 }

@@ -35,9 +35,10 @@ type Config struct {
 	Etcd       etcd.ClientOptions
 	EtcdPrefix string
 	Iface      string     // name or address; "" = the default route's interface
-	PublicIP   netip.Addr // what peers reach this node at; zero = the interface's address
+	PublicIP   netip.Addr // what peers reach this node at over IPv4; zero = the interface's address
+	PublicIPv6 netip.Addr // the same over IPv6 (--public-ipv6)
 	// PeerPublicIPs, when not empty, are the only networks peers' public IPs
-	// may be in (--public-ip-cidr); other leases are skipped.
+	// may be in (--public-ip-cidr, both families); other leases are skipped.
 	PeerPublicIPs  []netip.Prefix
 	SubnetFile     string
 	IPMasq         bool
@@ -66,21 +67,6 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		return fmt.Errorf("open netlink: %w", err)
 	}
 	defer nl.Close()
-	ext, err := iface.Resolve(ctx, nl, c.Iface)
-	if err != nil {
-		return fmt.Errorf("find the external interface: %w", err)
-	}
-	publicIP := c.PublicIP
-	if !publicIP.IsValid() {
-		publicIP = ext.Addr
-	}
-	if err := subnet.CheckPublicIP(publicIP, false); err != nil {
-		return fmt.Errorf("public IP: %w; give one with --public-ip or --iface", err)
-	}
-	if len(c.PeerPublicIPs) > 0 && !slices.ContainsFunc(c.PeerPublicIPs, func(p netip.Prefix) bool { return p.Contains(publicIP) }) {
-		return fmt.Errorf("this node's public IP %s is outside --public-ip-cidr %v: its peers would skip it", publicIP, c.PeerPublicIPs)
-	}
-	log.Info("using interface", "iface", ext.Name, "addr", ext.Addr, "public-ip", publicIP, "mtu", ext.MTU)
 
 	var store datastore
 	if c.KubeSubnetMgr {
@@ -107,22 +93,65 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	be, err := newBackend(cfg.Backend, ext, nl, log)
+	ext, err := iface.Resolve(ctx, nl, c.Iface, cfg.EnableIPv4, cfg.EnableIPv6)
 	if err != nil {
-		return err
+		return fmt.Errorf("find the external interface: %w", err)
 	}
-	met.registerKernelWrites(be.Counters)
-	data, mtu, err := be.Prepare(ctx)
-	if err != nil {
-		return fmt.Errorf("prepare the %s backend: %w", cfg.Backend.Type, err)
+	d := &daemon{c: c, cfg: cfg, met: met, hl: hl, log: log}
+	attrs := subnet.LeaseAttrs{BackendType: cfg.Backend.Type, NodeName: c.NodeName}
+	for _, v6 := range families(cfg) {
+		e := ext.Get(v6)
+		public := c.PublicIP
+		if v6 {
+			public = c.PublicIPv6
+		}
+		if !public.IsValid() {
+			public = e.Addr
+		}
+		if err := subnet.CheckPublicIP(public, v6); err != nil {
+			flag := map[bool]string{false: "--public-ip", true: "--public-ipv6"}[v6]
+			return fmt.Errorf("public %s address: %w; give one with %s or --iface", subnet.FamilyName(v6), err, flag)
+		}
+		allowed := familyPrefixes(c.PeerPublicIPs, v6)
+		if len(c.PeerPublicIPs) > 0 && len(allowed) == 0 {
+			return fmt.Errorf("--public-ip-cidr %v has no %s network, and the network config enables %s: add the %s network the nodes' addresses are in", c.PeerPublicIPs, subnet.FamilyName(v6), subnet.FamilyName(v6), subnet.FamilyName(v6))
+		}
+		if len(allowed) > 0 && !slices.ContainsFunc(allowed, func(p netip.Prefix) bool { return p.Contains(public) }) {
+			return fmt.Errorf("this node's public IP %s is outside --public-ip-cidr %v: its peers would skip it", public, c.PeerPublicIPs)
+		}
+		log.Info("using interface", "family", subnet.FamilyName(v6), "iface", e.Name, "addr", e.Addr, "public-ip", public, "mtu", e.MTU)
+		be, err := newBackend(cfg.Backend, e, nl, log)
+		if err != nil {
+			return err
+		}
+		data, mtu, err := be.Prepare(ctx)
+		if err != nil {
+			return fmt.Errorf("prepare the %s backend for %s: %w", cfg.Backend.Type, subnet.FamilyName(v6), err)
+		}
+		if d.mtu == 0 || mtu < d.mtu {
+			// One pod MTU for both families: the smaller.
+			d.mtu = mtu
+		}
+		if v6 {
+			attrs.PublicIPv6, attrs.BackendV6Data = public, data
+		} else {
+			attrs.PublicIP, attrs.BackendData = public, data
+		}
+		d.planes = append(d.planes, &plane{d: d, v6: v6, be: be,
+			policy: subnet.PeerPolicy{Network: cfg.Range(v6).Network, PublicIPs: allowed}})
 	}
+	if !cfg.EnableIPv4 {
+		// flannel's IPv6-only leases say so; its readers need a valid IPv4.
+		attrs.PublicIP = netip.IPv4Unspecified()
+	}
+	met.registerPlanes(d.planes)
 
 	hl.set("acquiring a lease")
-	attrs := subnet.LeaseAttrs{PublicIP: publicIP, BackendType: cfg.Backend.Type, BackendData: data, NodeName: c.NodeName}
-	mgr, err := store.Leases(cfg, attrs, previousSubnet(c.SubnetFile, cfg, log))
+	mgr, err := store.Leases(cfg, attrs, previousLease(c.SubnetFile, cfg, log))
 	if err != nil {
 		return err
 	}
+	d.mgr = mgr
 	own, err := mgr.Acquire(ctx)
 	if err != nil {
 		return fmt.Errorf("lease a subnet: %w", err)
@@ -135,34 +164,45 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	} else {
 		met.reg.MustRegister(met.leaseAcquired)
 	}
-	log.Info("lease acquired", "subnet", own.Subnet)
+	log.Info("lease acquired", "subnet", own.Subnet, "ipv6-subnet", own.IPv6Subnet)
 
-	if err := masq.EnableIPForward(); err != nil {
-		// A container without a writable /proc/sys cannot; the host usually
-		// has it on already (kubelet and kube-proxy want it too).
-		log.Error("IPv4 forwarding is off and cannot be turned on; pods on other nodes are unreachable until it is (sysctl -w net.ipv4.ip_forward=1)", "err", err)
-	}
-	d := &daemon{c: c, cfg: cfg, be: be, mgr: mgr, met: met, hl: hl, log: log, mtu: mtu,
-		policy: subnet.PeerPolicy{Network: cfg.Network, PublicIPs: c.PeerPublicIPs}}
-	if c.IPMasq {
-		if d.ipt, err = masq.NewIPTables(false); err != nil {
-			return fmt.Errorf("--ip-masq: %w", err)
+	for _, p := range d.planes {
+		enable := masq.EnableIPForward
+		if p.v6 {
+			enable = masq.EnableIPv6Forward
 		}
-	} else {
-		// Rules of an earlier run with --ip-masq must not outlive it.
-		// Looking for them runs iptables several times (10-20 ms), so it
-		// happens beside the env file and the first pass, not before.
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			if ipt, err := masq.NewIPTables(false); err == nil {
+		if err := enable(); err != nil {
+			// A container without a writable /proc/sys cannot; the host usually
+			// has it on already (kubelet and kube-proxy want it too).
+			log.Error("forwarding is off and cannot be turned on; pods on other nodes are unreachable until it is", "family", subnet.FamilyName(p.v6), "err", err)
+		}
+	}
+	if c.IPMasq {
+		for _, p := range d.planes {
+			if p.ipt, err = masq.NewIPTables(p.v6); err != nil {
+				return fmt.Errorf("--ip-masq: %w", err)
+			}
+		}
+	}
+	// Rules of an earlier run that must not outlive it (--ip-masq off, or a
+	// family the network no longer has) are removed. Looking for them runs
+	// iptables several times (10-20 ms), so it happens beside the env file
+	// and the first pass, not before.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for _, v6 := range []bool{false, true} {
+			if c.IPMasq && slices.ContainsFunc(d.planes, func(p *plane) bool { return p.v6 == v6 }) {
+				continue
+			}
+			if ipt, err := masq.NewIPTables(v6); err == nil {
 				if err := masq.Cleanup(ctx, ipt); err != nil && ctx.Err() == nil {
-					log.Warn("remove masquerade rules of an earlier run", "err", err)
+					log.Warn("remove masquerade rules of an earlier run", "family", subnet.FamilyName(v6), "err", err)
 				}
 			}
-		}()
-		defer func() { <-done }()
-	}
+		}
+	}()
+	defer func() { <-done }()
 	if err := d.writeEnv(own); err != nil {
 		return err
 	}
@@ -177,29 +217,65 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		if err := mgr.Release(rctx); err != nil {
 			return err
 		}
-		log.Info("lease released", "subnet", mgr.Own().Subnet)
+		log.Info("lease released", "subnet", mgr.Own().Subnet, "ipv6-subnet", mgr.Own().IPv6Subnet)
 	} else {
-		log.Info("stopping; the lease is kept", "subnet", mgr.Own().Subnet)
+		log.Info("stopping; the lease is kept", "subnet", mgr.Own().Subnet, "ipv6-subnet", mgr.Own().IPv6Subnet)
 	}
 	return nil
+}
+
+// families lists the families the network has: false for IPv4, true for
+// IPv6, IPv4 first.
+func families(cfg *subnet.Config) []bool {
+	var out []bool
+	if cfg.EnableIPv4 {
+		out = append(out, false)
+	}
+	if cfg.EnableIPv6 {
+		out = append(out, true)
+	}
+	return out
+}
+
+func familyPrefixes(ps []netip.Prefix, v6 bool) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range ps {
+		if p.Addr().Is6() == v6 {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 type daemon struct {
 	c   Config
 	cfg *subnet.Config
-	be  Backend
 	mgr leaseManager
 	met *metrics
 	hl  *health
 	log *slog.Logger
 	mtu int
 
-	policy  subnet.PeerPolicy
-	skipped map[string]bool // "subnet reason" of the leases skipped in the last pass
+	// planes are the datapaths of the network's families, IPv4 first.
+	planes []*plane
 
-	envSubnet  netip.Prefix // the subnet the env file names
+	envLease   subnet.Lease // the subnets the env file names
 	programmed bool         // a pass succeeded once: the node is ready
 	announced  bool         // DatapathReady was reported
+}
+
+// plane is the datapath of one IP family: its backend and masquerade rules,
+// and what its last good pass saw. Each plane sees the leases projected on
+// its family (subnet.Lease.Family), so everything below is single-family
+// and keyed by the family's subnet; a peer without a subnet of the family
+// is not in that family's plane.
+type plane struct {
+	d  *daemon
+	v6 bool
+	be Backend
+
+	policy  subnet.PeerPolicy
+	skipped map[string]bool // "subnet reason" of the leases skipped in the last pass
 
 	// The inputs of the last good pass, to tell what a pass must change:
 	good     bool                        // the last pass succeeded
@@ -215,6 +291,8 @@ type daemon struct {
 	// subnet change, so ruleWrites never goes backwards.
 	retiredRuleWrites uint64
 }
+
+func (p *plane) family() string { return subnet.FamilyName(p.v6) }
 
 // run follows the datastore and programs the datapath until ctx ends. A
 // lease manager that stops before that ends the run with its error, so that
@@ -262,50 +340,87 @@ func (d *daemon) loop(ctx context.Context) {
 // larger burst takes the full pass.
 const maxIncremental = 128
 
-// pass is one reconcile: the env file follows the own lease, the datapath
-// follows all leases. A full pass reads the kernel and programs every peer;
-// after a change signal, when the last pass succeeded and only a few peers
-// changed, only those peers are programmed (see Backend.Update).
+// pass is one reconcile: the env file follows the own lease, each family's
+// datapath follows all leases of that family. A full pass reads the kernel
+// and programs every peer; after a change signal, when the last pass
+// succeeded and only a few peers changed, only those peers are programmed
+// (see Backend.Update). The node is ready once every family's pass
+// succeeded.
 func (d *daemon) pass(ctx context.Context, full bool) {
 	own := d.mgr.Own()
-	if own.Subnet != d.envSubnet {
+	if own.Subnet != d.envLease.Subnet || own.IPv6Subnet != d.envLease.IPv6Subnet {
 		if err := d.writeEnv(own); err != nil {
 			d.log.Error("write subnet env file", "err", err)
 		}
 		d.met.leaseAcquired.Inc()
 	}
 	peers, synced := d.mgr.Peers()
-	if !synced {
-		// Reconciling against an empty peer list would tear down every
-		// peer's entries until the first listing arrives.
-		d.ensureRules(ctx, own.Subnet)
-		return
+	good := synced
+	skipped := 0
+	for _, p := range d.planes {
+		fown, ok := own.Family(p.v6)
+		if !ok {
+			d.log.Error("the own lease has no subnet of a family the network has", "family", p.family(), "subnet", own.Subnet, "ipv6-subnet", own.IPv6Subnet)
+			good = false
+			continue
+		}
+		if !synced {
+			// Reconciling against an empty peer list would tear down every
+			// peer's entries until the first listing arrives.
+			p.ensureRules(ctx, fown.Subnet)
+			continue
+		}
+		p.pass(ctx, full, fown, project(peers, p.v6))
+		good = good && p.good
+		skipped += len(p.skipped)
 	}
-	changed, removed, dup := d.changes(peers)
-	ownSame := d.good && subnet.SameLease(own, d.knownOwn)
+	if synced {
+		d.met.peersSkipped.Set(float64(skipped))
+	}
+	if good {
+		d.announce(ctx)
+	}
+}
+
+// project returns the leases of one family (subnet.Lease.Family).
+func project(leases []subnet.Lease, v6 bool) []subnet.Lease {
+	out := make([]subnet.Lease, 0, len(leases))
+	for _, l := range leases {
+		if f, ok := l.Family(v6); ok {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// pass is one family's part of daemon.pass; own and peers are of its family.
+func (p *plane) pass(ctx context.Context, full bool, own subnet.Lease, peers []subnet.Lease) {
+	changed, removed, dup := p.changes(peers)
+	ownSame := p.good && subnet.SameLease(own, p.knownOwn)
 	nothing := ownSame && !dup && len(changed) == 0 && len(removed) == 0
 	if !full && nothing {
 		return
 	}
-	if !full && ownSame && !dup && d.filter != nil && len(changed)+len(removed) <= maxIncremental {
-		if d.update(ctx, own, changed, removed) {
+	if !full && ownSame && !dup && p.filter != nil && len(changed)+len(removed) <= maxIncremental {
+		if p.update(ctx, own, changed, removed) {
 			return
 		}
 	}
-	d.reconcile(ctx, own, peers, nothing)
+	p.reconcile(ctx, own, peers, nothing)
 }
 
 // update programs the changed peers only. It returns false when a full pass
 // must follow: a changed lease FilterPeers would skip, a backend that
 // declines, or a write that failed.
-func (d *daemon) update(ctx context.Context, own subnet.Lease, changed []subnet.Lease, removed []netip.Prefix) bool {
-	f := d.filter
-	d.filter = nil // until this pass succeeds: the filter is changed below
+func (p *plane) update(ctx context.Context, own subnet.Lease, changed []subnet.Lease, removed []netip.Prefix) bool {
+	d := p.d
+	f := p.filter
+	p.filter = nil // until this pass succeeds: the filter is changed below
 	for _, sn := range removed {
 		f.Drop(sn)
 	}
 	for _, l := range changed {
-		if _, had := d.known[l.Subnet]; had {
+		if _, had := p.known[l.Subnet]; had {
 			f.Drop(l.Subnet)
 		}
 	}
@@ -315,82 +430,92 @@ func (d *daemon) update(ctx context.Context, own subnet.Lease, changed []subnet.
 		}
 	}
 	start := time.Now()
-	ok, err := d.be.Update(ctx, own, changed, removed)
+	ok, err := p.be.Update(ctx, own, changed, removed)
 	if !ok {
 		return false
 	}
 	if err != nil {
+		p.good = false
 		if ctx.Err() == nil {
-			d.log.Warn("updating the changed peers failed; running a full pass", "changed", len(changed), "removed", len(removed), "err", err)
+			d.log.Warn("updating the changed peers failed; running a full pass", "family", p.family(), "changed", len(changed), "removed", len(removed), "err", err)
 		}
 		return false
 	}
 	took := time.Since(start)
 	for _, sn := range removed {
-		delete(d.known, sn)
+		delete(p.known, sn)
 	}
 	for _, l := range changed {
-		d.known[l.Subnet] = knownLease{Lease: l, seen: d.epoch}
+		p.known[l.Subnet] = knownLease{Lease: l, seen: p.epoch}
 	}
-	d.filter = f
-	d.observe(took, len(d.known))
+	p.filter = f
+	p.observe(took, len(p.known))
 	d.met.incrementals.Inc()
 	d.met.reconciles.WithLabelValues("ok").Inc()
-	d.announce(ctx)
-	d.log.Debug("updated peers", "changed", len(changed), "removed", len(removed), "took", took)
+	d.log.Debug("updated peers", "family", p.family(), "changed", len(changed), "removed", len(removed), "took", took)
 	return true
 }
 
 // reconcile is the full pass. unchanged says no lease changed since the
 // last good pass, so whatever it writes is drift it repairs.
-func (d *daemon) reconcile(ctx context.Context, own subnet.Lease, all []subnet.Lease, unchanged bool) {
-	rulesBefore := d.ruleWrites()
-	d.ensureRules(ctx, own.Subnet)
-	peers := d.admit(own, all)
-	before := d.be.Counters()
+func (p *plane) reconcile(ctx context.Context, own subnet.Lease, all []subnet.Lease, unchanged bool) {
+	d := p.d
+	rulesBefore := p.ruleWrites()
+	p.ensureRules(ctx, own.Subnet)
+	peers := p.admit(own, all)
+	before := p.be.Counters()
 	start := time.Now()
-	err := d.be.Reconcile(ctx, own, peers)
+	err := p.be.Reconcile(ctx, own, peers)
 	took := time.Since(start)
-	d.observe(took, len(peers))
+	p.observe(took, len(peers))
 	if unchanged {
-		w := d.be.Counters().Sub(before)
-		d.met.repairs.WithLabelValues("route").Add(float64(w.Routes))
-		d.met.repairs.WithLabelValues("fdb").Add(float64(w.FDB))
-		d.met.repairs.WithLabelValues("neigh").Add(float64(w.Neighs))
-		d.met.repairs.WithLabelValues("device").Add(float64(w.Devices))
-		d.met.repairs.WithLabelValues("rule").Add(float64(d.ruleWrites() - rulesBefore))
+		w := p.be.Counters().Sub(before)
+		fam := familyLabel(p.v6)
+		d.met.repairs.WithLabelValues("route", fam).Add(float64(w.Routes))
+		d.met.repairs.WithLabelValues("fdb", fam).Add(float64(w.FDB))
+		d.met.repairs.WithLabelValues("neigh", fam).Add(float64(w.Neighs))
+		d.met.repairs.WithLabelValues("device", fam).Add(float64(w.Devices))
+		d.met.repairs.WithLabelValues("rule", fam).Add(float64(p.ruleWrites() - rulesBefore))
 	}
-	d.filter = nil
+	p.filter = nil
 	if err != nil {
-		d.good = false
+		p.good = false
 		if ctx.Err() != nil {
 			return
 		}
 		d.met.reconciles.WithLabelValues("error").Inc()
-		d.log.Error("reconcile datapath", "peers", len(peers), "err", err)
+		d.log.Error("reconcile datapath", "family", p.family(), "peers", len(peers), "err", err)
 		return
 	}
 	d.met.reconciles.WithLabelValues("ok").Inc()
-	d.good, d.knownOwn = true, own
-	clear(d.known)
-	if d.known == nil {
-		d.known = make(map[netip.Prefix]knownLease, len(all))
+	p.good, p.knownOwn = true, own
+	clear(p.known)
+	if p.known == nil {
+		p.known = make(map[netip.Prefix]knownLease, len(all))
 	}
 	for _, l := range all {
-		d.known[l.Subnet] = knownLease{Lease: l}
+		p.known[l.Subnet] = knownLease{Lease: l}
 	}
-	if len(d.skipped) == 0 && len(d.known) == len(all) {
-		d.filter = subnet.NewPeerFilter(d.policy, own, peers)
+	if len(p.skipped) == 0 && len(p.known) == len(all) {
+		p.filter = subnet.NewPeerFilter(p.policy, own, peers)
 	}
-	d.announce(ctx)
-	d.log.Debug("reconciled", "peers", len(peers), "took", took)
+	d.log.Debug("reconciled", "family", p.family(), "peers", len(peers), "took", took)
 }
 
-func (d *daemon) observe(took time.Duration, peers int) {
-	d.met.reconcileTime.Observe(took.Seconds())
-	d.met.lastDuration.Set(took.Seconds())
-	d.met.lastReconcile.SetToCurrentTime()
-	d.met.peers.WithLabelValues(d.cfg.Backend.Type).Set(float64(peers))
+func (p *plane) observe(took time.Duration, peers int) {
+	m := p.d.met
+	m.reconcileTime.Observe(took.Seconds())
+	m.lastDuration.Set(took.Seconds())
+	m.lastReconcile.SetToCurrentTime()
+	m.peers.WithLabelValues(p.d.cfg.Backend.Type, familyLabel(p.v6)).Set(float64(peers))
+}
+
+// familyLabel is the value of the metrics' family label.
+func familyLabel(v6 bool) string {
+	if v6 {
+		return "ipv6"
+	}
+	return "ipv4"
 }
 
 // announce makes the node ready after its first good pass (twill_ready,
@@ -423,18 +548,18 @@ type knownLease struct {
 // changes compares peers with the leases of the last good pass. dup says
 // that two peers share a subnet the last pass knew (Kubernetes: two Nodes
 // with one podCIDR); which one wins is the full pass's to decide.
-func (d *daemon) changes(peers []subnet.Lease) (changed []subnet.Lease, removed []netip.Prefix, dup bool) {
-	d.epoch++
+func (p *plane) changes(peers []subnet.Lease) (changed []subnet.Lease, removed []netip.Prefix, dup bool) {
+	p.epoch++
 	seen := 0
 	for _, l := range peers {
-		k, ok := d.known[l.Subnet]
+		k, ok := p.known[l.Subnet]
 		switch {
 		case !ok:
-		case k.seen == d.epoch:
+		case k.seen == p.epoch:
 			dup = true
 		default:
-			k.seen = d.epoch
-			d.known[l.Subnet] = k
+			k.seen = p.epoch
+			p.known[l.Subnet] = k
 			seen++
 			if subnet.SameLease(k.Lease, l) {
 				continue
@@ -442,11 +567,11 @@ func (d *daemon) changes(peers []subnet.Lease) (changed []subnet.Lease, removed 
 		}
 		changed = append(changed, l)
 	}
-	if seen == len(d.known) {
+	if seen == len(p.known) {
 		return changed, nil, dup
 	}
-	for sn, k := range d.known {
-		if k.seen != d.epoch {
+	for sn, k := range p.known {
+		if k.seen != p.epoch {
 			removed = append(removed, sn)
 		}
 	}
@@ -456,40 +581,48 @@ func (d *daemon) changes(peers []subnet.Lease) (changed []subnet.Lease, removed 
 // admit drops the peer leases that must not be programmed (FilterPeers:
 // outside the network, overlapping, a public IP not allowed). Each skipped
 // lease is logged once, when it first appears or its reason changes.
-func (d *daemon) admit(own subnet.Lease, peers []subnet.Lease) []subnet.Lease {
-	kept, skipped := subnet.FilterPeers(d.policy, own, peers)
-	d.met.peersSkipped.Set(float64(len(skipped)))
+func (p *plane) admit(own subnet.Lease, peers []subnet.Lease) []subnet.Lease {
+	kept, skipped := subnet.FilterPeers(p.policy, own, peers)
 	now := make(map[string]bool, len(skipped))
 	for _, s := range skipped {
 		key := s.Lease.Subnet.String() + " " + s.Reason
 		now[key] = true
-		if !d.skipped[key] {
-			d.log.Warn("skipping a peer lease", "subnet", s.Lease.Subnet, "public-ip", s.Lease.Attrs.PublicIP, "node", s.Lease.Attrs.NodeName, "reason", s.Reason)
+		if !p.skipped[key] {
+			p.d.log.Warn("skipping a peer lease", "family", p.family(), "subnet", s.Lease.Subnet, "public-ip", s.Lease.Attrs.PublicIP, "node", s.Lease.Attrs.NodeName, "reason", s.Reason)
 		}
 	}
-	d.skipped = now
+	p.skipped = now
 	return kept
 }
 
 // ensureRules keeps the masquerade rules (with --ip-masq) for the own subnet.
-func (d *daemon) ensureRules(ctx context.Context, own netip.Prefix) {
-	if d.ipt == nil {
+func (p *plane) ensureRules(ctx context.Context, own netip.Prefix) {
+	if p.ipt == nil {
 		return
 	}
-	if d.rules == nil || d.rulesSubnet != own {
-		r, err := masq.New(d.ipt, masq.Config{Network: d.cfg.Network, Subnet: own}, d.log)
+	d := p.d
+	if p.rules == nil || p.rulesSubnet != own {
+		r, err := masq.New(p.ipt, masq.Config{Network: p.policy.Network, Subnet: own}, d.log)
 		if err != nil {
-			d.log.Error("masquerade rules", "err", err)
+			d.log.Error("masquerade rules", "family", p.family(), "err", err)
 			return
 		}
-		if d.rules != nil {
-			d.retiredRuleWrites += d.rules.Writes()
+		if p.rules != nil {
+			p.retiredRuleWrites += p.rules.Writes()
 		}
-		d.rules, d.rulesSubnet = r, own
+		p.rules, p.rulesSubnet = r, own
 	}
-	if err := d.rules.Ensure(ctx); err != nil && ctx.Err() == nil {
-		d.log.Error("ensure masquerade rules", "err", err)
+	if err := p.rules.Ensure(ctx); err != nil && ctx.Err() == nil {
+		d.log.Error("ensure masquerade rules", "family", p.family(), "err", err)
 	}
+}
+
+// ruleWrites counts the iptables writes of the plane's rule managers so far.
+func (p *plane) ruleWrites() uint64 {
+	if p.rules == nil {
+		return p.retiredRuleWrites
+	}
+	return p.retiredRuleWrites + p.rules.Writes()
 }
 
 func (d *daemon) writeEnv(own subnet.Lease) error {
@@ -497,12 +630,12 @@ func (d *daemon) writeEnv(own subnet.Lease) error {
 	if err := subnet.WriteEnv(d.c.SubnetFile, env); err != nil {
 		return err
 	}
-	d.envSubnet = own.Subnet
+	d.envLease = own
 	d.met.envFileWrites.Inc()
 	if !d.programmed {
 		d.hl.set("programming the datapath")
 	}
-	d.log.Info("wrote subnet env file", "path", d.c.SubnetFile, "subnet", env.Subnet, "mtu", env.MTU)
+	d.log.Info("wrote subnet env file", "path", d.c.SubnetFile, "subnet", env.Subnet, "ipv6-subnet", env.IPv6Subnet, "mtu", env.MTU)
 	return nil
 }
 
@@ -544,26 +677,22 @@ func datastoreReporter(met *metrics, hl *health, log *slog.Logger) func(up bool,
 	}
 }
 
-// previousSubnet is the subnet of an existing env file, if it fits the network.
-func previousSubnet(path string, cfg *subnet.Config, log *slog.Logger) netip.Prefix {
+// previousLease holds the subnets of an existing env file that fit the
+// network, each family on its own.
+func previousLease(path string, cfg *subnet.Config, log *slog.Logger) subnet.Lease {
+	var prev subnet.Lease
 	env, err := subnet.ReadEnv(path)
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
 			log.Warn("ignoring unreadable subnet env file", "path", path, "err", err)
 		}
-		return netip.Prefix{}
+		return prev
 	}
-	p := env.Subnet.Masked()
-	if env.Network != cfg.Network || !cfg.Range(false).Contains(p) {
-		return netip.Prefix{}
+	if p := env.Subnet.Masked(); env.Network == cfg.Network && cfg.Range(false).Contains(p) {
+		prev.Subnet = p
 	}
-	return p
-}
-
-// ruleWrites counts the iptables writes of the rule managers so far.
-func (d *daemon) ruleWrites() uint64 {
-	if d.rules == nil {
-		return d.retiredRuleWrites
+	if p := env.IPv6Subnet.Masked(); env.IPv6Network == cfg.IPv6Network && cfg.Range(true).Contains(p) {
+		prev.IPv6Subnet = p
 	}
-	return d.retiredRuleWrites + d.rules.Writes()
+	return prev
 }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -78,24 +79,26 @@ func TestReadyzFollowsTheDatastore(t *testing.T) {
 	}
 }
 
-// admit hands the backend only the leases FilterPeers keeps, exports how
+// A pass hands the backend only the leases FilterPeers keeps, exports how
 // many it skipped, and logs each skipped lease once, not on every pass.
-func TestAdmitSkipsAndLogsOnce(t *testing.T) {
+func TestPassSkipsAndLogsOnce(t *testing.T) {
 	var logs bytes.Buffer
-	d := &daemon{
-		met:    newMetrics(),
-		log:    slog.New(slog.NewTextHandler(&logs, nil)),
-		policy: subnet.PeerPolicy{Network: netip.MustParsePrefix("10.244.0.0/16")},
-	}
 	mk := func(sn, ip string, claimed int64) subnet.Lease {
 		return subnet.Lease{Subnet: netip.MustParsePrefix(sn), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr(ip), BackendType: "vxlan"}, Claimed: claimed}
 	}
 	own := mk("10.244.1.0/24", "198.18.0.1", 1)
 	peers := []subnet.Lease{mk("10.244.2.0/24", "198.18.0.2", 2), mk("10.244.2.0/25", "198.18.0.99", 9), mk("192.168.0.0/24", "198.18.0.98", 10)}
+	mgr := &staticLeases{own: own, peers: peers}
+	be := &recordingBackend{}
+	d := testDaemon(mgr, be)
+	d.envLease = own
+	d.log = slog.New(slog.NewTextHandler(&logs, nil))
+	ctx := context.Background()
 	for range 3 {
-		kept := d.admit(own, peers)
-		if len(kept) != 1 || kept[0].Subnet != peers[0].Subnet {
-			t.Fatalf("kept %+v", kept)
+		be.calls = nil
+		d.pass(ctx, true)
+		if !slices.Equal(be.calls, []string{"full 1"}) {
+			t.Fatalf("backend calls %q, want one full pass with the one good peer", be.calls)
 		}
 	}
 	if v := gauge(t, d.met.peersSkipped); v != 2 {
@@ -104,11 +107,13 @@ func TestAdmitSkipsAndLogsOnce(t *testing.T) {
 	if n := strings.Count(logs.String(), "skipping a peer lease"); n != 2 {
 		t.Fatalf("%d warnings over three passes, want one per skipped lease:\n%s", n, logs.String())
 	}
-	d.admit(own, peers[:1])
+	mgr.peers = peers[:1]
+	d.pass(ctx, true)
 	if v := gauge(t, d.met.peersSkipped); v != 0 {
 		t.Fatalf("twill_peers_skipped = %v after the bad leases went", v)
 	}
-	d.admit(own, peers)
+	mgr.peers = peers
+	d.pass(ctx, true)
 	if n := strings.Count(logs.String(), "skipping a peer lease"); n != 4 {
 		t.Fatalf("bad leases that came back were not logged again:\n%s", logs.String())
 	}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"time"
 
 	"google.golang.org/grpc/connectivity"
@@ -22,7 +21,8 @@ type datastore interface {
 	// notReady) while it is absent or invalid.
 	Config(ctx context.Context, notReady func(string)) (*subnet.Config, error)
 	// Leases returns the lease manager for this node.
-	Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix) (leaseManager, error)
+	// previous holds the subnets of the node's env file that fit the network.
+	Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous subnet.Lease) (leaseManager, error)
 	// watchUp reports whether the datastore is reachable, at once and on
 	// every change, until ctx ends. A datastore that cannot tell does not
 	// call report.
@@ -85,8 +85,9 @@ func (s *etcdStore) Config(ctx context.Context, notReady func(string)) (*subnet.
 	})
 }
 
-func (s *etcdStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous netip.Prefix) (leaseManager, error) {
-	return &etcdLeases{Manager: etcd.NewManager(s.reg, etcd.AcquireRequest{Config: cfg, Attrs: attrs, TTL: s.ttl, Previous: previous})}, nil
+func (s *etcdStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous subnet.Lease) (leaseManager, error) {
+	return &etcdLeases{Manager: etcd.NewManager(s.reg, etcd.AcquireRequest{Config: cfg, Attrs: attrs, TTL: s.ttl,
+		Previous: previous.Subnet, PreviousIPv6: previous.IPv6Subnet})}, nil
 }
 
 // etcdLeases adapts etcd.Manager to leaseManager.
@@ -110,7 +111,7 @@ func waitFor(ctx context.Context, log *slog.Logger, notReady func(string), get f
 	for {
 		cfg, reason := get()
 		if cfg != nil {
-			log.Info("network config", "network", cfg.Network, "subnetLen", cfg.SubnetLen, "backend", cfg.Backend.Type)
+			log.Info("network config", "network", cfg.Network, "subnetLen", cfg.SubnetLen, "ipv6Network", cfg.IPv6Network, "ipv6SubnetLen", cfg.IPv6SubnetLen, "backend", cfg.Backend.Type)
 			return cfg, nil
 		}
 		notReady(reason)

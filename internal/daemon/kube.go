@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"net/netip"
 	"os"
 	"sync"
 
@@ -128,7 +127,7 @@ func (s *kubeStore) Config(ctx context.Context, notReady func(string)) (*subnet.
 	})
 }
 
-func (s *kubeStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, _ netip.Prefix) (leaseManager, error) {
+func (s *kubeStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, _ subnet.Lease) (leaseManager, error) {
 	return kube.NewManager(kube.Options{
 		Client:           s.client,
 		NodeName:         s.c.NodeName,

@@ -35,16 +35,16 @@ func newMetrics() *metrics {
 			Name: "twill_datastore_up", Help: "1 while the datastore is reachable: etcd's connection is up, or the Kubernetes API server answered twilld's last request.",
 		}),
 		peers: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "twill_peers", Help: "Peer leases in the last reconcile pass, by backend.",
-		}, []string{"backend"}),
+			Name: "twill_peers", Help: "Peer leases in the last reconcile pass, by backend and IP family.",
+		}, []string{"backend", "family"}),
 		peersSkipped: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "twill_peers_skipped",
 			Help: "Peer leases the last pass did not program: outside the network, overlapping another lease, carrying this node's public IP, or a public IP outside --public-ip-cidr.",
 		}),
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "twill_repairs_total",
-			Help: "Kernel entries a reconcile pass had to write although no lease had changed since the last good pass (drift: deleted by hand, or by another program), by kind.",
-		}, []string{"kind"}),
+			Help: "Kernel entries a reconcile pass had to write although no lease had changed since the last good pass (drift: deleted by hand, or by another program), by kind and IP family.",
+		}, []string{"kind", "family"}),
 		leaseAcquired: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "twill_lease_acquisitions_total", Help: "Leases acquired, including re-acquisitions after a lease was lost.",
 		}),
@@ -72,9 +72,6 @@ func newMetrics() *metrics {
 	m.reg.MustRegister(m.ready, m.peers, m.peersSkipped, m.repairs, m.reconciles, m.incrementals, m.reconcileTime,
 		m.envFileWrites, m.lastReconcile, m.lastDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	for _, kind := range []string{"route", "fdb", "neigh", "device", "rule"} {
-		m.repairs.WithLabelValues(kind)
-	}
 	m.reconciles.WithLabelValues("ok")
 	m.reconciles.WithLabelValues("error")
 	return m
@@ -108,20 +105,27 @@ func (m *metrics) registerLeaseStats(stats func() etcd.Stats) {
 	)
 }
 
-// registerKernelWrites exports what the backend has written to the kernel
-// since twilld started. A restart that finds everything in place writes
-// nothing: the figure stays 0.
-func (m *metrics) registerKernelWrites(counters func() dataplane.Counters) {
-	for kind, get := range map[string]func(dataplane.Counters) uint64{
-		"route":  func(c dataplane.Counters) uint64 { return c.Routes },
-		"fdb":    func(c dataplane.Counters) uint64 { return c.FDB },
-		"neigh":  func(c dataplane.Counters) uint64 { return c.Neighs },
-		"device": func(c dataplane.Counters) uint64 { return c.Devices },
-	} {
-		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
-			Name:        "twill_kernel_writes_total",
-			Help:        "Kernel entries the backend set or deleted (devices: created) since twilld started, by kind.",
-			ConstLabels: prometheus.Labels{"kind": kind},
-		}, func() float64 { return float64(get(counters())) }))
+// registerPlanes exports, per family, what each backend has written to the
+// kernel since twilld started (a restart that finds everything in place
+// writes nothing: the figure stays 0), and starts the family's repair
+// counters at 0.
+func (m *metrics) registerPlanes(planes []*plane) {
+	for _, p := range planes {
+		fam := familyLabel(p.v6)
+		for _, kind := range []string{"route", "fdb", "neigh", "device", "rule"} {
+			m.repairs.WithLabelValues(kind, fam)
+		}
+		for kind, get := range map[string]func(dataplane.Counters) uint64{
+			"route":  func(c dataplane.Counters) uint64 { return c.Routes },
+			"fdb":    func(c dataplane.Counters) uint64 { return c.FDB },
+			"neigh":  func(c dataplane.Counters) uint64 { return c.Neighs },
+			"device": func(c dataplane.Counters) uint64 { return c.Devices },
+		} {
+			m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name:        "twill_kernel_writes_total",
+				Help:        "Kernel entries the backend set or deleted (devices: created) since twilld started, by kind and IP family.",
+				ConstLabels: prometheus.Labels{"kind": kind, "family": fam},
+			}, func() float64 { return float64(get(p.be.Counters())) }))
+		}
 	}
 }

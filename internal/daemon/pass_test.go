@@ -64,6 +64,16 @@ func (b *recordingBackend) Update(_ context.Context, _ subnet.Lease, changed []s
 	return true, b.updateErr
 }
 
+// testDaemon returns a daemon for the IPv4 network 10.244.0.0/16 with one
+// plane, on be.
+func testDaemon(mgr leaseManager, be Backend) *daemon {
+	network := netip.MustParsePrefix("10.244.0.0/16")
+	d := &daemon{c: Config{ResyncInterval: time.Hour}, cfg: &subnet.Config{EnableIPv4: true, Network: network, SubnetLen: 24, Backend: subnet.BackendConfig{Type: "vxlan"}},
+		mgr: mgr, met: newMetrics(), hl: &health{}, log: slog.New(slog.DiscardHandler), mtu: 1450}
+	d.planes = []*plane{{d: d, be: be, policy: subnet.PeerPolicy{Network: network}}}
+	return d
+}
+
 type staticLeases struct {
 	own    subnet.Lease
 	peers  []subnet.Lease
@@ -90,8 +100,8 @@ func TestPassChoosesUpdateOrFull(t *testing.T) {
 	own := mk("10.244.1.0/24", "198.18.0.1")
 	mgr := &staticLeases{own: own, peers: []subnet.Lease{mk("10.244.2.0/24", "198.18.0.2"), mk("10.244.3.0/24", "198.18.0.3")}}
 	be := &recordingBackend{}
-	d := &daemon{cfg: &subnet.Config{Backend: subnet.BackendConfig{Type: "vxlan"}}, be: be, mgr: mgr, met: newMetrics(), hl: &health{},
-		log: slog.New(slog.DiscardHandler), envSubnet: own.Subnet, policy: subnet.PeerPolicy{Network: netip.MustParsePrefix("10.244.0.0/16")}}
+	d := testDaemon(mgr, be)
+	d.envLease = own
 	ctx := context.Background()
 	step := func(name string, full bool, want ...string) {
 		t.Helper()
@@ -157,7 +167,7 @@ func TestPassChoosesUpdateOrFull(t *testing.T) {
 	be.writes = 3
 	step("resync", true, fmt.Sprintf("full %d", 6+maxIncremental+1))
 	var m dto.Metric
-	if err := d.met.repairs.WithLabelValues("route").Write(&m); err != nil || m.GetCounter().GetValue() != 3 {
+	if err := d.met.repairs.WithLabelValues("route", "ipv4").Write(&m); err != nil || m.GetCounter().GetValue() != 3 {
 		t.Errorf("route repairs = %v (%v), want 3", m.GetCounter().GetValue(), err)
 	}
 }
@@ -178,9 +188,8 @@ func TestReadyAfterTheFirstGoodPass(t *testing.T) {
 	own := subnet.Lease{Subnet: netip.MustParsePrefix("10.244.1.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.1"), BackendType: "vxlan"}}
 	be := &recordingBackend{failFull: errors.New("route 10.244.2.0/24: file exists")}
 	hl := &health{notReady: "acquiring a lease"}
-	d := &daemon{c: Config{SubnetFile: filepath.Join(t.TempDir(), "subnet.env")}, cfg: &subnet.Config{Network: netip.MustParsePrefix("10.244.0.0/16"), Backend: subnet.BackendConfig{Type: "vxlan"}},
-		be: be, mgr: &staticLeases{own: own}, met: newMetrics(), hl: hl, mtu: 1450, log: slog.New(slog.DiscardHandler),
-		policy: subnet.PeerPolicy{Network: netip.MustParsePrefix("10.244.0.0/16")}}
+	d := testDaemon(&staticLeases{own: own}, be)
+	d.c.SubnetFile, d.hl = filepath.Join(t.TempDir(), "subnet.env"), hl
 	if err := d.writeEnv(own); err != nil {
 		t.Fatal(err)
 	}
@@ -203,9 +212,9 @@ func TestReadyAfterTheFirstGoodPass(t *testing.T) {
 func TestRunEndsWithTheLeaseManagersError(t *testing.T) {
 	own := subnet.Lease{Subnet: netip.MustParsePrefix("10.244.1.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.1"), BackendType: "vxlan"}}
 	newDaemon := func(mgr leaseManager) *daemon {
-		return &daemon{c: Config{ResyncInterval: time.Hour}, cfg: &subnet.Config{Network: netip.MustParsePrefix("10.244.0.0/16"), Backend: subnet.BackendConfig{Type: "vxlan"}},
-			be: &recordingBackend{}, mgr: mgr, met: newMetrics(), hl: &health{}, log: slog.New(slog.DiscardHandler), envSubnet: own.Subnet,
-			policy: subnet.PeerPolicy{Network: netip.MustParsePrefix("10.244.0.0/16")}}
+		d := testDaemon(mgr, &recordingBackend{})
+		d.envLease = own
+		return d
 	}
 	err := newDaemon(&staticLeases{own: own, runErr: errors.New("watch compacted beyond recovery")}).run(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "watch compacted beyond recovery") {
@@ -217,5 +226,63 @@ func TestRunEndsWithTheLeaseManagersError(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatalf("run after the context ended = %v, want nil", err)
+	}
+}
+
+// A dual-stack daemon runs one plane per family, each seeing the leases
+// projected on its family: a change of a peer's IPv6 subnet touches only
+// the IPv6 plane, a peer without IPv6 only the IPv4 one, and the node is
+// ready only once both planes had a good pass.
+func TestDualStackPlanes(t *testing.T) {
+	mk := func(i int, v6 bool) subnet.Lease {
+		l := subnet.Lease{Subnet: netip.MustParsePrefix(fmt.Sprintf("10.244.%d.0/24", i)),
+			Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr(fmt.Sprintf("198.18.0.%d", i)), BackendType: "vxlan", BackendData: json.RawMessage(`{"v":4}`)}}
+		if v6 {
+			l.IPv6Subnet = netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%d::/64", i))
+			l.Attrs.PublicIPv6 = netip.MustParseAddr(fmt.Sprintf("fd00:198:18::%d", i))
+			l.Attrs.BackendV6Data = json.RawMessage(`{"v":6}`)
+		}
+		return l
+	}
+	own := mk(1, true)
+	mgr := &staticLeases{own: own, peers: []subnet.Lease{mk(2, true), mk(3, true)}}
+	be4, be6 := &recordingBackend{failFull: errors.New("not yet")}, &recordingBackend{}
+	d := testDaemon(mgr, be4)
+	d.cfg.EnableIPv6, d.cfg.IPv6Network, d.cfg.IPv6SubnetLen = true, netip.MustParsePrefix("fd00:10:244::/56"), 64
+	d.planes = append(d.planes, &plane{d: d, v6: true, be: be6, policy: subnet.PeerPolicy{Network: d.cfg.IPv6Network}})
+	d.c.SubnetFile = filepath.Join(t.TempDir(), "subnet.env")
+	if err := d.writeEnv(own); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	step := func(name string, full bool, want4, want6 []string) {
+		t.Helper()
+		be4.calls, be6.calls = nil, nil
+		d.pass(ctx, full)
+		if !slices.Equal(be4.calls, want4) || !slices.Equal(be6.calls, want6) {
+			t.Fatalf("%s: IPv4 backend calls %q, IPv6 %q; want %q and %q", name, be4.calls, be6.calls, want4, want6)
+		}
+	}
+	step("first pass, IPv4 fails", true, []string{"full 2"}, []string{"full 2"})
+	if gauge(t, d.met.ready) != 0 {
+		t.Fatal("ready although the IPv4 plane failed")
+	}
+	be4.failFull = nil
+	step("second pass", true, []string{"full 2"}, []string{"full 2"})
+	if gauge(t, d.met.ready) != 1 {
+		t.Fatal("not ready after both planes succeeded")
+	}
+	moved := mk(2, true)
+	moved.IPv6Subnet = netip.MustParsePrefix("fd00:10:244:22::/64")
+	mgr.peers[0] = moved
+	step("a peer's IPv6 subnet changed", false, nil, []string{"update +[fd00:10:244:22::/64] -[fd00:10:244:2::/64]"})
+	mgr.peers = append(mgr.peers, mk(4, false))
+	step("a peer without IPv6", false, []string{"update +[10.244.4.0/24] -[]"}, nil)
+	mgr.peers[1].Attrs.BackendV6Data = json.RawMessage(`{"v":66}`)
+	step("a peer's IPv6 backend data changed", false, nil, []string{"update +[fd00:10:244:3::/64] -[]"})
+
+	env, err := subnet.ReadEnv(d.c.SubnetFile)
+	if err != nil || env.Subnet.String() != "10.244.1.1/24" || env.IPv6Subnet.String() != "fd00:10:244:1::1/64" {
+		t.Fatalf("env file = %+v, %v", env, err)
 	}
 }

@@ -92,7 +92,7 @@ func (m *Manager) setOwn(a *Acquired) {
 	m.own = a
 	m.stats.Acquisitions++
 	m.stats.Expires = time.Now().Add(m.req.TTL)
-	m.req.Previous = a.Subnet
+	m.req.Previous, m.req.PreviousIPv6 = a.Subnet, a.IPv6Subnet
 	m.mu.Unlock()
 	m.cache.Notify()
 }
@@ -107,7 +107,7 @@ func (m *Manager) Changed() <-chan struct{} { return m.changed }
 func (m *Manager) Peers() ([]subnet.Lease, bool) {
 	own := ""
 	if a := m.Own(); a != nil {
-		own = subnet.KeyName(a.Subnet)
+		own = a.Name()
 	}
 	return m.cache.Peers(own)
 }
@@ -191,14 +191,14 @@ func (m *Manager) hold(ctx context.Context) error {
 			if m.cache.Revision() < own.Revision {
 				continue
 			}
-			l, ok := m.cache.lease(own.Subnet)
+			l, ok := m.cache.Get(own.Name())
 			if !ok {
 				m.lost()
 				return errKeyDeleted
 			}
-			if l.Attrs.PublicIP != own.Attrs.PublicIP {
+			if l.Attrs.PublicIP != own.Attrs.PublicIP || l.Attrs.PublicIPv6 != own.Attrs.PublicIPv6 {
 				m.lost()
-				return fmt.Errorf("lease key now names public IP %s", l.Attrs.PublicIP)
+				return fmt.Errorf("lease key now names public IP %s %s", l.Attrs.PublicIP, l.Attrs.PublicIPv6)
 			}
 		}
 	}

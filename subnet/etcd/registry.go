@@ -117,8 +117,12 @@ func (r *Registry) list(ctx context.Context) ([]StoredLease, map[netip.Prefix]bo
 	out := make([]StoredLease, 0, len(resp.Kvs))
 	occupied := make(map[netip.Prefix]bool, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		if p, _, err := subnet.ParseLeaseKey(strings.TrimPrefix(string(kv.Key), r.SubnetsPrefix())); err == nil && p.IsValid() {
-			occupied[p] = true
+		if v4, v6, err := subnet.ParseLeaseKey(strings.TrimPrefix(string(kv.Key), r.SubnetsPrefix())); err == nil {
+			for _, p := range []netip.Prefix{v4, v6} {
+				if p.IsValid() {
+					occupied[p] = true
+				}
+			}
 		}
 		l, err := r.decode(kv.Key, kv.Value)
 		if err != nil {
@@ -167,9 +171,22 @@ func (r *Registry) DeleteLease(ctx context.Context, p netip.Prefix) error {
 	return nil
 }
 
-// leaseKV reads the key of the lease whose IPv4 subnet is p: twill's own
-// form, or a dual-stack lease's (flannel's "p&v6subnet").
+// leaseKV reads the key of the lease with the subnet p: for an IPv4 subnet
+// "p" or a dual-stack lease's "p&v6subnet"; for an IPv6 subnet the lease
+// whose IPv6 part it is (found by listing the leases' keys).
 func (r *Registry) leaseKV(ctx context.Context, p netip.Prefix) (*mvccpb.KeyValue, error) {
+	if p.Addr().Is6() {
+		resp, err := r.cli.Get(ctx, r.SubnetsPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+		if err != nil {
+			return nil, fmt.Errorf("list leases under %s: %w", r.SubnetsPrefix(), err)
+		}
+		for _, kv := range resp.Kvs {
+			if _, v6, err := subnet.ParseLeaseKey(strings.TrimPrefix(string(kv.Key), r.SubnetsPrefix())); err == nil && v6 == p {
+				return r.leaseKVExact(ctx, string(kv.Key), p)
+			}
+		}
+		return nil, fmt.Errorf("%w: %s", ErrLeaseNotFound, p)
+	}
 	name := subnet.KeyName(p)
 	resp, err := r.cli.Get(ctx, r.SubnetKey(p), clientv3.WithPrefix())
 	if err != nil {
@@ -183,6 +200,17 @@ func (r *Registry) leaseKV(ctx context.Context, p netip.Prefix) (*mvccpb.KeyValu
 	return nil, fmt.Errorf("%w: %s", ErrLeaseNotFound, p)
 }
 
+func (r *Registry) leaseKVExact(ctx context.Context, key string, p netip.Prefix) (*mvccpb.KeyValue, error) {
+	resp, err := r.cli.Get(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("read lease %s: %w", p, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, fmt.Errorf("%w: %s", ErrLeaseNotFound, p)
+	}
+	return resp.Kvs[0], nil
+}
+
 func (r *Registry) decode(key, value []byte) (StoredLease, error) {
 	name, ok := strings.CutPrefix(string(key), r.SubnetsPrefix())
 	if !ok {
@@ -191,9 +219,6 @@ func (r *Registry) decode(key, value []byte) (StoredLease, error) {
 	v4, v6, err := subnet.ParseLeaseKey(name)
 	if err != nil {
 		return StoredLease{}, err
-	}
-	if !v4.IsValid() {
-		return StoredLease{}, fmt.Errorf("lease %s has no IPv4 subnet (an IPv6-only lease; twill's datapath is IPv4 so far)", name)
 	}
 	attrs, err := subnet.ParseLeaseAttrs(value)
 	if err != nil {
@@ -207,16 +232,18 @@ type AcquireRequest struct {
 	Config *subnet.Config
 	Attrs  subnet.LeaseAttrs
 	TTL    time.Duration
-	// Previous is the subnet this node had before (from its env file), tried
-	// when no lease carries its public IP.
-	Previous netip.Prefix
+	// Previous and PreviousIPv6 are the subnets this node had before (from
+	// its env file), tried when no lease carries its public IP.
+	Previous, PreviousIPv6 netip.Prefix
 }
 
 // Acquired is a lease held by this node.
 type Acquired struct {
-	Subnet    netip.Prefix
-	EtcdLease clientv3.LeaseID
-	Reused    bool // the node's earlier subnet was kept
+	// Subnet and IPv6Subnet are the subnets of the families the network
+	// has; the other is zero.
+	Subnet, IPv6Subnet netip.Prefix
+	EtcdLease          clientv3.LeaseID
+	Reused             bool // the node's earlier subnet was kept
 	// Revision is the etcd revision that wrote the lease.
 	Revision int64
 	Attrs    subnet.LeaseAttrs
@@ -228,16 +255,27 @@ type Acquired struct {
 }
 
 // Lease returns the acquired lease in the shared form.
-func (a *Acquired) Lease() subnet.Lease { return subnet.Lease{Subnet: a.Subnet, Attrs: a.Attrs} }
+func (a *Acquired) Lease() subnet.Lease {
+	return subnet.Lease{Subnet: a.Subnet, IPv6Subnet: a.IPv6Subnet, Attrs: a.Attrs}
+}
+
+// Name is the lease's key name (subnet.LeaseKeyName).
+func (a *Acquired) Name() string { return subnet.LeaseKeyName(a.Subnet, a.IPv6Subnet) }
 
 // Reservation says the node holds a reserved subnet: a key with no etcd
 // lease, which never expires and is not released.
 func (a *Acquired) Reservation() bool { return a.EtcdLease == clientv3.NoLease }
 
-// Acquire takes a subnet for the node: the lease that already carries its
-// public IP, else its previous subnet if free, else a free one. Every write is
-// a transaction that fails if someone else changed the key since it was read,
-// and a lost race is retried with a fresh listing.
+// Acquire takes a subnet of each family the network has for the node, in
+// one key (flannel's "v4&v6" form for a dual-stack lease): the lease that
+// already carries its public IP, else its previous subnets if free, else
+// free ones. Every write is one transaction that fails if someone else
+// changed what it was decided from, so the node gets both subnets or
+// neither, and a lost race is retried with a fresh listing.
+//
+// Exclusivity: a new IPv4 subnet is claimed on the condition that no key
+// starts with its name; a new IPv6 subnet, which sits in the middle of a
+// key, on the condition that no lease key was created since the listing.
 func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, error) {
 	value, err := json.Marshal(req.Attrs)
 	if err != nil {
@@ -256,6 +294,10 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 		if err != nil {
 			return nil, err
 		}
+		v4, v6, reused, err := r.choose(req, mine, taken)
+		if err != nil {
+			return nil, err
+		}
 		// A reservation (an operator's key with no etcd lease, as flannel's
 		// reservations are) stays one: the node takes it without a TTL.
 		leaseID := clientv3.NoLease
@@ -268,49 +310,44 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 			leaseID = grant.ID
 			put = append(put, clientv3.WithLease(leaseID))
 		}
-		var (
-			target netip.Prefix
-			cmp    clientv3.Cmp
-			reused bool
-		)
-		switch {
-		case mine != nil:
+		key := r.SubnetsPrefix() + subnet.LeaseKeyName(v4, v6)
+		var cmps []clientv3.Cmp
+		if mine != nil {
 			// Our own lease from an earlier run: take it over unless it changed under us.
-			target, reused = mine.Subnet, true
-			cmp = clientv3.Compare(clientv3.ModRevision(mine.Key), "=", mine.ModRevision)
-		case req.Previous.IsValid() && req.Config.Range(false).Contains(req.Previous) && !taken[req.Previous]:
-			target, reused = req.Previous, true
-			cmp = clientv3.Compare(clientv3.CreateRevision(r.SubnetKey(target)), "=", 0)
-		default:
-			target, err = subnet.PickFree(req.Config.Range(false), taken, nil)
-			if err != nil {
-				r.revoke(leaseID)
-				return nil, err
-			}
-			cmp = clientv3.Compare(clientv3.CreateRevision(r.SubnetKey(target)), "=", 0)
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(mine.Key), "=", mine.ModRevision))
 		}
-		ops := []clientv3.Op{clientv3.OpPut(r.SubnetKey(target), string(value), put...)}
-		if mine != nil && mine.Key != r.SubnetKey(target) {
-			// The node's lease under another name (flannel's dual-stack form,
-			// "v4&v6"): twill's IPv4 lease replaces it in the same
-			// transaction, so the node never holds two keys.
+		if key != keyOf(mine) {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0))
+		}
+		if v4.IsValid() && (mine == nil || v4 != mine.Subnet) {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(r.SubnetKey(v4)), "=", 0).WithPrefix())
+		}
+		if v6.IsValid() && (mine == nil || v6 != mine.IPv6Subnet) {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(r.SubnetsPrefix()), "<", rev+1).WithPrefix())
+		}
+		ops := []clientv3.Op{clientv3.OpPut(key, string(value), put...)}
+		if mine != nil && mine.Key != key {
+			// The node's lease under another name (its IPv6 subnet added or
+			// dropped): the new key replaces it in the same transaction, so
+			// the node never holds two keys.
 			ops = append(ops, clientv3.OpDelete(mine.Key))
 		}
-		resp, err := r.cli.Txn(ctx).If(cmp).Then(ops...).Commit()
+		name := subnet.LeaseKeyName(v4, v6)
+		resp, err := r.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
 		if err != nil {
 			r.revoke(leaseID)
-			return nil, fmt.Errorf("write lease %s: %w", target, err)
+			return nil, fmt.Errorf("write lease %s: %w", name, err)
 		}
 		if resp.Succeeded {
 			if mine != nil && mine.EtcdLease != clientv3.NoLease && mine.EtcdLease != leaseID {
 				// The key moved to the new etcd lease; the old one holds nothing now.
 				r.revoke(mine.EtcdLease)
 			}
-			return &Acquired{Subnet: target, EtcdLease: leaseID, Reused: reused, Revision: resp.Header.Revision, Attrs: req.Attrs,
+			return &Acquired{Subnet: v4, IPv6Subnet: v6, EtcdLease: leaseID, Reused: reused, Revision: resp.Header.Revision, Attrs: req.Attrs,
 				listing: leases, listedAt: rev}, nil
 		}
 		r.revoke(leaseID)
-		r.log.Debug("lost the race for a subnet, retrying", "subnet", target, "attempt", attempt)
+		r.log.Debug("lost the race for a subnet, retrying", "lease", name, "attempt", attempt)
 		if attempt >= 50 {
 			return nil, fmt.Errorf("acquire a subnet: lost the race %d times in a row", attempt)
 		}
@@ -323,28 +360,81 @@ func (r *Registry) Acquire(ctx context.Context, req AcquireRequest) (*Acquired, 
 	}
 }
 
+func keyOf(l *StoredLease) string {
+	if l == nil {
+		return ""
+	}
+	return l.Key
+}
+
+// choose picks the subnet of each enabled family: the own lease's where it
+// has one in range, else the previous one if free, else a free one.
+func (r *Registry) choose(req AcquireRequest, mine *StoredLease, taken map[netip.Prefix]bool) (v4, v6 netip.Prefix, reused bool, err error) {
+	cfg := req.Config
+	pick := func(v6 bool, held, previous netip.Prefix) (netip.Prefix, bool, error) {
+		rg := cfg.Range(v6)
+		switch {
+		case held.IsValid() && rg.Contains(held):
+			return held, true, nil
+		case previous.IsValid() && rg.Contains(previous) && !taken[previous]:
+			return previous, true, nil
+		}
+		p, err := subnet.PickFree(rg, taken, nil)
+		return p, false, err
+	}
+	var held4, held6 netip.Prefix
+	if mine != nil {
+		held4, held6 = mine.Subnet, mine.IPv6Subnet
+	}
+	reused = true
+	if cfg.EnableIPv4 {
+		var kept bool
+		if v4, kept, err = pick(false, held4, req.Previous); err != nil {
+			return v4, v6, false, err
+		}
+		reused = reused && kept
+	}
+	if cfg.EnableIPv6 {
+		var kept bool
+		if v6, kept, err = pick(true, held6, req.PreviousIPv6); err != nil {
+			return v4, v6, false, err
+		}
+		reused = reused && kept
+	}
+	return v4, v6, reused, nil
+}
+
 // ErrPublicIPInUse means another node's lease carries this node's public IP.
 var ErrPublicIPInUse = errors.New("public IP already in use by another node")
 
 // findOwn finds the lease this node held before: the one carrying its public
-// IP, else the one its env file names if it carries its node name (the node's
-// address changed). A lease with its public IP but another node's name is a
-// misconfiguration, refused rather than fought over.
+// IP (IPv4, or IPv6 in an IPv6-only network), else the one its env file
+// names if it carries its node name (the node's address changed). A lease
+// with its public IP but another node's name is a misconfiguration, refused
+// rather than fought over.
 func findOwn(leases []StoredLease, req AcquireRequest) (*StoredLease, error) {
 	name := req.Attrs.NodeName
+	v6 := !req.Config.EnableIPv4
+	rg := req.Config.Range(v6)
 	var byPrevious *StoredLease
 	for i, l := range leases {
-		if !req.Config.Range(false).Contains(l.Subnet) {
+		fl, _ := l.Family(v6)
+		own, _ := subnet.Lease{Attrs: req.Attrs}.Family(v6)
+		if !rg.Contains(fl.Subnet) {
 			continue
 		}
-		if l.Attrs.PublicIP == req.Attrs.PublicIP {
+		if fl.Attrs.PublicIP == own.Attrs.PublicIP {
 			if name != "" && l.Attrs.NodeName != "" && l.Attrs.NodeName != name {
 				return nil, fmt.Errorf("%w: %s is leased to node %q (subnet %s); give each node its own --public-ip, or delete that lease with `twillctl leases delete %s` if the node is gone",
-					ErrPublicIPInUse, l.Attrs.PublicIP, l.Attrs.NodeName, l.Subnet, l.Subnet)
+					ErrPublicIPInUse, fl.Attrs.PublicIP, l.Attrs.NodeName, fl.Subnet, fl.Subnet)
 			}
 			return &leases[i], nil
 		}
-		if name != "" && l.Subnet == req.Previous && l.Attrs.NodeName == name {
+		previous := req.Previous
+		if v6 {
+			previous = req.PreviousIPv6
+		}
+		if name != "" && fl.Subnet == previous && l.Attrs.NodeName == name {
 			byPrevious = &leases[i]
 		}
 	}

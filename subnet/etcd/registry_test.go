@@ -314,3 +314,120 @@ func TestDualStackLeaseIsTakenOver(t *testing.T) {
 		t.Fatalf("keys after the takeover: %v, want only %s", keys, f.reg.SubnetKey(a.Subnet))
 	}
 }
+
+func dualAttrs(i int) subnet.LeaseAttrs {
+	return subnet.LeaseAttrs{PublicIP: netip.MustParseAddr(fmt.Sprintf("198.18.1.%d", i)), PublicIPv6: netip.MustParseAddr(fmt.Sprintf("fd00:198:18::%d", i)), BackendType: "alloc"}
+}
+
+// Dual-stack nodes starting together each get one key in flannel's form
+// holding a subnet of each family, and no two share either subnet: the
+// IPv6 subnet, in the middle of the key, is guarded by the transaction too.
+// The IPv6 range is smaller than the IPv4 one, so IPv6 collisions would
+// show first.
+func TestConcurrentDualStackAcquiresAreDistinct(t *testing.T) {
+	f := newFixture(t, `{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetMax":"fd00:10:244:20::","Backend":{"Type":"alloc"}}`)
+	ctx := ctxT(t)
+	const n = 30
+	var wg sync.WaitGroup
+	got := make([]*Acquired, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			reg := NewRegistry(testenv.EtcdClient(t, f.endpoint), DefaultPrefix, nil)
+			got[i], errs[i] = reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: dualAttrs(i + 1), TTL: time.Minute})
+		}()
+	}
+	wg.Wait()
+	seen := map[netip.Prefix]int{}
+	for i, a := range got {
+		if errs[i] != nil {
+			t.Fatalf("node %d: %v", i, errs[i])
+		}
+		for _, p := range []netip.Prefix{a.Subnet, a.IPv6Subnet} {
+			if prev, dup := seen[p]; dup {
+				t.Fatalf("nodes %d and %d both got %s", prev, i, p)
+			}
+			seen[p] = i
+		}
+		if !f.cfg.Range(false).Contains(a.Subnet) || !f.cfg.Range(true).Contains(a.IPv6Subnet) {
+			t.Fatalf("node %d got %s and %s, outside the ranges", i, a.Subnet, a.IPv6Subnet)
+		}
+	}
+	leases, _, err := f.reg.Leases(ctx)
+	if err != nil || len(leases) != n {
+		t.Fatalf("etcd holds %d leases (%v), want %d", len(leases), err, n)
+	}
+	for _, l := range leases {
+		if want := f.reg.SubnetsPrefix() + subnet.LeaseKeyName(l.Subnet, l.IPv6Subnet); l.Key != want || !strings.Contains(l.Key, "&fd00:10:244:") {
+			t.Fatalf("key %s, want %s", l.Key, want)
+		}
+	}
+}
+
+// A node keeps its subnets across restarts; when the network gains IPv6,
+// the node keeps its IPv4 subnet and its key grows an IPv6 part in the same
+// transaction; IPv6-only leases are "0.0.0.0-0&<v6>" keys, found by their
+// IPv6 subnet.
+func TestDualStackLeaseLifecycle(t *testing.T) {
+	f := newFixture(t, testConfig)
+	ctx := ctxT(t)
+	v4only, err := f.reg.Acquire(ctx, AcquireRequest{Config: f.cfg, Attrs: dualAttrs(1), TTL: time.Minute})
+	if err != nil || v4only.IPv6Subnet.IsValid() {
+		t.Fatalf("IPv4-only acquire: %+v, %v", v4only, err)
+	}
+	dual, err := subnet.ParseConfig([]byte(`{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"alloc"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := f.reg.Acquire(ctx, AcquireRequest{Config: dual, Attrs: dualAttrs(1), TTL: time.Minute})
+	if err != nil || a.Subnet != v4only.Subnet || !a.IPv6Subnet.IsValid() {
+		t.Fatalf("after enabling IPv6: %+v, %v; want %s kept and an IPv6 subnet", a, err, v4only.Subnet)
+	}
+	keysAre := func(want ...string) {
+		t.Helper()
+		resp, err := f.cli.Get(ctx, f.reg.SubnetsPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var keys []string
+		for _, kv := range resp.Kvs {
+			keys = append(keys, strings.TrimPrefix(string(kv.Key), f.reg.SubnetsPrefix()))
+		}
+		if strings.Join(keys, " ") != strings.Join(want, " ") {
+			t.Fatalf("keys %v, want %v", keys, want)
+		}
+	}
+	keysAre(a.Name())
+	again, err := f.reg.Acquire(ctx, AcquireRequest{Config: dual, Attrs: dualAttrs(1), TTL: time.Minute})
+	if err != nil || again.Subnet != a.Subnet || again.IPv6Subnet != a.IPv6Subnet || !again.Reused {
+		t.Fatalf("restart: %+v, %v; want the same two subnets", again, err)
+	}
+	keysAre(a.Name())
+	if l, err := f.reg.Lease(ctx, a.IPv6Subnet); err != nil || l.Subnet != a.Subnet {
+		t.Fatalf("lease by its IPv6 subnet: %+v, %v", l, err)
+	}
+
+	v6only, err := subnet.ParseConfig([]byte(`{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"alloc"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	attrs6 := dualAttrs(2)
+	attrs6.PublicIP = netip.IPv4Unspecified()
+	b, err := f.reg.Acquire(ctx, AcquireRequest{Config: v6only, Attrs: attrs6, TTL: time.Minute})
+	if err != nil || b.Subnet.IsValid() || !b.IPv6Subnet.IsValid() || b.IPv6Subnet == a.IPv6Subnet {
+		t.Fatalf("IPv6-only acquire: %+v, %v", b, err)
+	}
+	if !strings.HasPrefix(b.Name(), "0.0.0.0-0&fd00:10:244:") {
+		t.Fatalf("IPv6-only key name %s", b.Name())
+	}
+	b2, err := f.reg.Acquire(ctx, AcquireRequest{Config: v6only, Attrs: attrs6, TTL: time.Minute})
+	if err != nil || b2.IPv6Subnet != b.IPv6Subnet {
+		t.Fatalf("IPv6-only restart: %+v, %v; want %s again", b2, err, b.IPv6Subnet)
+	}
+	if err := f.reg.DeleteLease(ctx, b.IPv6Subnet); err != nil {
+		t.Fatal(err)
+	}
+	keysAre(a.Name())
+}

@@ -1,6 +1,7 @@
 // Package iface finds the underlay interface twilld sends peer traffic
 // through: named by the operator (by name or by one of its addresses), or the
-// interface of the default route.
+// interface of the default route; and the node's address on it of each IP
+// family the network uses.
 package iface
 
 import (
@@ -11,56 +12,111 @@ import (
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/internal/netlinkx"
+	"github.com/twillnet/twill/subnet"
 )
 
-// Resolve returns the external interface for spec: an interface name, an IPv4
-// address of one, or "" for the interface of the IPv4 default route. Its
-// address is the first global IPv4 address, or the one spec names.
-func Resolve(ctx context.Context, h *netlink.Handle, spec string) (dataplane.ExternalInterface, error) {
-	var ext dataplane.ExternalInterface
+// Interface is the external interface as each family sees it: V4 carries
+// its IPv4 address, V6 its IPv6 address. A family not asked for is zero.
+type Interface struct {
+	V4, V6 dataplane.ExternalInterface
+}
+
+// Get returns the view of the family v6 says.
+func (i Interface) Get(v6 bool) dataplane.ExternalInterface {
+	if v6 {
+		return i.V6
+	}
+	return i.V4
+}
+
+// Resolve returns the external interface for spec: an interface name, an
+// address of one (IPv4 or IPv6), or "" for the interface of the default
+// route (IPv4's when v4 is asked for, else IPv6's). For each family asked
+// for it takes the first global address of that family (the one spec
+// names, for its family); link-local, tentative and deprecated IPv6
+// addresses are passed over. An interface without an address of a family
+// asked for is an error that says so.
+func Resolve(ctx context.Context, h *netlink.Handle, spec string, v4, v6 bool) (Interface, error) {
+	var out Interface
 	var link netlink.Link
 	var want netip.Addr
 	var err error
 	switch addr, perr := netip.ParseAddr(spec); {
 	case spec == "":
-		if link, err = defaultRouteLink(ctx, h); err != nil {
-			return ext, err
+		if link, err = defaultRouteLink(ctx, h, v6 && !v4); err != nil {
+			return out, err
 		}
 	case perr == nil:
-		want = addr
-		if link, err = linkWithAddr(ctx, h, addr); err != nil {
-			return ext, err
+		want = addr.Unmap()
+		if link, err = linkWithAddr(ctx, h, want); err != nil {
+			return out, err
 		}
 	default:
 		if link, err = h.LinkByName(spec); err != nil {
-			return ext, fmt.Errorf("interface %q: %w", spec, err)
+			return out, fmt.Errorf("interface %q: %w", spec, err)
 		}
 	}
+	for _, fam := range []struct {
+		asked, v6 bool
+		to        *dataplane.ExternalInterface
+	}{{v4, false, &out.V4}, {v6, true, &out.V6}} {
+		if !fam.asked {
+			continue
+		}
+		named := netip.Addr{}
+		if want.IsValid() && want.Is6() == fam.v6 {
+			named = want
+		}
+		if *fam.to, err = address(ctx, h, link, fam.v6, named); err != nil {
+			return out, err
+		}
+	}
+	return out, nil
+}
+
+// address returns link seen through its first usable address of one family,
+// or through want when it is valid.
+func address(ctx context.Context, h *netlink.Handle, link netlink.Link, v6 bool, want netip.Addr) (dataplane.ExternalInterface, error) {
 	attrs := link.Attrs()
-	addrs, err := netlinkx.AddrList(ctx, h, link, netlink.FAMILY_V4)
+	family := netlink.FAMILY_V4
+	if v6 {
+		family = netlink.FAMILY_V6
+	}
+	addrs, err := netlinkx.AddrList(ctx, h, link, family)
 	if err != nil {
-		return ext, err
+		return dataplane.ExternalInterface{}, err
 	}
 	for _, a := range addrs {
-		ip, ok := netip.AddrFromSlice(a.IP.To4())
-		if !ok || !ip.IsGlobalUnicast() && !ip.IsPrivate() {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		ip = ip.Unmap()
+		if !ok || ip.Is6() != v6 || !ip.IsGlobalUnicast() && !ip.IsPrivate() {
+			continue
+		}
+		if v6 && a.Flags&(unix.IFA_F_TENTATIVE|unix.IFA_F_DADFAILED|unix.IFA_F_DEPRECATED|unix.IFA_F_TEMPORARY) != 0 && ip != want {
 			continue
 		}
 		if want.IsValid() && ip != want {
 			continue
 		}
 		ones, _ := a.Mask.Size()
-		ext = dataplane.ExternalInterface{Name: attrs.Name, Index: attrs.Index, Addr: ip, Prefix: netip.PrefixFrom(ip, ones).Masked(), MTU: attrs.MTU}
-		return ext, nil
+		return dataplane.ExternalInterface{Name: attrs.Name, Index: attrs.Index, Addr: ip, Prefix: netip.PrefixFrom(ip, ones).Masked(), MTU: attrs.MTU}, nil
 	}
-	return ext, fmt.Errorf("interface %s has no usable IPv4 address", attrs.Name)
+	if v6 {
+		return dataplane.ExternalInterface{}, fmt.Errorf("interface %s has no usable IPv6 address (global scope, not tentative or deprecated), which the network config's EnableIPv6 needs: add one, or choose another interface with --iface", attrs.Name)
+	}
+	return dataplane.ExternalInterface{}, fmt.Errorf("interface %s has no usable IPv4 address", attrs.Name)
 }
 
-func defaultRouteLink(ctx context.Context, h *netlink.Handle) (netlink.Link, error) {
-	routes, err := netlinkx.Dump(ctx, "list routes", func() ([]netlink.Route, error) { return h.RouteList(nil, netlink.FAMILY_V4) })
+func defaultRouteLink(ctx context.Context, h *netlink.Handle, v6 bool) (netlink.Link, error) {
+	family := netlink.FAMILY_V4
+	if v6 {
+		family = netlink.FAMILY_V6
+	}
+	routes, err := netlinkx.Dump(ctx, "list routes", func() ([]netlink.Route, error) { return h.RouteList(nil, family) })
 	if err != nil {
 		return nil, err
 	}
@@ -73,7 +129,7 @@ func defaultRouteLink(ctx context.Context, h *netlink.Handle) (netlink.Link, err
 			return link, nil
 		}
 	}
-	return nil, errors.New("no IPv4 default route; name the interface with --iface")
+	return nil, fmt.Errorf("no %s default route; name the interface with --iface", subnet.FamilyName(v6))
 }
 
 func isZeroMask(m net.IPMask) bool {
@@ -82,14 +138,14 @@ func isZeroMask(m net.IPMask) bool {
 }
 
 func linkWithAddr(ctx context.Context, h *netlink.Handle, want netip.Addr) (netlink.Link, error) {
-	addrs, err := netlinkx.Dump(ctx, "list addresses", func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_V4) })
+	addrs, err := netlinkx.Dump(ctx, "list addresses", func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, err
 	}
 	for _, a := range addrs {
-		if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok && ip == want {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() == want {
 			return h.LinkByIndex(a.LinkIndex)
 		}
 	}
-	return nil, fmt.Errorf("no interface has the address %s", want)
+	return nil, errors.New("no interface has the address " + want.String())
 }

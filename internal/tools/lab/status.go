@@ -47,7 +47,7 @@ func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
 		return c, err
 	}
 	for _, link := range links {
-		if _, ok := link.(*netlink.Vxlan); !ok || !strings.HasPrefix(link.Attrs().Name, "twill.") {
+		if _, ok := link.(*netlink.Vxlan); !ok || !strings.HasPrefix(link.Attrs().Name, "twill.") && !strings.HasPrefix(link.Attrs().Name, "twill-v6.") {
 			continue
 		}
 		c.Device = link.Attrs().Name
