@@ -15,6 +15,7 @@ import (
 
 	"github.com/twillnet/twill/internal/tools/embedetcd"
 	"github.com/twillnet/twill/internal/tools/lab"
+	"github.com/twillnet/twill/subnet"
 )
 
 const defaultLabDir = "/tmp/twill-lab"
@@ -42,6 +43,12 @@ func labUpFlags(fs *flag.FlagSet) *lab.Options {
 		return err
 	})
 	o.Network = netip.MustParsePrefix("10.244.0.0/16")
+	fs.StringVar(&o.IPFamily, "ip-family", "ipv4", "pod network family: ipv4, ipv6 or dual")
+	fs.Func("ipv6-network", "IPv6 pod network, with --ip-family ipv6 or dual (default "+lab.DefaultIPv6Network.String()+")", func(s string) error {
+		p, err := netip.ParsePrefix(s)
+		o.IPv6Network = p
+		return err
+	})
 	return o
 }
 
@@ -95,17 +102,24 @@ func labCheck(ctx context.Context, args []string, out, errOut io.Writer) error {
 	return check(ctx, l, out)
 }
 
+// check prints the connectivity matrix of each family the lab's pods have
+// and fails if any pair failed in any family.
 func check(ctx context.Context, l *lab.Lab, out io.Writer) error {
-	fmt.Fprintf(out, "\nconnectivity: every pod pings every other pod\n")
-	m := l.Check(ctx)
-	m.Print(out)
-	total := len(m.Pods) * (len(m.Pods) - 1)
-	if f := m.Failures(); f > 0 {
-		fmt.Fprintf(out, "\nFAIL: %d of %d pairs cannot reach each other\n", f, total)
-		return fmt.Errorf("%d of %d pod pairs failed", f, total)
+	var errs []error
+	for _, v6 := range l.Families() {
+		fam := subnet.FamilyName(v6)
+		fmt.Fprintf(out, "\n%s connectivity: every pod pings every other pod\n", fam)
+		m := l.Check(ctx, v6)
+		m.Print(out)
+		total := len(m.Pods) * (len(m.Pods) - 1)
+		if f := m.Failures(); f > 0 {
+			fmt.Fprintf(out, "\nFAIL: %d of %d pairs cannot reach each other over %s\n", f, total, fam)
+			errs = append(errs, fmt.Errorf("%d of %d pod pairs failed over %s", f, total, fam))
+			continue
+		}
+		fmt.Fprintf(out, "\nPASS: all %d pod pairs reach each other over %s\n", total, fam)
 	}
-	fmt.Fprintf(out, "\nPASS: all %d pod pairs reach each other\n", total)
-	return nil
+	return errors.Join(errs...)
 }
 
 func labDown(ctx context.Context, args []string, out, errOut io.Writer) error {

@@ -9,8 +9,9 @@ import (
 	"text/tabwriter"
 )
 
-// Matrix is the result of every pod pinging every other pod.
+// Matrix is the result of every pod pinging every other pod in one family.
 type Matrix struct {
+	V6   bool
 	Pods []Pod
 	OK   map[[2]int]bool // [from, to] index into Pods
 }
@@ -26,10 +27,11 @@ func (m *Matrix) Failures() int {
 	return n
 }
 
-// Check pings from every pod to every other pod, a few at a time. Each ping
-// is one bounded request to an address inside the lab.
-func (l *Lab) Check(ctx context.Context) *Matrix {
-	m := &Matrix{Pods: l.Pods, OK: map[[2]int]bool{}}
+// Check pings from every pod to every other pod's address of one family, a
+// few at a time. Each ping is one bounded request to an address inside the
+// lab.
+func (l *Lab) Check(ctx context.Context, v6 bool) *Matrix {
+	m := &Matrix{V6: v6, Pods: l.Pods, OK: map[[2]int]bool{}}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 8)
@@ -43,7 +45,7 @@ func (l *Lab) Check(ctx context.Context) *Matrix {
 				defer wg.Done()
 				sem <- struct{}{}
 				defer func() { <-sem }()
-				ok := Ping(ctx, l.Pods[a].NS, l.Pods[b].Addr.String())
+				ok := Ping(ctx, l.Pods[a].NS, l.Pods[b].AddrOf(v6).String())
 				mu.Lock()
 				m.OK[[2]int{a, b}] = ok
 				mu.Unlock()
@@ -66,11 +68,11 @@ func (m *Matrix) Print(w io.Writer) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	head := []string{"FROM \\ TO"}
 	for _, p := range m.Pods {
-		head = append(head, fmt.Sprintf("%s %s", p.Name, p.Addr))
+		head = append(head, fmt.Sprintf("%s %s", p.Name, p.AddrOf(m.V6)))
 	}
 	fmt.Fprintln(tw, strings.Join(head, "\t"))
 	for a, p := range m.Pods {
-		row := []string{fmt.Sprintf("%s %s", p.Name, p.Addr)}
+		row := []string{fmt.Sprintf("%s %s", p.Name, p.AddrOf(m.V6))}
 		for b := range m.Pods {
 			switch {
 			case a == b:

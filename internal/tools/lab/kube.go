@@ -63,6 +63,27 @@ func (l *Lab) NodePodCIDR(i int) netip.Prefix {
 	return netip.PrefixFrom(netip.AddrFrom4(a), 24)
 }
 
+// NodePodCIDRV6 is the IPv6 podCIDR the lab gives host i's Node: the
+// i-th /64 of the IPv6 network.
+func (l *Lab) NodePodCIDRV6(i int) netip.Prefix {
+	a := l.ipv6Network().Addr().As16()
+	a[7] += byte(i)
+	return netip.PrefixFrom(netip.AddrFrom16(a), 64)
+}
+
+// nodePodCIDRs are host i's podCIDRs, one per family of the lab.
+func (l *Lab) nodePodCIDRs(i int) []string {
+	var out []string
+	for _, v6 := range l.Families() {
+		if v6 {
+			out = append(out, l.NodePodCIDRV6(i).String())
+		} else {
+			out = append(out, l.NodePodCIDR(i).String())
+		}
+	}
+	return out
+}
+
 // startKube starts the API server on the lab's etcd, applies the DaemonSet
 // manifest (server-side dry run first), creates one Node per host with a
 // podCIDR, and writes each host a kubeconfig with a token of the manifest's
@@ -101,7 +122,7 @@ func (l *Lab) startKube(ctx context.Context) error {
 	for i := 1; i <= l.Hosts; i++ {
 		node := &corev1.Node{
 			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("h%d", i)},
-			Spec:       corev1.NodeSpec{PodCIDR: l.NodePodCIDR(i).String(), PodCIDRs: []string{l.NodePodCIDR(i).String()}},
+			Spec:       corev1.NodeSpec{PodCIDR: l.nodePodCIDRs(i)[0], PodCIDRs: l.nodePodCIDRs(i)},
 		}
 		if _, err := cs.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
 			return fmt.Errorf("create Node h%d: %w", i, err)

@@ -32,7 +32,11 @@ type Options struct {
 	Hosts       int
 	PodsPerHost int
 	Backend     string // vxlan, host-gw or alloc
+	// IPFamily is the pod network's: "ipv4" (the default when empty),
+	// "ipv6" or "dual".
+	IPFamily    string `json:",omitempty"`
 	Network     netip.Prefix
+	IPv6Network netip.Prefix `json:",omitempty"`
 	BinDir      string // holds twilld, twillctl and twill
 	CNIBinDir   string // holds bridge, host-local, loopback, portmap
 	IPMasq      bool
@@ -57,10 +61,58 @@ type State struct {
 
 // Pod is one pod the lab made.
 type Pod struct {
-	Name string     // container ID and namespace suffix, e.g. h1-p2
-	Host int        // host number
-	NS   string     // namespace name
-	Addr netip.Addr // the address host-local gave it
+	Name   string     // container ID and namespace suffix, e.g. h1-p2
+	Host   int        // host number
+	NS     string     // namespace name
+	Addr   netip.Addr // the IPv4 address host-local gave it; zero in an IPv6-only lab
+	AddrV6 netip.Addr `json:",omitempty"` // its IPv6 address, with IPv6
+}
+
+// AddrOf returns the pod's address of one family.
+func (p Pod) AddrOf(v6 bool) netip.Addr {
+	if v6 {
+		return p.AddrV6
+	}
+	return p.Addr
+}
+
+// Families lists the lab's pod network families: false for IPv4, true for
+// IPv6.
+func (o Options) Families() []bool {
+	switch o.IPFamily {
+	case "ipv6":
+		return []bool{true}
+	case "dual":
+		return []bool{false, true}
+	}
+	return []bool{false}
+}
+
+// DefaultIPv6Network is the lab's IPv6 pod network unless told otherwise.
+var DefaultIPv6Network = netip.MustParsePrefix("fd00:10:244::/56")
+
+// NetConf is the lab's network config (net-conf.json).
+func (o Options) NetConf() string {
+	conf := map[string]any{"Backend": map[string]any{"Type": o.Backend}}
+	for _, v6 := range o.Families() {
+		if v6 {
+			conf["EnableIPv6"], conf["IPv6Network"] = true, o.ipv6Network().String()
+		} else {
+			conf["Network"] = o.Network.String()
+		}
+	}
+	if o.IPFamily == "ipv6" {
+		conf["EnableIPv4"] = false
+	}
+	b, _ := json.Marshal(conf)
+	return string(b)
+}
+
+func (o Options) ipv6Network() netip.Prefix {
+	if o.IPv6Network.IsValid() {
+		return o.IPv6Network
+	}
+	return DefaultIPv6Network
 }
 
 // Lab is a lab being built or torn down.
@@ -136,7 +188,7 @@ func (l *Lab) Up(ctx context.Context) error {
 	if err := l.startEtcd(ctx); err != nil {
 		return err
 	}
-	conf := fmt.Sprintf(`{"Network":%q,"Backend":{"Type":%q}}`, l.Network, l.Backend)
+	conf := l.NetConf()
 	if l.Datastore == "kube" {
 		if err := l.startKube(ctx); err != nil {
 			return err
@@ -156,7 +208,14 @@ func (l *Lab) Up(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		l.say("h%d (%s): subnet %s, pod MTU %d", i, l.Topology().HostAddr(i), env.Subnet.Masked(), env.MTU)
+		switch {
+		case !env.IPv6Subnet.IsValid():
+			l.say("h%d (%s): subnet %s, pod MTU %d", i, l.Topology().HostAddr(i), env.Subnet.Masked(), env.MTU)
+		case !env.Subnet.IsValid():
+			l.say("h%d (%s): IPv6 subnet %s, pod MTU %d", i, l.Topology().HostAddrV6(i), env.IPv6Subnet.Masked(), env.MTU)
+		default:
+			l.say("h%d (%s, %s): subnets %s and %s, pod MTU %d", i, l.Topology().HostAddr(i), l.Topology().HostAddrV6(i), env.Subnet.Masked(), env.IPv6Subnet.Masked(), env.MTU)
+		}
 	}
 	for i := 1; i <= l.Hosts; i++ {
 		for j := 1; j <= l.PodsPerHost; j++ {
@@ -193,6 +252,11 @@ func (l *Lab) preflight(ctx context.Context) error {
 		if _, err := os.Stat(l.EtcdBinary); err != nil {
 			return fmt.Errorf("etcd binary for a %d-member cluster not found at %q: run `make tools`", l.EtcdMembers, l.EtcdBinary)
 		}
+	}
+	switch l.IPFamily {
+	case "", "ipv4", "ipv6", "dual":
+	default:
+		return fmt.Errorf("--ip-family %q: want ipv4, ipv6 or dual", l.IPFamily)
 	}
 	switch l.Datastore {
 	case "etcd":

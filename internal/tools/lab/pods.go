@@ -13,6 +13,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/twillnet/twill/deploy"
+	"github.com/twillnet/twill/subnet"
 )
 
 // ConfList is the CNI chain the lab gives host i's pods: the conflist the
@@ -112,14 +113,21 @@ func (l *Lab) addPodNamed(ctx context.Context, i int, name string) (Pod, error) 
 	if err != nil {
 		return p, fmt.Errorf("CNI ADD of pod %s on h%d: %w", p.Name, i, err)
 	}
-	if len(res.IPs) == 0 {
-		return p, fmt.Errorf("CNI ADD of pod %s gave no address", p.Name)
+	for _, ip := range res.IPs {
+		a, ok := netip.AddrFromSlice(ip.Address.IP)
+		switch a = a.Unmap(); {
+		case !ok:
+		case a.Is4():
+			p.Addr = a
+		default:
+			p.AddrV6 = a
+		}
 	}
-	addr, ok := netip.AddrFromSlice(res.IPs[0].Address.IP.To4())
-	if !ok {
-		return p, fmt.Errorf("CNI ADD of pod %s gave %s, not IPv4", p.Name, res.IPs[0].Address.IP)
+	for _, v6 := range l.Families() {
+		if !p.AddrOf(v6).IsValid() {
+			return p, fmt.Errorf("CNI ADD of pod %s gave no %s address (result: %v)", p.Name, subnet.FamilyName(v6), res.IPs)
+		}
 	}
-	p.Addr = addr
 	return p, nil
 }
 

@@ -15,14 +15,15 @@ import (
 	"github.com/twillnet/twill/internal/netlinkx"
 )
 
-// HostCounts is what twill programmed on one host.
+// HostCounts is what twill programmed on one host, both families together.
 type HostCounts struct {
 	Routes, FDB, Neigh int
-	Device             string // the VXLAN device, if any
+	Device             string // the VXLAN devices, if any, comma-separated
 }
 
-// Counts reads host i's twill routes (by twill's route protocol), and the FDB
-// and permanent neighbour entries on its VXLAN device.
+// Counts reads host i's twill routes of both families (by twill's route
+// protocol), and the FDB and permanent neighbour entries on its VXLAN
+// devices.
 func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
 	var c HostCounts
 	handle, err := netns.GetFromName(l.Topology().HostNS(i))
@@ -35,13 +36,15 @@ func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
 		return c, err
 	}
 	defer h.Close()
-	routes, err := netlinkx.Dump(ctx, "list routes", func() ([]netlink.Route, error) {
-		return h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: dataplane.RouteProtocol, Table: 254}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
-	})
-	if err != nil {
-		return c, err
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := netlinkx.Dump(ctx, "list routes", func() ([]netlink.Route, error) {
+			return h.RouteListFiltered(family, &netlink.Route{Protocol: dataplane.RouteProtocol, Table: 254}, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+		})
+		if err != nil {
+			return c, err
+		}
+		c.Routes += len(routes)
 	}
-	c.Routes = len(routes)
 	links, err := netlinkx.LinkList(ctx, h)
 	if err != nil {
 		return c, err
@@ -50,7 +53,14 @@ func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
 		if _, ok := link.(*netlink.Vxlan); !ok || !strings.HasPrefix(link.Attrs().Name, "twill.") && !strings.HasPrefix(link.Attrs().Name, "twill-v6.") {
 			continue
 		}
-		c.Device = link.Attrs().Name
+		family := netlink.FAMILY_V4
+		if strings.HasPrefix(link.Attrs().Name, "twill-v6.") {
+			family = netlink.FAMILY_V6
+		}
+		if c.Device != "" {
+			c.Device += ","
+		}
+		c.Device += link.Attrs().Name
 		idx := link.Attrs().Index
 		fdb, err := netlinkx.Dump(ctx, "list fdb", func() ([]netlink.Neigh, error) { return h.NeighList(idx, syscall.AF_BRIDGE) })
 		if err != nil {
@@ -61,7 +71,7 @@ func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
 				c.FDB++
 			}
 		}
-		neigh, err := netlinkx.Dump(ctx, "list neighbours", func() ([]netlink.Neigh, error) { return h.NeighList(idx, netlink.FAMILY_V4) })
+		neigh, err := netlinkx.Dump(ctx, "list neighbours", func() ([]netlink.Neigh, error) { return h.NeighList(idx, family) })
 		if err != nil {
 			return c, err
 		}

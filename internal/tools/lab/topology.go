@@ -2,12 +2,15 @@
 // machine, joined by an underlay bridge, with no link into the machine's own
 // namespace, so no lab traffic can leave it.
 //
-//	underlay netns <prefix>u: bridge "underlay" 198.18.0.254/24  (the "world")
+//	underlay netns <prefix>u: bridge "underlay" 198.18.0.254/24, fd00:198:18::fe/64  (the "world")
 //	     |   veth "h1" ... "hN" in the underlay, "eth0" in each host
-//	host netns <prefix>h1 .. <prefix>hN: eth0 198.18.0.1 .. N /24, default via .254
+//	host netns <prefix>h1 .. <prefix>hN: eth0 198.18.0.1 .. N /24 and
+//	     fd00:198:18::1 .. ::N /64, default routes via the world's addresses
 //
-// Addresses come from 198.18.0.0/15, the range set aside for benchmarking
-// networks. The e2e tests use the same topology with their own name prefix.
+// IPv4 addresses come from 198.18.0.0/15, the range set aside for
+// benchmarking networks; IPv6 addresses from a unique local range named
+// after it. Every underlay has both families, whatever the pod network
+// uses. The e2e tests use the same topology with their own name prefix.
 package lab
 
 import (
@@ -26,6 +29,12 @@ var Underlay = netip.MustParsePrefix("198.18.0.0/24")
 // WorldAddr is the underlay namespace's own address: a router and an
 // "outside" destination for masquerade tests.
 var WorldAddr = netip.MustParseAddr("198.18.0.254")
+
+// UnderlayV6 and WorldAddrV6 are the same for IPv6.
+var (
+	UnderlayV6  = netip.MustParsePrefix("fd00:198:18::/64")
+	WorldAddrV6 = netip.MustParseAddr("fd00:198:18::fe")
+)
 
 // Topology names the namespaces of one lab.
 type Topology struct {
@@ -46,6 +55,13 @@ func (t Topology) HostAddr(i int) netip.Addr {
 	return netip.AddrFrom4(a)
 }
 
+// HostAddrV6 is host i's IPv6 underlay address.
+func (t Topology) HostAddrV6(i int) netip.Addr {
+	a := UnderlayV6.Addr().As16()
+	a[15] = byte(i)
+	return netip.AddrFrom16(a)
+}
+
 // Up creates the namespaces and links. It fails if any already exist.
 func (t Topology) Up(ctx context.Context) error {
 	if t.Hosts < 1 || t.Hosts > 250 {
@@ -57,6 +73,9 @@ func (t Topology) Up(ctx context.Context) error {
 		{"-n", u, "link", "set", "lo", "up"},
 		{"-n", u, "link", "add", "underlay", "type", "bridge"},
 		{"-n", u, "addr", "add", netip.PrefixFrom(WorldAddr, Underlay.Bits()).String(), "dev", "underlay"},
+		// No duplicate address detection: the lab's addresses are unique
+		// by construction and usable at once.
+		{"-n", u, "addr", "add", netip.PrefixFrom(WorldAddrV6, UnderlayV6.Bits()).String(), "dev", "underlay", "nodad"},
 		{"-n", u, "link", "set", "underlay", "up"},
 	}
 	for i := 1; i <= t.Hosts; i++ {
@@ -97,8 +116,10 @@ func (t Topology) hostSteps(i int) [][]string {
 		{"link", "add", "name", fmt.Sprintf("h%d", i), "netns", u, "type", "veth", "peer", "name", "eth0", "netns", h},
 		{"-n", u, "link", "set", fmt.Sprintf("h%d", i), "master", "underlay", "up"},
 		{"-n", h, "addr", "add", netip.PrefixFrom(t.HostAddr(i), Underlay.Bits()).String(), "dev", "eth0"},
+		{"-n", h, "addr", "add", netip.PrefixFrom(t.HostAddrV6(i), UnderlayV6.Bits()).String(), "dev", "eth0", "nodad"},
 		{"-n", h, "link", "set", "eth0", "up"},
 		{"-n", h, "route", "add", "default", "via", WorldAddr.String()},
+		{"-n", h, "-6", "route", "add", "default", "via", WorldAddrV6.String()},
 	}
 }
 
