@@ -37,8 +37,8 @@ type Options struct {
 	IPFamily    string `json:",omitempty"`
 	Network     netip.Prefix
 	IPv6Network netip.Prefix `json:",omitempty"`
-	BinDir      string // holds twilld, twillctl and twill
-	CNIBinDir   string // holds bridge, host-local, loopback, portmap
+	BinDir      string       // holds twilld, twillctl and twill
+	CNIBinDir   string       // holds bridge, host-local, loopback, portmap
 	IPMasq      bool
 	DaemonArgs  []string // extra twilld flags, e.g. a short --resync-interval in tests
 	// Datastore is "etcd" (twilld leases from etcd) or "kube" (a real
