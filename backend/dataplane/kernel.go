@@ -33,6 +33,11 @@ func ReadActual(ctx context.Context, h *netlink.Handle, family, dev int) (State,
 			continue
 		}
 		rt := Route{Dst: dst, LinkIndex: r.LinkIndex, Metric: r.Priority, Onlink: r.Flags&int(netlink.FLAG_ONLINK) != 0}
+		if family == netlink.FAMILY_V6 && rt.Metric == ipv6DefaultMetric {
+			// The kernel gives an IPv6 route without a metric this one;
+			// to twill they are the same route.
+			rt.Metric = 0
+		}
 		if gw, ok := netip.AddrFromSlice(r.Gw); ok {
 			rt.Gw = gw.Unmap()
 		}
@@ -75,6 +80,10 @@ func ReadActual(ctx context.Context, h *netlink.Handle, family, dev int) (State,
 	}
 	return s, nil
 }
+
+// ipv6DefaultMetric is the metric the kernel gives an IPv6 route added
+// without one (IP6_RT_PRIO_USER).
+const ipv6DefaultMetric = 1024
 
 func prefixOf(n *net.IPNet, family int) netip.Prefix {
 	if n == nil { // the default route

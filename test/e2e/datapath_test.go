@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/twillnet/twill/internal/tools/lab"
+	"github.com/twillnet/twill/subnet"
 )
 
 // expected is what each host of a 3-host lab must hold: one entry of each
@@ -17,13 +18,17 @@ func expected(backend string, peers int) lab.HostCounts {
 	return lab.HostCounts{Routes: peers, FDB: peers, Neigh: peers}
 }
 
+// requireMatrix checks that every pod reaches every other pod in each
+// family of the lab.
 func requireMatrix(t *testing.T, l *lab.Lab) {
 	t.Helper()
-	m := l.Check(ctxFor(t, 2*time.Minute))
-	if m.Failures() > 0 {
-		var b strings.Builder
-		m.Print(&b)
-		t.Fatalf("%d pod pairs failed:\n%s", m.Failures(), b.String())
+	for _, v6 := range l.Families() {
+		m := l.Check(ctxFor(t, 2*time.Minute), v6)
+		if m.Failures() > 0 {
+			var b strings.Builder
+			m.Print(&b)
+			t.Fatalf("%d pod pairs failed over %s:\n%s", m.Failures(), subnet.FamilyName(v6), b.String())
+		}
 	}
 }
 

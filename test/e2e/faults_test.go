@@ -22,7 +22,7 @@ func kernelWrites(t *testing.T, l *lab.Lab, i int) map[string]float64 {
 	t.Helper()
 	out := map[string]float64{}
 	for _, k := range kernelKinds {
-		out[k] = metric(t, l.Topology().HostNS(i), `twill_kernel_writes_total{kind="`+k+`"}`)
+		out[k] = metric(t, l.Topology().HostNS(i), `twill_kernel_writes_total{family="ipv4",kind="`+k+`"}`)
 	}
 	return out
 }

@@ -69,7 +69,7 @@ func TestKubernetesMode(t *testing.T) {
 		return err
 	})
 	for _, kind := range []string{"route", "fdb", "neigh", "device"} {
-		if w := metric(t, h1, `twill_kernel_writes_total{kind="`+kind+`"}`); w != 0 {
+		if w := metric(t, h1, `twill_kernel_writes_total{family="ipv4",kind="`+kind+`"}`); w != 0 {
 			t.Errorf("restarted twilld wrote %v %s entries; want none", w, kind)
 		}
 	}

@@ -82,7 +82,7 @@ func TestTwoDaemonsLeaseAndRestart(t *testing.T) {
 	if err != nil {
 		t.Fatalf("twillctl status: %v\n%s", err, out)
 	}
-	for _, want := range []string{"twilld          ready", "subnet          " + e1.Subnet.String(), "lease           expires in", "peers           1 (backend alloc)", "last reconcile  ", "datastore       connected"} {
+	for _, want := range []string{"twilld          ready", "subnet          " + e1.Subnet.String(), "lease           expires in", "peers           1 (backend alloc, ipv4)", "last reconcile  ", "datastore       connected"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("twillctl status lacks %q:\n%s", want, out)
 		}

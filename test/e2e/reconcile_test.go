@@ -60,7 +60,7 @@ func testDrift(t *testing.T, backend string) {
 	ipn(t, h1, "neigh", "add", "198.18.0.77", "lladdr", "02:00:00:00:00:77", "dev", "eth0", "nud", "permanent")
 
 	// Repairs are counted by kind in /metrics.
-	repairs := func(kind string) float64 { return metric(t, h1, `twill_repairs_total{kind="`+kind+`"}`) }
+	repairs := func(kind string) float64 { return metric(t, h1, `twill_repairs_total{family="ipv4",kind="`+kind+`"}`) }
 	if r := repairs("route"); r != 0 {
 		t.Fatalf("twill_repairs_total{kind=route} = %v before any drift", r)
 	}

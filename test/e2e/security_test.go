@@ -205,7 +205,7 @@ func TestEtcdTLSAndLeastPrivilege(t *testing.T) {
 			if v, err := metricValue(hn, "twill_lease_renewals_total"); err != nil || v < 1 {
 				return fmt.Errorf("renewals %v (%v)", v, err)
 			}
-			if v, err := metricValue(hn, `twill_peers{backend="vxlan"}`); err != nil || v != 1 {
+			if v, err := metricValue(hn, `twill_peers{backend="vxlan",family="ipv4"}`); err != nil || v != 1 {
 				return fmt.Errorf("peers %v (%v)", v, err)
 			}
 			return nil

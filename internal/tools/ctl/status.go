@@ -62,7 +62,13 @@ func status(ctx context.Context, args []string, out, errOut io.Writer) error {
 	}
 	fmt.Fprintf(tw, "twilld\t%s (%s)\n", state, *addr)
 	if env, err := subnet.ReadEnv(*subnetFile); err == nil {
-		fmt.Fprintf(tw, "subnet\t%s of %s, pod MTU %d, masquerade %t\n", env.Subnet, env.Network, env.MTU, env.IPMasq)
+		if env.Subnet.IsValid() {
+			fmt.Fprintf(tw, "subnet\t%s of %s\n", env.Subnet, env.Network)
+		}
+		if env.IPv6Subnet.IsValid() {
+			fmt.Fprintf(tw, "IPv6 subnet\t%s of %s\n", env.IPv6Subnet, env.IPv6Network)
+		}
+		fmt.Fprintf(tw, "pods\tMTU %d, masquerade %t\n", env.MTU, env.IPMasq)
 	} else {
 		fmt.Fprintf(tw, "subnet\t%v\n", err)
 	}
@@ -71,7 +77,7 @@ func status(ctx context.Context, args []string, out, errOut io.Writer) error {
 			time.Until(time.Unix(int64(exp), 0)).Round(time.Second), m.value("twill_lease_renewals_total", nil), m.value("twill_lease_losses_total", nil))
 	}
 	for _, f := range m.all("twill_peers") {
-		fmt.Fprintf(tw, "peers\t%v (backend %s)\n", f.value, f.labels["backend"])
+		fmt.Fprintf(tw, "peers\t%v (backend %s, %s)\n", f.value, f.labels["backend"], f.labels["family"])
 	}
 	if last := m.value("twill_last_reconcile_timestamp_seconds", nil); last > 0 {
 		fmt.Fprintf(tw, "last reconcile\t%s ago, took %s; %v ok (%v of them peer updates), %v failed\n",
@@ -84,7 +90,7 @@ func status(ctx context.Context, args []string, out, errOut io.Writer) error {
 	}
 	var repairs []string
 	for _, f := range m.all("twill_repairs_total") {
-		repairs = append(repairs, fmt.Sprintf("%s %v", f.labels["kind"], f.value))
+		repairs = append(repairs, fmt.Sprintf("%s %s %v", f.labels["family"], f.labels["kind"], f.value))
 	}
 	fmt.Fprintf(tw, "repairs\t%s\n", strings.Join(repairs, ", "))
 	if fams["twill_datastore_up"] != nil {
