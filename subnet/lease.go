@@ -102,9 +102,9 @@ func ParseLeaseAttrs(data []byte) (LeaseAttrs, error) {
 func CheckPublicIP(ip netip.Addr, v6 bool) error {
 	switch {
 	case !ip.IsValid():
-		return fmt.Errorf("no %s address", familyName(v6))
+		return fmt.Errorf("no %s address", FamilyName(v6))
 	case ip.Is6() != v6 || ip.Is4In6() || ip.Zone() != "":
-		return fmt.Errorf("%v is not an %s address", ip, familyName(v6))
+		return fmt.Errorf("%v is not an %s address", ip, FamilyName(v6))
 	case ip.IsUnspecified(), ip.IsLoopback(), ip.IsMulticast(), ip.IsLinkLocalUnicast(), ip == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
 		return fmt.Errorf("%s is not a unicast address another host can reach", ip)
 	}
