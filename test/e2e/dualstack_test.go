@@ -212,9 +212,14 @@ func TestDualStackDatapath(t *testing.T) {
 	}
 }
 
+// ip6tablesS lists a chain of ip6tables, or the whole table when chain is "".
 func ip6tablesS(t *testing.T, netns, table, chain string) string {
 	t.Helper()
-	out, err := lab.InNS(ctxFor(t, 30*time.Second), netns, "ip6tables", "-w", "-t", table, "-S", chain)
+	args := []string{"-w", "-t", table, "-S"}
+	if chain != "" {
+		args = append(args, chain)
+	}
+	out, err := lab.InNS(ctxFor(t, 30*time.Second), netns, "ip6tables", args...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -282,9 +282,9 @@ func iptablesS(t *testing.T, netns, table, chain string) string {
 
 // twilld --cleanup removes twill's device, routes and chains, and nothing else.
 func TestCleanup(t *testing.T) {
-	l := newLab(t, lab.Options{Hosts: 2, PodsPerHost: 1, Backend: "vxlan", IPMasq: true})
+	l := newLab(t, lab.Options{Hosts: 2, PodsPerHost: 1, Backend: "vxlan", IPMasq: true, IPFamily: "dual"})
 	ctx := ctxFor(t, time.Minute)
-	waitCounts(t, l, 1, expected("vxlan", 1), 10*time.Second)
+	waitCounts(t, l, 1, lab.HostCounts{Routes: 2, FDB: 2, Neigh: 2}, 10*time.Second) // one per peer and family
 	if err := l.StopDaemon(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
@@ -295,12 +295,15 @@ func TestCleanup(t *testing.T) {
 	if c, err := l.Counts(ctx, 1); err != nil || c != (lab.HostCounts{}) {
 		t.Fatalf("after cleanup h1 holds %+v (%v)", c, err)
 	}
-	if out := ipn(t, h1, "link", "show"); strings.Contains(out, "twill.") {
+	if out := ipn(t, h1, "link", "show"); strings.Contains(out, "twill.") || strings.Contains(out, "twill-v6.") {
 		t.Fatalf("device left:\n%s", out)
 	}
 	for _, tc := range [][2]string{{"nat", "POSTROUTING"}, {"filter", "FORWARD"}} {
 		if out := iptables(t, h1, "-t", tc[0], "-S"); strings.Contains(out, "TWILL") {
 			t.Fatalf("%s still mentions twill:\n%s", tc[0], out)
+		}
+		if out := ip6tablesS(t, h1, tc[0], ""); strings.Contains(out, "TWILL") {
+			t.Fatalf("ip6tables %s still mentions twill:\n%s", tc[0], out)
 		}
 	}
 	// The pod bridge and the lease are not twilld's to remove here.
