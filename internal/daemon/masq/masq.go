@@ -19,6 +19,12 @@
 // chain: a connection that started while MASQUERADE was missing would keep
 // its pod source address for its whole life.
 //
+// One Manager keeps one IP family: a dual-stack node runs two, one on an
+// iptables handle with the IPv4 network and one on an ip6tables handle with
+// the IPv6 network. The rules mean the same in both families and the chains
+// have the same names; iptables and ip6tables keep separate tables, so the
+// two Managers never see each other's chains.
+//
 // The rule logic talks to iptables through IPTables, the few go-iptables
 // methods it uses, so it is unit-tested with a fake.
 package masq
@@ -29,7 +35,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -51,6 +56,8 @@ const KubeProxyMark = "0x4000/0x4000"
 const newSuffix = "-NEW"
 
 // IPTables is the part of go-iptables' *iptables.IPTables that masq uses.
+// The same handle type serves both families; which program it runs
+// (iptables or ip6tables) is fixed when it is made.
 type IPTables interface {
 	ChainExists(table, chain string) (bool, error)
 	ClearChain(table, chain string) error
@@ -62,6 +69,13 @@ type IPTables interface {
 	Append(table, chain string, rulespec ...string) error
 	Delete(table, chain string, rulespec ...string) error
 	HasRandomFully() bool
+}
+
+// protocolReporter is what New asks of a handle, beyond IPTables, to refuse
+// a Config of the other family: *iptables.IPTables has it. A handle without
+// it (a test's fake, a wrapper) is trusted to be of the Config's family.
+type protocolReporter interface {
+	Proto() iptables.Protocol
 }
 
 // NewIPTables returns the iptables of the current network namespace for
@@ -79,12 +93,26 @@ func NewIPTables(v6 bool) (IPTables, error) {
 	return ipt, nil
 }
 
-// Config is what the rules depend on.
+// Config is what the rules of one family depend on.
 type Config struct {
-	// Network is the cluster network (net-conf.json's Network).
+	// Network is the cluster network of the family (net-conf.json's
+	// Network, or IPv6Network).
 	Network netip.Prefix
-	// Subnet is this node's leased subnet.
+	// Subnet is this node's leased subnet of the same family.
 	Subnet netip.Prefix
+}
+
+// Multicast destinations are never masqueraded, per family.
+const (
+	multicast4 = "224.0.0.0/4"
+	multicast6 = "ff00::/8"
+)
+
+func familyName(v6 bool) string {
+	if v6 {
+		return "IPv6"
+	}
+	return "IPv4"
 }
 
 // Rule is one rule in one chain.
@@ -110,16 +138,21 @@ func (c chainSpec) jump(target string) []string {
 	return []string{"-m", "comment", "--comment", c.comment, "-j", target}
 }
 
-// Rules returns the wanted content of twill's chains, in order. Each spec is
-// written the way `iptables -S` prints it.
+// Rules returns the wanted content of twill's chains, in order, for the
+// family of cfg.Network. Each spec is written the way `iptables -S` prints
+// it, and for IPv6 the way `ip6tables -S` does: addresses in lower case with
+// zeros compressed as RFC 5952 says, which is how netip prints them too.
 //
 // nat TWILL-POSTRTG, first match wins:
 //
 //  1. kube-proxy's mark: RETURN (kube-proxy masquerades those itself);
 //  2. from the network to the network (pod to pod): RETURN, the pod keeps
 //     its source address;
-//  3. from the network to anywhere else but multicast: MASQUERADE, the pod
-//     leaves with this node's address;
+//  3. from the network to anywhere else but multicast (224.0.0.0/4, or
+//     ff00::/8 for IPv6): MASQUERADE, the pod leaves with this node's address
+//     (the source address the kernel picks for the outgoing interface, so an
+//     IPv6 node needs an address of global scope there, not only a
+//     link-local one);
 //  4. from outside the network to this node's own subnet: RETURN, the reply
 //     comes back through this node anyway;
 //  5. from outside the network to the rest of the network: MASQUERADE. This
@@ -134,6 +167,10 @@ func (c chainSpec) jump(target string) []string {
 // FORWARD policy of DROP (Docker sets one) does not cut pods off.
 func Rules(cfg Config, randomFully bool) []Rule {
 	n, sn := cfg.Network.String(), cfg.Subnet.String()
+	mc := multicast4
+	if cfg.Network.Addr().Is6() {
+		mc = multicast6
+	}
 	masq := []string{"-j", "MASQUERADE"}
 	if randomFully {
 		masq = append(masq, "--random-fully")
@@ -143,7 +180,7 @@ func Rules(cfg Config, randomFully bool) []Rule {
 	return []Rule{
 		nat("-m", "mark", "--mark", KubeProxyMark, "-j", "RETURN"),
 		nat("-s", n, "-d", n, "-j", "RETURN"),
-		nat(append([]string{"-s", n, "!", "-d", "224.0.0.0/4"}, masq...)...),
+		nat(append([]string{"-s", n, "!", "-d", mc}, masq...)...),
 		nat("!", "-s", n, "-d", sn, "-j", "RETURN"),
 		nat(append([]string{"!", "-s", n, "-d", n}, masq...)...),
 		fwd("-s", n, "-j", "ACCEPT"),
@@ -151,7 +188,7 @@ func Rules(cfg Config, randomFully bool) []Rule {
 	}
 }
 
-// Manager keeps the rules of one network.
+// Manager keeps the rules of one network in one family.
 type Manager struct {
 	ipt IPTables
 	cfg Config
@@ -174,18 +211,31 @@ func (m *Manager) Writes() uint64 {
 	return m.writes
 }
 
-// New returns a Manager; it changes nothing until Ensure.
+// New returns a Manager for the family of cfg.Network, IPv4 or IPv6; it
+// changes nothing until Ensure. ipt must run the program of that family
+// (NewIPTables(v6)); New refuses a handle of the other family when the
+// handle can tell (*iptables.IPTables can).
 func New(ipt IPTables, cfg Config, log *slog.Logger) (*Manager, error) {
-	if !cfg.Network.IsValid() || !cfg.Network.Addr().Is4() || cfg.Network.Masked() != cfg.Network {
-		return nil, fmt.Errorf("masq: network %v is not an IPv4 network address", cfg.Network)
+	n := cfg.Network
+	// An IPv4-mapped IPv6 network (::ffff:a.b.c.d/n) is neither: no packet
+	// on the wire carries such an address.
+	if !n.IsValid() || n.Addr().Is4In6() || n.Masked() != n {
+		return nil, fmt.Errorf("masq: network %v is not an IPv4 or IPv6 network address", n)
 	}
-	if !cfg.Subnet.IsValid() || cfg.Subnet.Masked() != cfg.Subnet || !cfg.Network.Contains(cfg.Subnet.Addr()) || cfg.Subnet.Bits() < cfg.Network.Bits() {
-		return nil, fmt.Errorf("masq: subnet %v is not a subnet of network %s", cfg.Subnet, cfg.Network)
+	if !cfg.Subnet.IsValid() || cfg.Subnet.Masked() != cfg.Subnet || !n.Contains(cfg.Subnet.Addr()) || cfg.Subnet.Bits() < n.Bits() {
+		return nil, fmt.Errorf("masq: subnet %v is not a subnet of network %s", cfg.Subnet, n)
+	}
+	v6 := n.Addr().Is6()
+	if p, ok := ipt.(protocolReporter); ok {
+		if hv6 := p.Proto() == iptables.ProtocolIPv6; hv6 != v6 {
+			return nil, fmt.Errorf("masq: network %s is %s but the iptables handle is for %s", n, familyName(v6), familyName(hv6))
+		}
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Manager{ipt: ipt, cfg: cfg, log: log.With("component", "masq"), listed: map[string][]string{}}, nil
+	log = log.With("component", "masq", "family", familyName(v6))
+	return &Manager{ipt: ipt, cfg: cfg, log: log, listed: map[string][]string{}}, nil
 }
 
 // Ensure makes twill's chains hold exactly Rules and the built-in chains jump
@@ -317,8 +367,9 @@ func (m *Manager) Cleanup(ctx context.Context) error {
 	return Cleanup(ctx, m.ipt)
 }
 
-// Cleanup removes everything twill put in iptables: for `twilld --cleanup`,
-// which may not know the network any more.
+// Cleanup removes everything twill put in the tables of ipt's family: for
+// `twilld --cleanup`, which may not know the network any more. Call it once
+// with an iptables and once with an ip6tables handle to clean both families.
 func Cleanup(ctx context.Context, ipt IPTables) error {
 	m := &Manager{ipt: ipt}
 	var errs []error
@@ -351,26 +402,4 @@ func rulesOnly(lines []string) []string {
 		}
 	}
 	return out
-}
-
-// IPForwardPath is the sysctl that lets the kernel route between interfaces.
-const IPForwardPath = "/proc/sys/net/ipv4/ip_forward"
-
-// EnableIPForward turns on net.ipv4.ip_forward in the calling thread's
-// network namespace, writing only if it is off. twilld needs it: pod traffic
-// to other nodes and out of the cluster is forwarded.
-func EnableIPForward() error { return enableSysctl(IPForwardPath) }
-
-func enableSysctl(path string) error {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Errorf("read %s: %w", path, err)
-	}
-	if strings.TrimSpace(string(b)) == "1" {
-		return nil
-	}
-	if err := os.WriteFile(path, []byte("1\n"), 0o644); err != nil {
-		return fmt.Errorf("enable %s: %w", path, err)
-	}
-	return nil
 }

@@ -10,6 +10,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/coreos/go-iptables/iptables"
 )
 
 // fakeIPT is an in-memory iptables with the behaviour masq relies on: builtin
@@ -198,6 +200,39 @@ var wantNAT = []string{
 
 var wantFWD = []string{"-s 10.244.0.0/16 -j ACCEPT", "-d 10.244.0.0/16 -j ACCEPT"}
 
+// The IPv6 half of a dual-stack node: a /56 network, a /64 per node.
+var testCfg6 = Config{Network: netip.MustParsePrefix("fd00:10:244::/56"), Subnet: netip.MustParsePrefix("fd00:10:244:7::/64")}
+
+var wantNAT6 = []string{
+	"-m mark --mark 0x4000/0x4000 -j RETURN",
+	"-s fd00:10:244::/56 -d fd00:10:244::/56 -j RETURN",
+	"-s fd00:10:244::/56 ! -d ff00::/8 -j MASQUERADE --random-fully",
+	"! -s fd00:10:244::/56 -d fd00:10:244:7::/64 -j RETURN",
+	"! -s fd00:10:244::/56 -d fd00:10:244::/56 -j MASQUERADE --random-fully",
+}
+
+var wantFWD6 = []string{"-s fd00:10:244::/56 -j ACCEPT", "-d fd00:10:244::/56 -j ACCEPT"}
+
+// families are the two Managers of a dual-stack node, for tests that run
+// the same way for both.
+var families = []struct {
+	name     string
+	cfg      Config
+	nat, fwd []string
+}{
+	{"IPv4", testCfg, wantNAT, wantFWD},
+	{"IPv6", testCfg6, wantNAT6, wantFWD6},
+}
+
+// protoFake is a fake that, like *iptables.IPTables, says which family it
+// runs.
+type protoFake struct {
+	*fakeIPT
+	proto iptables.Protocol
+}
+
+func (p protoFake) Proto() iptables.Protocol { return p.proto }
+
 func checkRules(t *testing.T, f *fakeIPT, nat, fwd []string) {
 	t.Helper()
 	if got := f.chains["nat/TWILL-POSTRTG"]; !slices.Equal(got, nat) {
@@ -227,18 +262,60 @@ func ensure(t *testing.T, m *Manager) {
 }
 
 func TestEnsure(t *testing.T) {
-	f := newFake()
-	m, err := New(f, testCfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ensure(t, m)
-	checkRules(t, f, wantNAT, wantFWD)
+	for _, fam := range families {
+		t.Run(fam.name, func(t *testing.T) {
+			f := newFake()
+			m, err := New(f, fam.cfg, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ensure(t, m)
+			checkRules(t, f, fam.nat, fam.fwd)
+			if m.Writes() != 2 { // two chains, each written with its jump
+				t.Errorf("Writes() = %d after the first Ensure, want 2", m.Writes())
+			}
 
-	f.writes = nil
-	ensure(t, m)
-	if len(f.writes) != 0 {
-		t.Errorf("second Ensure wrote: %q", f.writes)
+			f.writes = nil
+			ensure(t, m)
+			if len(f.writes) != 0 {
+				t.Errorf("second Ensure wrote: %q", f.writes)
+			}
+			if m.Writes() != 2 {
+				t.Errorf("Writes() = %d after a second Ensure, want still 2", m.Writes())
+			}
+		})
+	}
+}
+
+func TestRulesIPv6(t *testing.T) {
+	for _, randomFully := range []bool{true, false} {
+		var nat, fwd []string
+		for _, r := range Rules(testCfg6, randomFully) {
+			switch {
+			case r.Table == "nat" && r.Chain == NATChain:
+				nat = append(nat, strings.Join(r.Spec, " "))
+			case r.Table == "filter" && r.Chain == ForwardChain:
+				fwd = append(fwd, strings.Join(r.Spec, " "))
+			default:
+				t.Errorf("rule in an unexpected place: %s %s", r.Table, r)
+			}
+		}
+		want := wantNAT6
+		if !randomFully {
+			want = nil
+			for _, r := range wantNAT6 {
+				want = append(want, strings.TrimSuffix(r, " --random-fully"))
+			}
+		}
+		if !slices.Equal(nat, want) {
+			t.Errorf("randomFully=%v: nat:\n%s\nwant:\n%s", randomFully, strings.Join(nat, "\n"), strings.Join(want, "\n"))
+		}
+		if !slices.Equal(fwd, wantFWD6) {
+			t.Errorf("randomFully=%v: filter: %q", randomFully, fwd)
+		}
+		if all := strings.Join(nat, "\n"); strings.Contains(all, "224.0.0.0") || strings.Contains(all, "10.244") {
+			t.Errorf("IPv4 address in IPv6 rules:\n%s", all)
+		}
 	}
 }
 
@@ -269,14 +346,20 @@ func TestEnsureRepairs(t *testing.T) {
 			f.chains["nat/TWILL-POSTRTG"] = []string{}
 		}},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			f := newFake()
-			m, _ := New(f, testCfg, nil)
-			ensure(t, m)
-			tc.tamper(f)
-			ensure(t, m)
-			checkRules(t, f, wantNAT, wantFWD)
-		})
+		for _, fam := range families {
+			t.Run(fam.name+"/"+tc.name, func(t *testing.T) {
+				f := newFake()
+				m, _ := New(f, fam.cfg, nil)
+				ensure(t, m)
+				before := m.Writes()
+				tc.tamper(f)
+				ensure(t, m)
+				checkRules(t, f, fam.nat, fam.fwd)
+				if m.Writes() == before {
+					t.Error("the repair is not counted in Writes()")
+				}
+			})
+		}
 	}
 }
 
@@ -296,13 +379,22 @@ func TestNetworkChangeReplacesRules(t *testing.T) {
 }
 
 func TestNoRandomFully(t *testing.T) {
-	f := newFake()
-	f.randomFully = false
-	m, _ := New(f, testCfg, nil)
-	ensure(t, m)
-	for _, r := range f.chains["nat/TWILL-POSTRTG"] {
-		if strings.Contains(r, "random-fully") {
-			t.Errorf("--random-fully used although unsupported: %s", r)
+	for _, fam := range families {
+		f := newFake()
+		f.randomFully = false
+		m, _ := New(f, fam.cfg, nil)
+		ensure(t, m)
+		masquerades := 0
+		for _, r := range f.chains["nat/TWILL-POSTRTG"] {
+			if strings.Contains(r, "random-fully") {
+				t.Errorf("%s: --random-fully used although unsupported: %s", fam.name, r)
+			}
+			if strings.HasSuffix(r, "-j MASQUERADE") {
+				masquerades++
+			}
+		}
+		if masquerades != 2 {
+			t.Errorf("%s: %d MASQUERADE rules, want 2: %q", fam.name, masquerades, f.chains["nat/TWILL-POSTRTG"])
 		}
 	}
 }
@@ -326,52 +418,103 @@ func TestOtherRenderingIsLearnt(t *testing.T) {
 }
 
 func TestEnsureReportsFailure(t *testing.T) {
-	f := newFake()
-	f.failOn = "-A TWILL-FWD-NEW"
-	m, _ := New(f, testCfg, nil)
-	err := m.Ensure(context.Background())
-	if err == nil || !strings.Contains(err.Error(), "filter TWILL-FWD") {
-		t.Fatalf("want an error naming filter TWILL-FWD, got %v", err)
-	}
-	// The nat chain was still done.
-	if got := f.chains["nat/TWILL-POSTRTG"]; !slices.Equal(got, wantNAT) {
-		t.Errorf("nat chain: %q", got)
+	for _, fam := range families {
+		t.Run(fam.name, func(t *testing.T) {
+			f := newFake()
+			f.failOn = "-A TWILL-FWD-NEW"
+			m, _ := New(f, fam.cfg, nil)
+			err := m.Ensure(context.Background())
+			if err == nil || !strings.Contains(err.Error(), "filter TWILL-FWD") {
+				t.Fatalf("want an error naming filter TWILL-FWD, got %v", err)
+			}
+			// The nat chain was still done.
+			if got := f.chains["nat/TWILL-POSTRTG"]; !slices.Equal(got, fam.nat) {
+				t.Errorf("nat chain: %q", got)
+			}
+		})
 	}
 }
 
 func TestCleanup(t *testing.T) {
-	f := newFake()
-	m, _ := New(f, testCfg, nil)
-	ensure(t, m)
-	f.chains["nat/TWILL-POSTRTG-NEW"] = []string{}
-	for range 2 {
-		if err := m.Cleanup(context.Background()); err != nil {
-			t.Fatal(err)
-		}
+	for _, fam := range families {
+		t.Run(fam.name, func(t *testing.T) {
+			f := newFake()
+			m, _ := New(f, fam.cfg, nil)
+			ensure(t, m)
+			f.chains["nat/TWILL-POSTRTG-NEW"] = []string{}
+			for range 2 {
+				if err := m.Cleanup(context.Background()); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want := newFake().chains
+			if len(f.chains) != len(want) {
+				t.Errorf("chains left: %v", f.chains)
+			}
+			for k, rules := range want {
+				if !slices.Equal(f.chains[k], rules) {
+					t.Errorf("%s: %q, want %q", k, f.chains[k], rules)
+				}
+			}
+			ensure(t, m) // usable again
+			checkRules(t, f, fam.nat, fam.fwd)
+		})
 	}
-	want := newFake().chains
-	if len(f.chains) != len(want) {
-		t.Errorf("chains left: %v", f.chains)
-	}
-	for k, rules := range want {
-		if !slices.Equal(f.chains[k], rules) {
-			t.Errorf("%s: %q, want %q", k, f.chains[k], rules)
-		}
-	}
-	ensure(t, m) // usable again
-	checkRules(t, f, wantNAT, wantFWD)
 }
 
 func TestNewValidates(t *testing.T) {
+	p := netip.MustParsePrefix
 	for _, cfg := range []Config{
 		{},
-		{Network: netip.MustParsePrefix("10.244.0.0/16")},
-		{Network: netip.MustParsePrefix("10.244.0.1/16"), Subnet: netip.MustParsePrefix("10.244.7.0/24")},
-		{Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: netip.MustParsePrefix("10.245.7.0/24")},
-		{Network: netip.MustParsePrefix("fd00::/64"), Subnet: netip.MustParsePrefix("fd00::/80")},
+		{Network: p("10.244.0.0/16")},
+		{Network: p("10.244.0.1/16"), Subnet: p("10.244.7.0/24")},
+		{Network: p("10.244.0.0/16"), Subnet: p("10.245.7.0/24")},
+		{Network: p("10.244.0.0/16"), Subnet: p("10.0.0.0/8")},
+		{Network: p("fd00:10:244::/56")},
+		{Network: p("fd00:10:244::1/56"), Subnet: p("fd00:10:244:7::/64")},        // host bits
+		{Network: p("fd00:10:244::/56"), Subnet: p("fd00:10:244:7::1/64")},        // host bits
+		{Network: p("fd00:10:244::/56"), Subnet: p("fd00:10:245:7::/64")},         // outside
+		{Network: p("fd00:10:244::/56"), Subnet: p("fd00:10::/48")},               // larger
+		{Network: p("10.244.0.0/16"), Subnet: p("fd00:10:244:7::/64")},            // families differ
+		{Network: p("fd00:10:244::/56"), Subnet: p("10.244.7.0/24")},              // families differ
+		{Network: p("::ffff:10.244.0.0/112"), Subnet: p("::ffff:10.244.7.0/120")}, // IPv4-mapped
 	} {
 		if _, err := New(newFake(), cfg, nil); err == nil {
 			t.Errorf("New(%+v) accepted", cfg)
+		}
+	}
+	for _, cfg := range []Config{
+		testCfg,
+		testCfg6,
+		{Network: p("fd00::/64"), Subnet: p("fd00::/80")},
+		{Network: p("fd00::/64"), Subnet: p("fd00::/64")},
+	} {
+		if _, err := New(newFake(), cfg, nil); err != nil {
+			t.Errorf("New(%+v): %v", cfg, err)
+		}
+	}
+}
+
+// A Config of one family on a handle of the other would write rules the
+// program refuses (or, for an IPv4 network given to ip6tables, cannot
+// parse); New says so instead, naming both families.
+func TestNewRefusesOtherFamilyHandle(t *testing.T) {
+	for _, tc := range []struct {
+		proto   iptables.Protocol
+		cfg     Config
+		wantErr string
+	}{
+		{iptables.ProtocolIPv4, testCfg, ""},
+		{iptables.ProtocolIPv6, testCfg6, ""},
+		{iptables.ProtocolIPv4, testCfg6, "is IPv6 but the iptables handle is for IPv4"},
+		{iptables.ProtocolIPv6, testCfg, "is IPv4 but the iptables handle is for IPv6"},
+	} {
+		_, err := New(protoFake{newFake(), tc.proto}, tc.cfg, nil)
+		switch {
+		case tc.wantErr == "" && err != nil:
+			t.Errorf("New(%v on proto %d): %v", tc.cfg.Network, tc.proto, err)
+		case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+			t.Errorf("New(%v on proto %d) = %v, want an error with %q", tc.cfg.Network, tc.proto, err, tc.wantErr)
 		}
 	}
 }
