@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -77,10 +78,13 @@ type IPAMAdditions struct {
 	Type string `json:"type,omitempty"`
 	// DataDir is host-local's store; empty means host-local's default.
 	DataDir string `json:"dataDir,omitempty"`
-	// Routes are added after the route to the cluster network.
+	// Routes are added after the routes to the cluster networks; each
+	// goes to the pods of its destination's family.
 	Routes []Route `json:"routes,omitempty"`
-	// Ranges, when set, replace the default range (the whole node subnet);
-	// every range must lie inside the node subnet.
+	// Ranges, when set, hold at most one range set per family; a set
+	// replaces that family's default range (the whole node subnet), and
+	// every range must lie inside the node subnet of its family. A set's
+	// family is the one of the addresses it names.
 	Ranges [][]Range `json:"ranges,omitempty"`
 }
 
@@ -90,8 +94,9 @@ type Route struct {
 	GW  string `json:"gw,omitempty"`
 }
 
-// Range is one host-local range. Subnet defaults to the node subnet; Gateway,
-// if given, must be the node's gateway (the bridge's address).
+// Range is one host-local range. Subnet defaults to the node subnet of the
+// range's family; Gateway, if given, must be that family's node gateway (the
+// bridge's address).
 type Range struct {
 	Subnet     string `json:"subnet,omitempty"`
 	RangeStart string `json:"rangeStart,omitempty"`
@@ -124,6 +129,11 @@ var delegateReserved = []string{"name", "cniVersion", "ipam", "prevResult", "run
 // delegateDefaulted are keys the delegate object may set; twill fills in a
 // default otherwise.
 var delegateDefaulted = []string{"type", "bridge", "isGateway", "ipMasq", "mtu"}
+
+// delegateRead are keys twill reads from the delegate object, so they must be
+// spelt as the delegate spells them: the defaulted ones, and isDefaultGateway,
+// which decides who adds the default routes (see buildIPAM).
+var delegateRead = slices.Concat(delegateDefaulted, []string{"isDefaultGateway"})
 
 // MaxConfSize bounds the configuration the plugin accepts.
 const MaxConfSize = 1 << 20
@@ -223,7 +233,7 @@ func parseDelegate(raw json.RawMessage, ownType string) (map[string]any, error) 
 		}
 		// Go plugins match JSON keys case-insensitively, so "MTU" next to
 		// twill's "mtu" would be ambiguous.
-		for _, r := range delegateDefaulted {
+		for _, r := range delegateRead {
 			if k != r && strings.EqualFold(k, r) {
 				return nil, fmt.Errorf("delegate key %q: spell it %q", k, r)
 			}
@@ -244,7 +254,7 @@ func parseDelegate(raw json.RawMessage, ownType string) (map[string]any, error) 
 			return nil, fmt.Errorf("delegate bridge %v is not an interface name", v)
 		}
 	}
-	for _, k := range []string{"isGateway", "ipMasq"} {
+	for _, k := range []string{"isGateway", "ipMasq", "isDefaultGateway"} {
 		if v, ok := d[k]; ok {
 			if _, ok := v.(bool); !ok {
 				return nil, fmt.Errorf("delegate %s must be true or false, not %v", k, v)
@@ -294,53 +304,146 @@ func parseIPAM(raw json.RawMessage) (IPAMAdditions, error) {
 		a.DataDir = p
 	}
 	for i, r := range a.Routes {
-		if _, err := parseV4Prefix(r.Dst); err != nil {
-			return a, fmt.Errorf("ipam route %d dst: %w", i, err)
-		}
-		if r.GW != "" {
-			if _, err := parseV4Addr(r.GW); err != nil {
-				return a, fmt.Errorf("ipam route %d gw: %w", i, err)
-			}
+		if _, _, err := r.parse(i); err != nil {
+			return a, err
 		}
 	}
-	if a.Ranges != nil {
-		if len(a.Ranges) != 1 || len(a.Ranges[0]) == 0 {
-			return a, fmt.Errorf("ipam ranges must be one non-empty range set (one address per pod, from the node subnet)")
-		}
-		for i, r := range a.Ranges[0] {
-			if err := r.parse(); err != nil {
-				return a, fmt.Errorf("ipam range %d: %w", i, err)
-			}
-		}
+	if _, err := rangeSetFamilies(a.Ranges); err != nil {
+		return a, err
 	}
 	return a, nil
 }
 
-// parse checks a range's syntax; inside() checks it against the node subnet.
-func (r Range) parse() error {
-	if r.Subnet != "" {
-		if _, err := parseV4Prefix(r.Subnet); err != nil {
-			return fmt.Errorf("subnet: %w", err)
-		}
+// The families of addresses in the plugin config.
+const (
+	famNone = 0 // a range that names no address
+	famV4   = 4
+	famV6   = 6
+)
+
+func familyOf(a netip.Addr) int {
+	if a.Is6() {
+		return famV6
 	}
-	for _, s := range []struct{ name, v string }{{"rangeStart", r.RangeStart}, {"rangeEnd", r.RangeEnd}, {"gateway", r.Gateway}} {
-		if s.v == "" {
-			continue
-		}
-		if _, err := parseV4Addr(s.v); err != nil {
-			return fmt.Errorf("%s: %w", s.name, err)
-		}
-	}
-	return nil
+	return famV4
 }
 
-func parseV4Prefix(s string) (netip.Prefix, error) {
+func familyName(f int) string {
+	switch f {
+	case famV4:
+		return "IPv4"
+	case famV6:
+		return "IPv6"
+	}
+	return "of no family"
+}
+
+// parse checks a route's syntax: dst a prefix, gw (optional) an address of
+// dst's family. i is the route's index in ipam.routes, for errors.
+func (r Route) parse(i int) (dst netip.Prefix, gw netip.Addr, err error) {
+	if dst, err = parsePrefix(r.Dst); err != nil {
+		return dst, gw, fmt.Errorf("ipam.routes[%d].dst: %w", i, err)
+	}
+	if r.GW == "" {
+		return dst, gw, nil
+	}
+	if gw, err = parseAddr(r.GW); err != nil {
+		return dst, gw, fmt.Errorf("ipam.routes[%d].gw: %w", i, err)
+	}
+	if familyOf(gw) != familyOf(dst.Addr()) {
+		return dst, gw, fmt.Errorf("ipam.routes[%d].gw %s is %s, but its dst %s is %s", i, gw, familyName(familyOf(gw)), dst, familyName(familyOf(dst.Addr())))
+	}
+	return dst, gw, nil
+}
+
+// family checks a range's syntax and returns the family of the addresses it
+// names, famNone if it names none. where names the range in errors.
+func (r Range) family(where string) (int, error) {
+	fam, first := famNone, ""
+	for _, f := range []struct {
+		name, v string
+		prefix  bool
+	}{{"subnet", r.Subnet, true}, {"rangeStart", r.RangeStart, false}, {"rangeEnd", r.RangeEnd, false}, {"gateway", r.Gateway, false}} {
+		if f.v == "" {
+			continue
+		}
+		var a netip.Addr
+		if f.prefix {
+			p, err := parsePrefix(f.v)
+			if err != nil {
+				return fam, fmt.Errorf("%s.%s: %w", where, f.name, err)
+			}
+			a = p.Addr()
+		} else {
+			var err error
+			if a, err = parseAddr(f.v); err != nil {
+				return fam, fmt.Errorf("%s.%s: %w", where, f.name, err)
+			}
+		}
+		switch {
+		case fam == famNone:
+			fam, first = familyOf(a), f.name
+		case familyOf(a) != fam:
+			return fam, fmt.Errorf("%s.%s %s is %s, but its %s is %s: a range is of one family", where, f.name, f.v, familyName(familyOf(a)), first, familyName(fam))
+		}
+	}
+	return fam, nil
+}
+
+// rangeSetFamilies checks the syntax of ipam.ranges and returns the family
+// of each set: at most one set per family, a set's ranges all of one family.
+// A set that names no address at all (famNone) is allowed only as the only
+// set; buildIPAM gives it the node's family if the node has just one.
+func rangeSetFamilies(sets [][]Range) ([]int, error) {
+	if sets == nil {
+		return nil, nil
+	}
+	if len(sets) == 0 || len(sets) > 2 {
+		return nil, fmt.Errorf("ipam.ranges has %d range sets: give one per family, at most two (one IPv4, one IPv6), or leave ranges out for the whole node subnets", len(sets))
+	}
+	fams := make([]int, len(sets))
+	for i, set := range sets {
+		if len(set) == 0 {
+			return nil, fmt.Errorf("ipam.ranges[%d] is an empty range set", i)
+		}
+		first := -1
+		for j, r := range set {
+			where := fmt.Sprintf("ipam.ranges[%d][%d]", i, j)
+			f, err := r.family(where)
+			if err != nil {
+				return nil, err
+			}
+			switch {
+			case f == famNone:
+			case fams[i] == famNone:
+				fams[i], first = f, j
+			case f != fams[i]:
+				return nil, fmt.Errorf("%s is %s, but ipam.ranges[%d][%d] is %s: a range set is of one family (give each family its own set)", where, familyName(f), i, first, familyName(fams[i]))
+			}
+		}
+	}
+	if len(sets) == 2 {
+		for i, f := range fams {
+			if f == famNone {
+				return nil, fmt.Errorf("ipam.ranges[%d] names no address, so its family is unknown: with two range sets give each a subnet, rangeStart or rangeEnd", i)
+			}
+		}
+		if fams[0] == fams[1] {
+			return nil, fmt.Errorf("ipam.ranges[0] and ipam.ranges[1] are both %s: give at most one range set per family (a pod gets one address of each family)", familyName(fams[0]))
+		}
+	}
+	return fams, nil
+}
+
+// parsePrefix parses a network address of either family. IPv4-mapped IPv6
+// is refused: host-local and the kernel would treat it as IPv4.
+func parsePrefix(s string) (netip.Prefix, error) {
 	p, err := netip.ParsePrefix(s)
 	if err != nil {
 		return p, err
 	}
-	if !p.Addr().Is4() {
-		return p, fmt.Errorf("%s is not IPv4 (twill pods are IPv4 only)", s)
+	if p.Addr().Is4In6() {
+		return p, fmt.Errorf("%s is an IPv4-mapped IPv6 prefix; write it as IPv4", s)
 	}
 	if p.Masked() != p {
 		return p, fmt.Errorf("%s has host bits set; did you mean %s?", s, p.Masked())
@@ -348,13 +451,17 @@ func parseV4Prefix(s string) (netip.Prefix, error) {
 	return p, nil
 }
 
-func parseV4Addr(s string) (netip.Addr, error) {
+// parseAddr parses an address of either family, without a zone.
+func parseAddr(s string) (netip.Addr, error) {
 	a, err := netip.ParseAddr(s)
 	if err != nil {
 		return a, err
 	}
-	if !a.Is4() {
-		return a, fmt.Errorf("%s is not IPv4 (twill pods are IPv4 only)", s)
+	if a.Zone() != "" {
+		return a, fmt.Errorf("%s has a zone; pods' addresses and gateways have none", s)
+	}
+	if a.Is4In6() {
+		return a, fmt.Errorf("%s is an IPv4-mapped IPv6 address; write it as IPv4", s)
 	}
 	return a, nil
 }

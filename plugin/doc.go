@@ -5,9 +5,10 @@
 // # Design
 //
 // The plugin owns no datapath of its own. Everything a pod needs on the node —
-// a veth on a Linux bridge, an address from the node's subnet, a route to the
-// cluster network through the bridge — is what bridge + host-local already do
-// well, so twill only decides *which* configuration they get:
+// a veth on a Linux bridge, an address from the node's subnet of each family
+// (IPv4, IPv6 or both, as the env file says), a route to each cluster network
+// through the bridge — is what bridge + host-local already do well, so twill
+// only decides *which* configuration they get:
 //
 //	subnet env file ─┐
 //	                 ├─ BuildDelegate ─> delegate config ─> bridge ─> host-local
@@ -24,7 +25,9 @@
 //     why the order is safe). If the delegate fails or the state cannot be
 //     saved, the plugin rolls back with a delegate DEL and removes the state
 //     once that succeeded, so nothing is recorded for an attachment that does
-//     not exist.
+//     not exist. With IPv6, ADD returns only once the bridge's IPv6 gateway
+//     has left duplicate address detection, which the reference bridge does
+//     not wait for (see gateway.go).
 //   - DEL delegates with the saved configuration and removes the state only
 //     after the delegate succeeded, so a failed DEL can be retried. When the
 //     state is missing or corrupt it rebuilds the configuration from the env
@@ -33,7 +36,7 @@
 //     succeeds.
 //   - CHECK delegates with the saved configuration and the runtime's
 //     prevResult, and also fails when the env file no longer matches the
-//     subnet or MTU the pod was wired with.
+//     subnets (of either family) or MTU the pod was wired with.
 //   - GC removes the state of attachments the runtime no longer lists, then
 //     forwards GC to the delegate and to its IPAM plugin (the reference bridge
 //     does not forward GC to IPAM), so host-local releases their addresses.

@@ -127,7 +127,16 @@ func (n *node) writeEnv(e subnet.Env) {
 // confList is what a runtime would load from /etc/cni/net.d: twill, then
 // portmap, with host-local's store in the test's directory.
 func (n *node) confList(cniVersion string) *libcni.NetworkConfigList {
+	return n.confListWith(cniVersion, nil)
+}
+
+// confListWith is confList with more keys in twill's delegate object.
+func (n *node) confListWith(cniVersion string, delegate map[string]any) *libcni.NetworkConfigList {
 	n.t.Helper()
+	d := map[string]any{"bridge": "cni0", "hairpinMode": true}
+	for k, v := range delegate {
+		d[k] = v
+	}
 	raw, err := json.Marshal(map[string]any{
 		"cniVersion": cniVersion,
 		"name":       netName,
@@ -136,7 +145,7 @@ func (n *node) confList(cniVersion string) *libcni.NetworkConfigList {
 				"type":       "twill",
 				"subnetFile": n.envFile,
 				"dataDir":    n.dataDir,
-				"delegate":   map[string]any{"bridge": "cni0", "hairpinMode": true},
+				"delegate":   d,
 				"ipam":       map[string]any{"dataDir": n.ipamDir},
 			},
 			map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}},
@@ -160,10 +169,12 @@ func (n *node) inHost(f func() error) error {
 
 // pod is a container: a network namespace and an ID.
 type pod struct {
-	id string
-	ns ns.NetNS
-	ip netip.Prefix // from the ADD result
-	gw netip.Addr
+	id  string
+	ns  ns.NetNS
+	ip  netip.Prefix // the IPv4 address and gateway from the ADD result
+	gw  netip.Addr
+	ip6 netip.Prefix // the IPv6 ones
+	gw6 netip.Addr
 }
 
 func (n *node) newPod(id string) *pod {
@@ -230,8 +241,13 @@ func (n *node) add(list *libcni.NetworkConfigList, p *pod) (types.Result, error)
 		return nil, fmt.Errorf("convert result: %w", err)
 	}
 	for _, ipc := range cur.IPs {
-		p.ip, _ = netip.ParsePrefix(ipc.Address.String())
-		p.gw, _ = netip.AddrFromSlice(ipc.Gateway.To4())
+		ip, _ := netip.ParsePrefix(ipc.Address.String())
+		gw, _ := netip.ParseAddr(ipc.Gateway.String())
+		if ip.Addr().Is4() {
+			p.ip, p.gw = ip, gw
+		} else {
+			p.ip6, p.gw6 = ip, gw
+		}
 	}
 	return res, nil
 }

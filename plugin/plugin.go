@@ -1,10 +1,12 @@
 package plugin
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -27,6 +29,10 @@ type Plugin struct {
 	Exec Exec
 	// Stdout receives the ADD result; nil means os.Stdout.
 	Stdout io.Writer
+
+	// ifInet6 reads /proc/net/if_inet6 (see settleGateway); nil means
+	// the real file.
+	ifInet6 func() ([]byte, error)
 }
 
 func (p *Plugin) stdout() io.Writer {
@@ -65,6 +71,9 @@ func delegateFor(conf *NetConf) ([]byte, EnvRecord, *types.Error) {
 
 func encodeDelegate(conf *NetConf, env subnet.Env) ([]byte, *types.Error) {
 	d, err := BuildDelegate(conf, env)
+	if errors.As(err, new(envError)) {
+		return nil, cniError(codeBadConfig, fmt.Sprintf("subnet env file %s cannot be used", conf.SubnetFile), err)
+	}
 	if err != nil {
 		return nil, cniError(codeBadConfig, "cannot build the delegate config", err)
 	}
@@ -114,9 +123,38 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	if err != nil {
 		return p.rollback(conf.DelegateTimeout, store, args, typ, raw, delegateError(typ, "ADD", err))
 	}
+	if cerr := p.settleGateway(env); cerr != nil {
+		return p.rollback(conf.DelegateTimeout, store, args, typ, raw, cerr)
+	}
 	if cerr := p.printResult(out, conf.CNIVersion); cerr != nil {
 		cerr.Msg = fmt.Sprintf("twill: delegate %s ADD: %s", typ, strings.TrimPrefix(cerr.Msg, "twill: "))
 		return p.rollback(conf.DelegateTimeout, store, args, typ, raw, cerr)
+	}
+	return nil
+}
+
+// settleGateway returns once the node's IPv6 gateway can be used, so that
+// the pod can use its IPv6 address as soon as ADD returns; see gateway.go.
+func (p *Plugin) settleGateway(env EnvRecord) *types.Error {
+	if env.IPv6Subnet == "" {
+		return nil
+	}
+	gw, err := netip.ParsePrefix(env.IPv6Subnet)
+	if err != nil {
+		return cniError(codeInternal, "cannot read the IPv6 gateway", err)
+	}
+	read := p.ifInet6
+	if read == nil {
+		read = readIfInet6
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), gatewaySettleTimeout)
+	defer cancel()
+	err = settleGateway(ctx, gw.Addr(), read)
+	switch {
+	case errors.Is(err, errGatewayTentative):
+		return cniError(codeTryAgain, "the node's IPv6 gateway is not usable yet", err)
+	case err != nil:
+		return cniError(codeInternal, "the node's IPv6 gateway is not usable", err)
 	}
 	return nil
 }
@@ -230,9 +268,14 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	if cerr != nil {
 		return cerr
 	}
-	if now := recordEnv(env); now.Subnet != st.Env.Subnet || now.MTU != st.Env.MTU {
+	// The delegate's CHECK sees the pod's addresses and routes of both
+	// families against prevResult; only twill knows whether they are still
+	// the node's. A record without IPv6 (an older plugin's, or an
+	// IPv4-only node's) differs from an env file that has IPv6 now: the
+	// pod has no IPv6 address.
+	if now := recordEnv(env); now.wiring() != st.Env.wiring() {
 		return cniError(codeInternal, "the node's subnet or MTU changed since the pod was added; recreate the pod",
-			fmt.Errorf("added with subnet %s mtu %d, env file now has subnet %s mtu %d", st.Env.Subnet, st.Env.MTU, now.Subnet, now.MTU))
+			fmt.Errorf("added with %s; the env file now has %s", st.Env.wiring(), now.wiring()))
 	}
 	keys := map[string]any{"cniVersion": conf.CNIVersion}
 	if conf.PrevResult != nil {
@@ -259,6 +302,11 @@ func (p *Plugin) Status(args *skel.CmdArgs) error {
 	env, cerr := loadEnv(conf.SubnetFile)
 	if cerr != nil {
 		return types.NewError(codeNotAvailable, "twill: not ready: "+strings.TrimPrefix(cerr.Msg, "twill: "), cerr.Details)
+	}
+	if _, err := nodeFamilies(env); err != nil {
+		// An env file no pod can be wired from is twilld's to fix, like
+		// an invalid one.
+		return types.NewError(codeNotAvailable, fmt.Sprintf("twill: not ready: subnet env file %s cannot be used", conf.SubnetFile), err.Error())
 	}
 	raw, cerr := encodeDelegate(conf, env)
 	if cerr != nil {

@@ -111,16 +111,61 @@ type State struct {
 	Delegate json.RawMessage `json:"delegate"`
 }
 
-// EnvRecord is the env file as it was at ADD.
+// EnvRecord is the env file as it was at ADD. A family the node had no
+// subnet of is left out. The IPv6 fields came after the first release, which
+// wrote IPv4 alone: its files read as records without IPv6, which is what
+// they describe, so the format version stayed 1.
 type EnvRecord struct {
-	Network string `json:"network"`
-	Subnet  string `json:"subnet"`
-	MTU     int    `json:"mtu"`
-	IPMasq  bool   `json:"ipMasq"`
+	Network     string `json:"network,omitempty"`
+	Subnet      string `json:"subnet,omitempty"`
+	IPv6Network string `json:"ipv6Network,omitempty"`
+	IPv6Subnet  string `json:"ipv6Subnet,omitempty"`
+	MTU         int    `json:"mtu"`
+	IPMasq      bool   `json:"ipMasq"`
 }
 
 func recordEnv(e subnet.Env) EnvRecord {
-	return EnvRecord{Network: e.Network.String(), Subnet: e.Subnet.String(), MTU: e.MTU, IPMasq: e.IPMasq}
+	return EnvRecord{
+		Network: prefixString(e.Network), Subnet: prefixString(e.Subnet),
+		IPv6Network: prefixString(e.IPv6Network), IPv6Subnet: prefixString(e.IPv6Subnet),
+		MTU: e.MTU, IPMasq: e.IPMasq,
+	}
+}
+
+func prefixString(p netip.Prefix) string {
+	if !p.IsValid() {
+		return ""
+	}
+	return p.String()
+}
+
+// wiring is what a pod was wired with and cannot change under it: the node
+// subnet of each family (its address and gateway) and the MTU.
+func (e EnvRecord) wiring() string {
+	or := func(s string) string {
+		if s == "" {
+			return "none"
+		}
+		return s
+	}
+	return fmt.Sprintf("subnet %s, IPv6 subnet %s, mtu %d", or(e.Subnet), or(e.IPv6Subnet), e.MTU)
+}
+
+// check is decodeState's test of the record: at least one family, and every
+// subnet a prefix.
+func (e EnvRecord) check() error {
+	if e.Subnet == "" && e.IPv6Subnet == "" {
+		return errors.New("env has neither subnet nor ipv6Subnet")
+	}
+	for _, f := range []struct{ key, v string }{{"subnet", e.Subnet}, {"ipv6Subnet", e.IPv6Subnet}} {
+		if f.v == "" {
+			continue
+		}
+		if _, err := netip.ParsePrefix(f.v); err != nil {
+			return fmt.Errorf("env %s: %w", f.key, err)
+		}
+	}
+	return nil
 }
 
 // Store keeps state files for one network: <dataDir>/<network>/<containerID>@<ifName>.
@@ -250,8 +295,8 @@ func decodeState(data []byte) (*State, error) {
 	if st.Version != stateVersion {
 		return nil, fmt.Errorf("format version %d, this plugin reads %d", st.Version, stateVersion)
 	}
-	if _, err := netip.ParsePrefix(st.Env.Subnet); err != nil {
-		return nil, fmt.Errorf("env subnet: %w", err)
+	if err := st.Env.check(); err != nil {
+		return nil, err
 	}
 	if _, err := delegateType(st.Delegate); err != nil {
 		return nil, err
