@@ -227,6 +227,9 @@ func (c *Config) validate() error {
 	if b.MTU != 0 && (b.MTU < 576 || b.MTU > 65535) {
 		return fmt.Errorf("Backend.MTU: %d is out of range (576 to 65535, or 0 for automatic)", b.MTU)
 	}
+	if c.EnableIPv6 && b.MTU != 0 && b.MTU < 1280 {
+		return fmt.Errorf("Backend.MTU: %d is below 1280, the least IPv6 allows, and EnableIPv6 is true", b.MTU)
+	}
 	return nil
 }
 
@@ -305,6 +308,9 @@ func validateFamily(k familyKeys, f family) error {
 			name = "IPv6"
 		}
 		return fmt.Errorf("%s: %s is not an %s CIDR", k.network, f.network, name)
+	}
+	if a := f.network.Addr(); k.v6 && (a.IsLinkLocalUnicast() || a.IsMulticast() || a.IsLoopback() || a.IsUnspecified()) {
+		return fmt.Errorf("%s: %s is not a unicast range pods can be addressed from (a unique local range such as %s, or a global one)", k.network, f.network, k.example)
 	}
 	if f.network.Masked() != f.network {
 		return fmt.Errorf("%s: %s has host bits set (did you mean %s?)", k.network, f.network, f.network.Masked())

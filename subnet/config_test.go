@@ -86,6 +86,8 @@ func TestParseConfig(t *testing.T) {
 			}
 		}},
 		{name: "IPv6 keys of a family that is off are checked, not used", in: `{"Network":"10.1.0.0/16","EnableIPv6":false,"IPv6Network":"fd00:10::/56"}`},
+		{name: "IPv6 link-local network", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fe80::/56"}`, wantErr: "IPv6Network: fe80::/56 is not a unicast range"},
+		{name: "IPv6 with a small MTU", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","MTU":1200}}`, wantErr: "Backend.MTU: 1200 is below 1280"},
 		{name: "both families off", in: `{"EnableIPv4":false,"EnableIPv6":false}`, wantErr: "EnableIPv4, EnableIPv6: both are false"},
 		{name: "IPv6 without IPv6Network", in: `{"Network":"10.1.0.0/16","EnableIPv6":true}`, wantErr: "IPv6Network: required when EnableIPv6 is true"},
 		{name: "IPv6Network not IPv6", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"10.2.0.0/16"}`, wantErr: "IPv6Network: 10.2.0.0/16 is not an IPv6 CIDR"},
@@ -114,6 +116,8 @@ func TestParseConfig(t *testing.T) {
 			}
 		}},
 		{name: "IPv6 enabled without a network", in: `{"Network":"10.1.0.0/16","EnableIPv6":true}`, wantErr: "IPv6Network: required when EnableIPv6 is true"},
+		{name: "IPv6 link-local network", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fe80::/56"}`, wantErr: "IPv6Network: fe80::/56 is not a unicast range"},
+		{name: "IPv6 with a small MTU", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","MTU":1200}}`, wantErr: "Backend.MTU: 1200 is below 1280"},
 		{name: "both families off", in: `{"EnableIPv4":false,"Network":"10.1.0.0/16"}`, wantErr: "both are false"},
 		{name: "not json", in: `Network: 10.1.0.0/16`, wantErr: "invalid JSON"},
 		{name: "trailing data", in: `{"Network":"10.1.0.0/16"} {}`, wantErr: "trailing data"},

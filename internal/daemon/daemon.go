@@ -140,6 +140,9 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		d.planes = append(d.planes, &plane{d: d, v6: v6, be: be,
 			policy: subnet.PeerPolicy{Network: cfg.Range(v6).Network, PublicIPs: allowed}})
 	}
+	if cfg.EnableIPv6 && d.mtu < 1280 {
+		return fmt.Errorf("the pod MTU would be %d, below the 1280 IPv6 needs: the external interface's MTU is too small for an IPv6 network", d.mtu)
+	}
 	if !cfg.EnableIPv4 {
 		// flannel's IPv6-only leases say so; its readers need a valid IPv4.
 		attrs.PublicIP = netip.IPv4Unspecified()
