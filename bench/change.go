@@ -113,7 +113,7 @@ func (h *Harness) changeSeries(ctx context.Context, e *etcdMode, n, samples int,
 	}
 	put := func(p fakePeer) func(context.Context) error {
 		return func(ctx context.Context) error {
-			_, err := e.etcd.cli.Put(ctx, e.etcd.reg.SubnetKey(p.Subnet), p.value())
+			_, err := e.etcd.cli.Put(ctx, p.key(e.etcd.reg, false), p.value(false))
 			return err
 		}
 	}

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"time"
@@ -45,91 +46,175 @@ func (h *Harness) runEtcdMode(ctx context.Context) {
 }
 
 // convergence is figure 1: for each size, cold starts of twilld alternating
-// with the batch limit.
+// with the batch limit; then, unless --dual-stack=false, the largest size
+// again with every peer dual-stack.
 func (h *Harness) convergence(ctx context.Context, e *etcdMode, sec *Section) error {
 	for _, n := range h.cfg.Sizes {
 		if err := e.setPeers(ctx, n); err != nil {
 			return err
 		}
-		var env, all, fdb, neigh, route, limTotal, limFDB, limNeigh, limRoute, limNH []time.Duration
-		var cpu, ucpu, hcpu, hwm []float64
-		phases := map[string][]time.Duration{}
-		for r := range h.cfg.Runs {
-			var cs *coldStart
-			start := func() error {
-				var err error
-				cs, err = e.coldStart(ctx, n)
-				return err
-			}
-			var err error
-			if r == h.cfg.Runs-1 && n == slices.Max(h.cfg.Sizes) {
-				err = h.profiled(ctx, fmt.Sprintf("cold-start-%d", n), start)
-			} else {
-				err = start()
-			}
-			if err != nil {
-				return fmt.Errorf("%d peers, run %d: %w", n, r+1, err)
-			}
-			cs.w.close()
-			env, all = append(env, cs.Env), append(all, cs.All)
-			fdb, neigh, route = append(fdb, cs.FDB), append(neigh, cs.Neigh), append(route, cs.Route)
-			cpu, hwm = append(cpu, cs.CPU), append(hwm, cs.HWM)
-			ucpu, hcpu = append(ucpu, cs.UserCPU), append(hcpu, cs.HarnessCPU)
-			for k, v := range cs.Phases {
-				phases[k] = append(phases[k], v)
-			}
-			if err := e.reset(ctx); err != nil {
-				return err
-			}
-			l, err := measureBatchLimit(ctx, h, n)
-			if err != nil {
-				return fmt.Errorf("batch limit, %d peers: %w", n, err)
-			}
-			limTotal, limFDB = append(limTotal, l.Total), append(limFDB, l.FDB)
-			limNeigh, limRoute, limNH = append(limNeigh, l.Neigh), append(limRoute, l.Route), append(limNH, l.NexthopRoute)
-			h.say("  %d peers, run %d: env file %.3f s, all %d entries %.3f s (batch limit %.3f s), CPU %.2f s (user %.2f), peak RSS %.1f MiB; harness CPU %.2f s",
-				n, r+1, cs.Env.Seconds(), 3*n, cs.All.Seconds(), l.Total.Seconds(), cs.CPU, cs.UserCPU, cs.HWM, cs.HarnessCPU)
+		if err := h.convergeSize(ctx, e, sec, n); err != nil {
+			return err
 		}
-		big := n >= 5000
-		lim := &Limit{Name: "ip/bridge -batch", Stats: Summarize(seconds(limTotal))}
-		f := h.add(sec, &Figure{Name: fmt.Sprintf("%d peers: start -> env file", n), Unit: "s", Stats: Summarize(seconds(env))})
-		if big {
-			f.Targets = []Target{{"median", "<=", 0.3}}
+	}
+	if h.cfg.DualStack {
+		n := slices.Max(h.cfg.Sizes)
+		err := e.setDualStack(ctx, true, n)
+		if err == nil {
+			err = h.convergeSize(ctx, e, sec, n)
 		}
-		f = h.add(sec, &Figure{Name: fmt.Sprintf("%d peers: start -> all %d entries", n, 3*n), Unit: "s", Stats: Summarize(seconds(all)), Limit: lim})
-		if big {
-			f.Targets = []Target{{"median", "<=", 1.0}, {"ratio", "<=", 1.5}}
+		// Sections 6 and 2 follow on the same etcd, IPv4 only.
+		if rerr := e.setDualStack(ctx, false, 0); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("back to an IPv4 network: %w", rerr))
 		}
-		h.add(sec, &Figure{Name: fmt.Sprintf("%d peers: CPU seconds to converge", n), Unit: "s", Stats: Summarize(cpu)})
-		h.add(sec, &Figure{Name: fmt.Sprintf("%d peers: of which user space", n), Unit: "s", Stats: Summarize(ucpu)})
-		h.add(sec, &Figure{Name: fmt.Sprintf("%d peers: harness CPU meanwhile (notifications)", n), Unit: "s", Stats: Summarize(hcpu)})
-		f = h.add(sec, &Figure{Name: fmt.Sprintf("%d peers: peak RSS (VmHWM)", n), Unit: "MiB", Stats: Summarize(hwm)})
-		if big {
-			f.Targets = []Target{{"median", "<=", 25}}
-		}
-		if !big {
-			continue
-		}
-		// Where the time goes, for the largest size.
-		h.add(sec, &Figure{Name: fmt.Sprintf("%d peers: start -> all FDB entries", n), Unit: "s", Stats: Summarize(seconds(fdb)),
-			Limit: &Limit{Name: "bridge -batch fdb", Stats: Summarize(seconds(limFDB))}})
-		h.add(sec, &Figure{Name: fmt.Sprintf("%d peers: start -> all neighbours", n), Unit: "s", Stats: Summarize(seconds(neigh)),
-			Limit: &Limit{Name: "ip -batch neigh", Stats: Summarize(seconds(limNeigh))}})
-		h.add(sec, &Figure{Name: fmt.Sprintf("%d peers: start -> all routes", n), Unit: "s", Stats: Summarize(seconds(route)),
-			Limit: &Limit{Name: "ip -batch route", Stats: Summarize(seconds(limRoute))}})
-		h.add(sec, &Figure{Name: fmt.Sprintf("%d peers, design alternative: routes via nexthop objects (ip -batch, nexthops + routes)", n), Unit: "s",
-			Stats: Summarize(seconds(limNH)), Limit: &Limit{Name: "ip -batch route", Stats: Summarize(seconds(limRoute))}})
-		for _, p := range phaseMessages {
-			if ds := phases[p.phase]; len(ds) > 0 {
-				h.add(sec, &Figure{Name: fmt.Sprintf("%d peers, twilld log: start -> %s", n, p.phase), Unit: "s", Stats: Summarize(seconds(ds))})
-			}
+		if err != nil {
+			return fmt.Errorf("dual-stack, %d peers: %w", n, err)
 		}
 	}
 	h.note(sec, "start = fork of twilld in the host namespace; entries = kernel notifications of twill's routes, permanent neighbours and FDB entries; the tables are dumped afterwards to check the counts")
 	h.note(sec, "limit = the same entries written by `bridge -batch` (FDB) + `ip -batch` (neighbours, routes) into a fresh VXLAN device in a fresh namespace, measured between twilld's runs")
+	if h.cfg.DualStack {
+		h.note(sec, "dual-stack: the largest size again with every peer lease dual-stack (one key per peer, IPv4 /24 and IPv6 /64, a VTEP MAC per family); entries = 3N on twill.1 and 3N on twill-v6.1; limit = the same 6N in batch mode, twill.1's then twill-v6.1's (the order of twilld's planes), in one fresh namespace with both devices; issue 6's targets are for IPv4 and are not applied")
+	}
 	if h.cfg.PerfDir != "" {
-		h.note(sec, "the last run of the largest size ran under a system-wide perf record (--perf): it is slower than the others")
+		h.note(sec, "the last IPv4 run of the largest size ran under a system-wide perf record (--perf): it is slower than the others")
 	}
 	h.note(sec, "each run starts on a fresh host: no device, no twill routes, no own lease in etcd, no env file")
 	return nil
+}
+
+// convergeSamples are the measurements of one size's runs.
+type convergeSamples struct {
+	env, all, limTotal, limNH []time.Duration
+	// kinds and limKinds are keyed by kernelWatch's kind names ("fdb",
+	// "route6", ...). In a dual-stack network v4 is the time to the last
+	// IPv4 entry, and v6 and the IPv6 kinds count from then, when twilld's
+	// IPv6 plane begins; limV4 and limV6 are each family's batch limit.
+	kinds, limKinds      map[string][]time.Duration
+	v4, v6, limV4, limV6 []time.Duration
+	cpu, ucpu, hcpu, hwm []float64
+	phases               map[string][]time.Duration
+}
+
+// convergeSize takes the runs of one size with the peers now in etcd (of
+// the network's families) and adds its figures.
+func (h *Harness) convergeSize(ctx context.Context, e *etcdMode, sec *Section, n int) error {
+	dual := e.dual
+	label, entries := fmt.Sprintf("%d peers", n), 3*n
+	if dual {
+		label, entries = fmt.Sprintf("%d dual-stack peers", n), 6*n
+	}
+	s := &convergeSamples{kinds: map[string][]time.Duration{}, limKinds: map[string][]time.Duration{}, phases: map[string][]time.Duration{}}
+	for r := range h.cfg.Runs {
+		var cs *coldStart
+		start := func() error {
+			var err error
+			cs, err = e.coldStart(ctx, n)
+			return err
+		}
+		var err error
+		if r == h.cfg.Runs-1 && n == slices.Max(h.cfg.Sizes) && !dual {
+			err = h.profiled(ctx, fmt.Sprintf("cold-start-%d", n), start)
+		} else {
+			err = start()
+		}
+		if err != nil {
+			return fmt.Errorf("%s, run %d: %w", label, r+1, err)
+		}
+		cs.w.close()
+		s.env, s.all = append(s.env, cs.Env), append(s.all, cs.All)
+		v4, v6 := max(cs.FDB, cs.Neigh, cs.Route), max(cs.FDB6, cs.Neigh6, cs.Route6)
+		for k, d := range map[string]time.Duration{"fdb": cs.FDB, "neigh": cs.Neigh, "route": cs.Route,
+			"fdb6": cs.FDB6 - v4, "neigh6": cs.Neigh6 - v4, "route6": cs.Route6 - v4} {
+			s.kinds[k] = append(s.kinds[k], d)
+		}
+		s.v4, s.v6 = append(s.v4, v4), append(s.v6, v6-v4)
+		s.cpu, s.hwm = append(s.cpu, cs.CPU), append(s.hwm, cs.HWM)
+		s.ucpu, s.hcpu = append(s.ucpu, cs.UserCPU), append(s.hcpu, cs.HarnessCPU)
+		for k, v := range cs.Phases {
+			s.phases[k] = append(s.phases[k], v)
+		}
+		if err := e.reset(ctx); err != nil {
+			return err
+		}
+		l, err := measureBatchLimit(ctx, h, n, dual)
+		if err != nil {
+			return fmt.Errorf("batch limit, %d peers: %w", n, err)
+		}
+		s.limTotal, s.limNH = append(s.limTotal, l.Total), append(s.limNH, l.NexthopRoute)
+		for k, d := range map[string]time.Duration{"fdb": l.FDB, "neigh": l.Neigh, "route": l.Route, "fdb6": l.FDB6, "neigh6": l.Neigh6, "route6": l.Route6} {
+			s.limKinds[k] = append(s.limKinds[k], d)
+		}
+		s.limV4, s.limV6 = append(s.limV4, l.FDB+l.Neigh+l.Route), append(s.limV6, l.FDB6+l.Neigh6+l.Route6)
+		families := ""
+		if dual {
+			families = fmt.Sprintf(" (last IPv4 entry %.3f s, last IPv6 entry %.3f s)", v4.Seconds(), v6.Seconds())
+		}
+		h.say("  %s, run %d: env file %.3f s, all %d entries %.3f s%s (batch limit %.3f s), CPU %.2f s (user %.2f), peak RSS %.1f MiB; harness CPU %.2f s",
+			label, r+1, cs.Env.Seconds(), entries, cs.All.Seconds(), families, l.Total.Seconds(), cs.CPU, cs.UserCPU, cs.HWM, cs.HarnessCPU)
+	}
+	h.convergeFigures(sec, n, dual, label, entries, s)
+	return nil
+}
+
+// convergeFigures adds one size's figures. Issue 6's targets are for 5,000
+// IPv4 peers; the dual-stack row has the same figures without them, and the
+// breakdown by family and kind at any size.
+func (h *Harness) convergeFigures(sec *Section, n int, dual bool, label string, entries int, s *convergeSamples) {
+	targets := n >= 5000 && !dual
+	lim := &Limit{Name: "ip/bridge -batch", Stats: Summarize(seconds(s.limTotal))}
+	f := h.add(sec, &Figure{Name: fmt.Sprintf("%s: start -> env file", label), Unit: "s", Stats: Summarize(seconds(s.env))})
+	if targets {
+		f.Targets = []Target{{"median", "<=", 0.3}}
+	}
+	f = h.add(sec, &Figure{Name: fmt.Sprintf("%s: start -> all %d entries", label, entries), Unit: "s", Stats: Summarize(seconds(s.all)), Limit: lim})
+	if targets {
+		f.Targets = []Target{{"median", "<=", 1.0}, {"ratio", "<=", 1.5}}
+	}
+	if dual {
+		h.add(sec, &Figure{Name: fmt.Sprintf("%s: start -> all %d IPv4 entries", label, 3*n), Unit: "s", Stats: Summarize(seconds(s.v4)),
+			Limit: &Limit{Name: "ip/bridge -batch, IPv4", Stats: Summarize(seconds(s.limV4))}})
+		h.add(sec, &Figure{Name: fmt.Sprintf("%s: last IPv4 entry -> all %d IPv6 entries", label, 3*n), Unit: "s", Stats: Summarize(seconds(s.v6)),
+			Limit: &Limit{Name: "ip/bridge -batch, IPv6", Stats: Summarize(seconds(s.limV6))}})
+	}
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: CPU seconds to converge", label), Unit: "s", Stats: Summarize(s.cpu)})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: of which user space", label), Unit: "s", Stats: Summarize(s.ucpu)})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: harness CPU meanwhile (notifications)", label), Unit: "s", Stats: Summarize(s.hcpu)})
+	f = h.add(sec, &Figure{Name: fmt.Sprintf("%s: peak RSS (VmHWM)", label), Unit: "MiB", Stats: Summarize(s.hwm)})
+	if targets {
+		f.Targets = []Target{{"median", "<=", 25}}
+	}
+	if n < 5000 && !dual {
+		return
+	}
+	// Where the time goes: each kind from the start of its family's plane,
+	// beside the batch of that kind alone.
+	kinds := []struct{ kind, what, limit string }{
+		{"fdb", "start -> all FDB entries", "bridge -batch fdb"},
+		{"neigh", "start -> all neighbours", "ip -batch neigh"},
+		{"route", "start -> all routes", "ip -batch route"},
+	}
+	if dual {
+		kinds = []struct{ kind, what, limit string }{
+			{"fdb", "start -> all IPv4 FDB entries", "bridge -batch fdb"},
+			{"neigh", "start -> all IPv4 neighbours", "ip -batch neigh"},
+			{"route", "start -> all IPv4 routes", "ip -batch route"},
+			{"fdb6", "last IPv4 entry -> all IPv6 FDB entries", "bridge -batch fdb (twill-v6.1)"},
+			{"neigh6", "last IPv4 entry -> all IPv6 neighbours", "ip -batch neigh (IPv6)"},
+			{"route6", "last IPv4 entry -> all IPv6 routes", "ip -batch route (IPv6)"},
+		}
+	}
+	for _, k := range kinds {
+		h.add(sec, &Figure{Name: fmt.Sprintf("%s: %s", label, k.what), Unit: "s", Stats: Summarize(seconds(s.kinds[k.kind])),
+			Limit: &Limit{Name: k.limit, Stats: Summarize(seconds(s.limKinds[k.kind]))}})
+	}
+	if !dual {
+		h.add(sec, &Figure{Name: fmt.Sprintf("%s, design alternative: routes via nexthop objects (ip -batch, nexthops + routes)", label), Unit: "s",
+			Stats: Summarize(seconds(s.limNH)), Limit: &Limit{Name: "ip -batch route", Stats: Summarize(seconds(s.limKinds["route"]))}})
+	}
+	for _, ph := range phaseNames(dual) {
+		if ds := s.phases[ph]; len(ds) > 0 {
+			h.add(sec, &Figure{Name: fmt.Sprintf("%s, twilld log: start -> %s", label, ph), Unit: "s", Stats: Summarize(seconds(ds))})
+		}
+	}
 }

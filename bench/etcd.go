@@ -96,52 +96,88 @@ func (e *etcdServer) metrics(ctx context.Context) ([]promSample, error) {
 // 10.64.0.0 on, the peers added while measuring change latency from 10.200.0.0 on.
 var benchNetwork = netip.MustParsePrefix("10.0.0.0/8")
 
-func (e *etcdServer) setConfig(ctx context.Context) error {
+// benchNetworkV6 is the IPv6 network of the dual-stack figure: room for
+// 65,536 /64 subnets, numbered as the IPv4 ones (peer 10.64.1.0/24 has
+// fd00:10:0:4001::/64).
+var benchNetworkV6 = netip.MustParsePrefix("fd00:10::/48")
+
+// setConfig writes the network config: IPv4 only, or dual-stack.
+func (e *etcdServer) setConfig(ctx context.Context, dual bool) error {
 	conf := fmt.Sprintf(`{"Network":%q,"SubnetLen":24,"Backend":{"Type":"vxlan"}}`, benchNetwork)
+	if dual {
+		conf = fmt.Sprintf(`{"Network":%q,"SubnetLen":24,"EnableIPv6":true,"IPv6Network":%q,"IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}`,
+			benchNetwork, benchNetworkV6)
+	}
 	_, err := e.reg.SetConfig(ctx, []byte(conf))
 	return err
 }
 
 // fakePeer is a peer lease that exists only in etcd: nothing answers at its
-// public IP and no traffic is ever sent there.
+// public IPs and no traffic is ever sent there. The IPv6 fields are used
+// only in a dual-stack network.
 type fakePeer struct {
 	Subnet   netip.Prefix
 	PublicIP netip.Addr
 	MAC      dataplane.MAC
+
+	IPv6Subnet netip.Prefix
+	PublicIPv6 netip.Addr
+	MACv6      dataplane.MAC // of the peer's twill-v6 device
 }
 
 // peerAt returns fake peer i (0 <= i < 65536) of a series: series 0 are the
 // peers present before twilld starts, series 1 those added while measuring.
-// Subnets, public IPs and MACs are all distinct.
+// Subnets, public IPs and MACs are all distinct, across families too.
 func peerAt(series, i int) fakePeer {
 	n := i + 1
 	base := byte(64)
 	if series == 1 {
 		base = 200
 	}
+	v6 := benchNetworkV6.Addr().As16()
+	v6[6], v6[7] = base+byte(i>>8), byte(i)
 	return fakePeer{
 		Subnet:   netip.PrefixFrom(netip.AddrFrom4([4]byte{10, base + byte(i>>8), byte(i), 0}), 24),
 		PublicIP: netip.AddrFrom4([4]byte{198, 19 + byte(series), byte(n >> 8), byte(n)}),
 		MAC:      dataplane.MAC{0x02, 0x62, byte(series), 0, byte(n >> 8), byte(n)},
+
+		IPv6Subnet: netip.PrefixFrom(netip.AddrFrom16(v6), 64),
+		PublicIPv6: netip.AddrFrom16([16]byte{0xfd, 0, 0x01, 0x98, 0, 0x19 + byte(series), 14: byte(n >> 8), 15: byte(n)}),
+		MACv6:      dataplane.MAC{0x02, 0x66, byte(series), 0, byte(n >> 8), byte(n)},
 	}
 }
 
+// key is the peer's lease key: one key for both subnets of a dual-stack
+// lease, as twilld (and flannel) write it.
+func (p fakePeer) key(reg *etcd.Registry, dual bool) string {
+	if !dual {
+		return reg.SubnetKey(p.Subnet)
+	}
+	return reg.SubnetsPrefix() + subnet.LeaseKeyName(p.Subnet, p.IPv6Subnet)
+}
+
 // value is the lease value twilld on that peer would have written.
-func (p fakePeer) value() string {
+func (p fakePeer) value(dual bool) string {
 	data, _ := json.Marshal(vxlan.Data{VNI: 1, VtepMAC: p.MAC})
-	v, _ := json.Marshal(subnet.LeaseAttrs{PublicIP: p.PublicIP, BackendType: subnet.BackendVXLAN, BackendData: data,
-		NodeName: "fake-" + p.Subnet.Addr().String()})
+	a := subnet.LeaseAttrs{PublicIP: p.PublicIP, BackendType: subnet.BackendVXLAN, BackendData: data,
+		NodeName: "fake-" + p.Subnet.Addr().String()}
+	if dual {
+		a.PublicIPv6 = p.PublicIPv6
+		a.BackendV6Data, _ = json.Marshal(vxlan.Data{VNI: 1, VtepMAC: p.MACv6})
+	}
+	v, _ := json.Marshal(a)
 	return string(v)
 }
 
-// putPeers writes peers [from, to) of series 0, 128 per transaction (etcd's
-// default limit of operations in one transaction).
-func (e *etcdServer) putPeers(ctx context.Context, from, to int) error {
+// putPeers writes peers [from, to) of series 0, IPv4-only or dual-stack,
+// 128 per transaction (etcd's default limit of operations in one
+// transaction).
+func (e *etcdServer) putPeers(ctx context.Context, from, to int, dual bool) error {
 	for start := from; start < to; start += 128 {
 		var ops []clientv3.Op
 		for i := start; i < min(start+128, to); i++ {
 			p := peerAt(0, i)
-			ops = append(ops, clientv3.OpPut(e.reg.SubnetKey(p.Subnet), p.value()))
+			ops = append(ops, clientv3.OpPut(p.key(e.reg, dual), p.value(dual)))
 		}
 		if _, err := e.cli.Txn(ctx).Then(ops...).Commit(); err != nil {
 			return fmt.Errorf("write fake peers %d..%d: %w", start, start+len(ops), err)
@@ -151,11 +187,11 @@ func (e *etcdServer) putPeers(ctx context.Context, from, to int) error {
 }
 
 // deletePeers removes peers [from, to) of series 0.
-func (e *etcdServer) deletePeers(ctx context.Context, from, to int) error {
+func (e *etcdServer) deletePeers(ctx context.Context, from, to int, dual bool) error {
 	for start := from; start < to; start += 128 {
 		var ops []clientv3.Op
 		for i := start; i < min(start+128, to); i++ {
-			ops = append(ops, clientv3.OpDelete(e.reg.SubnetKey(peerAt(0, i).Subnet)))
+			ops = append(ops, clientv3.OpDelete(peerAt(0, i).key(e.reg, dual)))
 		}
 		if _, err := e.cli.Txn(ctx).Then(ops...).Commit(); err != nil {
 			return fmt.Errorf("delete fake peers: %w", err)

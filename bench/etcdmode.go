@@ -19,7 +19,8 @@ import (
 type etcdMode struct {
 	benchHost
 	etcd  *etcdServer
-	peers int // fake peers now in etcd
+	peers int  // fake peers now in etcd
+	dual  bool // the network and its peers are dual-stack
 }
 
 // benchHost is the one host of the etcd- and Kubernetes-mode set-ups: the
@@ -59,10 +60,15 @@ func (b *benchHost) resetHost(ctx context.Context) []error {
 		errs = append(errs, err)
 	}
 	b.twilld = nil
-	// The device is absent after a failed start: an error here is fine.
-	ipCmd(ctx, "-n", b.hostNS(), "link", "del", vxlan.DeviceName(subnet.DefaultVNI, false))
-	if _, err := ipCmd(ctx, "-n", b.hostNS(), "route", "flush", "proto", "116"); err != nil {
-		errs = append(errs, err)
+	// The devices are absent after a failed start, and the IPv6 one
+	// unless the network was dual-stack: an error here is fine.
+	for _, v6 := range []bool{false, true} {
+		ipCmd(ctx, "-n", b.hostNS(), "link", "del", vxlan.DeviceName(subnet.DefaultVNI, v6))
+	}
+	for _, family := range []string{"-4", "-6"} {
+		if _, err := ipCmd(ctx, "-n", b.hostNS(), family, "route", "flush", "proto", "116"); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if err := os.Remove(b.envFile()); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, err)
@@ -86,7 +92,7 @@ func newEtcdMode(ctx context.Context, h *Harness) (*etcdMode, error) {
 		e.topo.Down(context.Background())
 		return nil, err
 	}
-	if err := e.etcd.setConfig(ctx); err != nil {
+	if err := e.etcd.setConfig(ctx, false); err != nil {
 		e.close()
 		return nil, err
 	}
@@ -101,19 +107,37 @@ func (e *etcdMode) close() {
 	e.topo.Down(context.Background())
 }
 
-// setPeers makes etcd hold exactly n fake peers (0..n-1 of series 0).
+// setPeers makes etcd hold exactly n fake peers (0..n-1 of series 0) of the
+// network's families.
 func (e *etcdMode) setPeers(ctx context.Context, n int) error {
 	var err error
 	switch {
 	case n > e.peers:
-		err = e.etcd.putPeers(ctx, e.peers, n)
+		err = e.etcd.putPeers(ctx, e.peers, n, e.dual)
 	case n < e.peers:
-		err = e.etcd.deletePeers(ctx, n, e.peers)
+		err = e.etcd.deletePeers(ctx, n, e.peers, e.dual)
 	}
 	if err == nil {
 		e.peers = n
 	}
 	return err
+}
+
+// setDualStack makes the network dual-stack (or IPv4 only again) with n
+// peers of its families: an IPv4 lease and a dual-stack one have different
+// keys, so the peers are written again.
+func (e *etcdMode) setDualStack(ctx context.Context, dual bool, n int) error {
+	if dual == e.dual {
+		return e.setPeers(ctx, n)
+	}
+	if err := e.setPeers(ctx, 0); err != nil {
+		return err
+	}
+	if err := e.etcd.setConfig(ctx, dual); err != nil {
+		return fmt.Errorf("network config (dual-stack %t): %w", dual, err)
+	}
+	e.dual = dual
+	return e.setPeers(ctx, n)
 }
 
 // startTwilld starts twilld in the host namespace.
@@ -145,8 +169,11 @@ func (e *etcdMode) reset(ctx context.Context) error {
 type coldStart struct {
 	Env, All          time.Duration
 	FDB, Neigh, Route time.Duration
-	CPU, HWM, RSS     float64
-	UserCPU, SysCPU   float64
+	// The IPv6 entries of a dual-stack network (FDB, Neigh and Route are
+	// then the IPv4 ones).
+	FDB6, Neigh6, Route6 time.Duration
+	CPU, HWM, RSS        float64
+	UserCPU, SysCPU      float64
 	// HarnessCPU is what the harness itself spent (mostly following the
 	// notifications) between the fork and the last entry: it competes
 	// with twilld for the machine's cores.
@@ -169,7 +196,7 @@ func (e *etcdMode) coldStart(ctx context.Context, n int, extra ...string) (*cold
 			w.close()
 		}
 	}()
-	r, err := timeStart(ctx, w, n, e.envFile(), 30*time.Second, 2*time.Minute, func() (*Proc, error) {
+	r, err := timeStart(ctx, w, n, e.dual, e.envFile(), 30*time.Second, 2*time.Minute, func() (*Proc, error) {
 		err := e.startTwilld(append([]string{"--log-level", "debug"}, extra...)...)
 		return e.twilld, err
 	})
@@ -188,15 +215,16 @@ func (e *etcdMode) coldStart(ctx context.Context, n int, extra ...string) (*cold
 	if err := e.verify(ctx, n); err != nil {
 		return nil, err
 	}
-	r.Phases = logPhases(p.Log, p.Started)
+	r.Phases = logPhases(p.Log, p.Started, e.dual)
 	ok = true
 	return r, nil
 }
 
 // timeStart forks twilld (start) while w follows the kernel, and times it to
-// the env file and to n entries; the figures of the usage of twilld and of
-// the harness are read at the last entry. w must count n entries.
-func timeStart(ctx context.Context, w *kernelWatch, n int, envFile string, envTimeout, allTimeout time.Duration, start func() (*Proc, error)) (*coldStart, error) {
+// the env file and to n entries of each kind (of each family when dual);
+// the figures of the usage of twilld and of the harness are read at the last
+// entry.
+func timeStart(ctx context.Context, w *kernelWatch, n int, dual bool, envFile string, envTimeout, allTimeout time.Duration, start func() (*Proc, error)) (*coldStart, error) {
 	w.trackCount(n)
 	self0, _ := usage(os.Getpid())
 	p, err := start()
@@ -217,7 +245,11 @@ func timeStart(ctx context.Context, w *kernelWatch, n int, envFile string, envTi
 	if err != nil {
 		return nil, err
 	}
-	allAt, err := w.await(ctx, allTimeout, fmt.Sprintf("%d routes, neighbours and FDB entries", n), allAtLeast(n))
+	what := fmt.Sprintf("%d routes, neighbours and FDB entries", n)
+	if dual {
+		what += " of each family"
+	}
+	allAt, err := w.await(ctx, allTimeout, what, allAtLeast(n, dual))
 	if err != nil {
 		return nil, fmt.Errorf("%w (twilld log: %s)", err, p.Log)
 	}
@@ -228,7 +260,8 @@ func timeStart(ctx context.Context, w *kernelWatch, n int, envFile string, envTi
 	self1, _ := usage(os.Getpid())
 	r := &coldStart{Env: envAt.Sub(p.Started), All: allAt.Sub(p.Started), CPU: u.CPUSeconds, UserCPU: u.UserSeconds, SysCPU: u.SysSeconds,
 		HWM: u.HWMMiB, RSS: u.RSSMiB, HarnessCPU: self1.CPUSeconds - self0.CPUSeconds, w: w}
-	for kind, d := range map[string]*time.Duration{"fdb": &r.FDB, "neigh": &r.Neigh, "route": &r.Route} {
+	for kind, d := range map[string]*time.Duration{"fdb": &r.FDB, "neigh": &r.Neigh, "route": &r.Route,
+		"fdb6": &r.FDB6, "neigh6": &r.Neigh6, "route6": &r.Route6} {
 		if t, ok := w.reachedAt(kind); ok {
 			*d = t.Sub(p.Started)
 		}
@@ -237,15 +270,8 @@ func timeStart(ctx context.Context, w *kernelWatch, n int, envFile string, envTi
 }
 
 // verify dumps the host's tables (after the measurement) and checks that
-// they hold exactly n entries of each kind.
+// they hold exactly n entries of each kind, of each family when the network
+// is dual-stack.
 func (e *etcdMode) verify(ctx context.Context, n int) error {
-	l := &lab.Lab{State: lab.State{Options: lab.Options{Prefix: e.topo.Prefix, Hosts: 1}}}
-	c, err := l.Counts(ctx, 1)
-	if err != nil {
-		return err
-	}
-	if c.Routes != n || c.Neigh != n || c.FDB != n {
-		return fmt.Errorf("h1 holds %d routes, %d neighbours, %d FDB entries; want %d of each", c.Routes, c.Neigh, c.FDB, n)
-	}
-	return nil
+	return verifyHost(ctx, e.topo, n, e.dual)
 }

@@ -63,6 +63,7 @@ type Config struct {
 
 	Sizes          []int // peers for figure 1
 	Runs           int   // cold starts per size
+	DualStack      bool  // figure 1 also measures the largest size with dual-stack peers
 	ChangePeers    int   // peers present for figure 2
 	ChangeSamples  int   // samples per kind of change
 	MasqSamples    int   // change samples with --ip-masq (0: skip)

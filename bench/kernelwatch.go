@@ -20,7 +20,8 @@ import (
 // neighbour and FDB change as it is made, so the harness learns the moment an
 // entry is in place without dumping tables in a loop and without costing
 // twilld a request. It tracks routes with twill's protocol, permanent
-// neighbour entries inside the network, and FDB entries with a remote.
+// neighbour entries inside the network, and FDB entries with a remote, of
+// both IP families: the maps hold both, and n counts each kind per family.
 type kernelWatch struct {
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -29,9 +30,11 @@ type kernelWatch struct {
 	routes map[netip.Prefix]bool
 	neighs map[netip.Addr]dataplane.MAC
 	fdb    map[dataplane.MAC]netip.Addr
+	n      [2][kinds]int // [0 IPv4, 1 IPv6][kind]: entries in the maps
 	err    error
 
-	// count: the time each kind first reached count entries.
+	// count: the time each kind of each family first reached count
+	// entries.
 	count   int
 	reached map[string]time.Time
 
@@ -46,14 +49,7 @@ type kernelWatch struct {
 // notifications in well under a second, and the harness must not take CPU
 // time twilld needs on a small machine.
 func watchKernel(netnsName string) (*kernelWatch, error) {
-	w := &kernelWatch{
-		stop:    make(chan struct{}),
-		routes:  map[netip.Prefix]bool{},
-		neighs:  map[netip.Addr]dataplane.MAC{},
-		fdb:     map[dataplane.MAC]netip.Addr{},
-		reached: map[string]time.Time{},
-		met:     make(chan time.Time, 1),
-	}
+	w := newKernelWatch()
 	var fd int
 	err := ns.WithNetNSPath(nsPath(netnsName), func(ns.NetNS) error {
 		var err error
@@ -74,13 +70,26 @@ func watchKernel(netnsName string) (*kernelWatch, error) {
 		unix.Close(fd)
 		return nil, err
 	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: unix.RTMGRP_IPV4_ROUTE | unix.RTMGRP_NEIGH}); err != nil {
+	groups := uint32(unix.RTMGRP_IPV4_ROUTE | unix.RTMGRP_IPV6_ROUTE | unix.RTMGRP_NEIGH)
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: groups}); err != nil {
 		unix.Close(fd)
 		return nil, fmt.Errorf("subscribe to routes and neighbours in %s: %w", netnsName, err)
 	}
 	w.wg.Add(1)
 	go w.read(fd)
 	return w, nil
+}
+
+// newKernelWatch is a watch that has seen nothing and reads nothing yet.
+func newKernelWatch() *kernelWatch {
+	return &kernelWatch{
+		stop:    make(chan struct{}),
+		routes:  map[netip.Prefix]bool{},
+		neighs:  map[netip.Addr]dataplane.MAC{},
+		fdb:     map[dataplane.MAC]netip.Addr{},
+		reached: map[string]time.Time{},
+		met:     make(chan time.Time, 1),
+	}
 }
 
 func (w *kernelWatch) close() {
@@ -144,6 +153,36 @@ func attrs(b []byte, f func(typ uint16, val []byte)) {
 	}
 }
 
+// The kinds of entries, and the names reachedAt knows them by (IPv6's with
+// a "6": "route6", ...).
+const (
+	kindRoute = iota
+	kindNeigh
+	kindFDB
+	kinds
+)
+
+var kindNames = [2][kinds]string{{"route", "neigh", "fdb"}, {"route6", "neigh6", "fdb6"}}
+
+// fam is the index of a's family in kernelWatch.n.
+func fam(a netip.Addr) int {
+	if a.Is6() {
+		return 1
+	}
+	return 0
+}
+
+// addr decodes an address attribute of either family.
+func addr(v []byte) netip.Addr {
+	switch len(v) {
+	case 4:
+		return netip.AddrFrom4([4]byte(v))
+	case 16:
+		return netip.AddrFrom16([16]byte(v))
+	}
+	return netip.Addr{}
+}
+
 // message applies one notification (under mu).
 func (w *kernelWatch) message(typ uint16, b []byte) {
 	switch typ {
@@ -152,26 +191,31 @@ func (w *kernelWatch) message(typ uint16, b []byte) {
 			return
 		}
 		family, dstLen, table, proto := b[0], int(b[1]), uint32(b[4]), b[5]
-		if family != unix.AF_INET || proto != byte(dataplane.RouteProtocol) {
+		if family != unix.AF_INET && family != unix.AF_INET6 || proto != byte(dataplane.RouteProtocol) {
 			return
 		}
 		var dst netip.Addr
 		attrs(b[unix.SizeofRtMsg:], func(t uint16, v []byte) {
 			switch {
-			case t == unix.RTA_DST && len(v) == 4:
-				dst = netip.AddrFrom4([4]byte(v))
+			case t == unix.RTA_DST:
+				dst = addr(v)
 			case t == unix.RTA_TABLE && len(v) == 4:
 				table = native.Uint32(v)
 			}
 		})
-		if !dst.IsValid() || table != unix.RT_TABLE_MAIN {
+		if !dst.IsValid() || dst.Is6() != (family == unix.AF_INET6) || table != unix.RT_TABLE_MAIN {
 			return
 		}
 		p := netip.PrefixFrom(dst, dstLen)
+		had := w.routes[p]
 		if typ == unix.RTM_NEWROUTE {
-			w.routes[p] = true
-		} else {
+			if !had {
+				w.routes[p] = true
+				w.n[fam(dst)][kindRoute]++
+			}
+		} else if had {
 			delete(w.routes, p)
+			w.n[fam(dst)][kindRoute]--
 		}
 	case unix.RTM_NEWNEIGH, unix.RTM_DELNEIGH:
 		if len(b) < unix.SizeofNdMsg {
@@ -182,8 +226,8 @@ func (w *kernelWatch) message(typ uint16, b []byte) {
 		var mac dataplane.MAC
 		attrs(b[unix.SizeofNdMsg:], func(t uint16, v []byte) {
 			switch {
-			case t == unix.NDA_DST && len(v) == 4:
-				ip = netip.AddrFrom4([4]byte(v))
+			case t == unix.NDA_DST:
+				ip = addr(v)
 			case t == unix.NDA_LLADDR && len(v) == 6:
 				mac = dataplane.MAC(v)
 			}
@@ -192,26 +236,39 @@ func (w *kernelWatch) message(typ uint16, b []byte) {
 			return
 		}
 		switch family {
-		case unix.AF_INET:
-			if !benchNetwork.Contains(ip) {
+		case unix.AF_INET, unix.AF_INET6:
+			if !benchNetwork.Contains(ip) && !benchNetworkV6.Contains(ip) {
 				return
 			}
+			_, had := w.neighs[ip]
 			if typ == unix.RTM_DELNEIGH || state&unix.NUD_PERMANENT == 0 {
-				delete(w.neighs, ip)
+				if had {
+					delete(w.neighs, ip)
+					w.n[fam(ip)][kindNeigh]--
+				}
 				return
+			}
+			if !had {
+				w.n[fam(ip)][kindNeigh]++
 			}
 			w.neighs[ip] = mac
 		case unix.AF_BRIDGE:
 			if flags&unix.NTF_SELF == 0 {
 				return
 			}
+			old, had := w.fdb[mac]
 			if typ == unix.RTM_DELNEIGH {
-				if w.fdb[mac] == ip {
+				if had && old == ip {
 					delete(w.fdb, mac)
+					w.n[fam(old)][kindFDB]--
 				}
 				return
 			}
+			if had {
+				w.n[fam(old)][kindFDB]--
+			}
 			w.fdb[mac] = ip
+			w.n[fam(ip)][kindFDB]++
 		}
 	}
 }
@@ -220,9 +277,11 @@ func (w *kernelWatch) message(typ uint16, b []byte) {
 func (w *kernelWatch) check() {
 	now := time.Now()
 	if w.count > 0 {
-		for kind, n := range map[string]int{"route": len(w.routes), "neigh": len(w.neighs), "fdb": len(w.fdb)} {
-			if _, done := w.reached[kind]; !done && n >= w.count {
-				w.reached[kind] = now
+		for f := range w.n {
+			for k, n := range w.n[f] {
+				if _, done := w.reached[kindNames[f][k]]; !done && n >= w.count {
+					w.reached[kindNames[f][k]] = now
+				}
 			}
 		}
 	}
@@ -232,7 +291,7 @@ func (w *kernelWatch) check() {
 	}
 }
 
-// trackCount records when each kind first reaches n entries.
+// trackCount records when each kind of each family first reaches n entries.
 func (w *kernelWatch) trackCount(n int) {
 	w.mu.Lock()
 	w.count = n
@@ -301,13 +360,28 @@ func (w *kernelWatch) clearPred() {
 func (w *kernelWatch) summary() string {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return fmt.Sprintf("%d routes, %d neighbours, %d FDB entries seen", len(w.routes), len(w.neighs), len(w.fdb))
+	v4, v6 := w.n[0], w.n[1]
+	return fmt.Sprintf("%d routes, %d neighbours, %d FDB entries seen; IPv6: %d, %d, %d",
+		v4[kindRoute], v4[kindNeigh], v4[kindFDB], v6[kindRoute], v6[kindNeigh], v6[kindFDB])
 }
 
 // Predicates over the watched state (called with the lock held).
 
-func allAtLeast(n int) func(*kernelWatch) bool {
-	return func(w *kernelWatch) bool { return len(w.routes) >= n && len(w.neighs) >= n && len(w.fdb) >= n }
+// allAtLeast: n routes, neighbours and FDB entries of IPv4, and of IPv6 too
+// when dual.
+func allAtLeast(n int, dual bool) func(*kernelWatch) bool {
+	families := 1
+	if dual {
+		families = 2
+	}
+	return func(w *kernelWatch) bool {
+		for _, c := range w.n[:families] {
+			if c[kindRoute] < n || c[kindNeigh] < n || c[kindFDB] < n {
+				return false
+			}
+		}
+		return true
+	}
 }
 
 // peerPresent: route, neighbour and FDB entry of p, with its MAC and public IP.

@@ -115,7 +115,7 @@ func (h *Harness) kubeConvergence(ctx context.Context, k *kubeMode, sec *Section
 		if err := k.reset(ctx); err != nil {
 			return err
 		}
-		l, err := measureBatchLimit(ctx, h, n)
+		l, err := measureBatchLimit(ctx, h, n, false)
 		if err != nil {
 			return fmt.Errorf("batch limit, %d peers: %w", n, err)
 		}
@@ -229,7 +229,7 @@ func (h *Harness) kubeChanges(ctx context.Context, k *kubeMode, sec *Section, n,
 			return err
 		}
 	}
-	if err := verifyHost(ctx, k.topo, n+samples); err != nil {
+	if err := verifyHost(ctx, k.topo, n+samples, false); err != nil {
 		return fmt.Errorf("after adding %d Nodes: %w", samples, err)
 	}
 	for i := range samples {
@@ -241,7 +241,7 @@ func (h *Harness) kubeChanges(ctx context.Context, k *kubeMode, sec *Section, n,
 			return err
 		}
 	}
-	if err := verifyHost(ctx, k.topo, n); err != nil {
+	if err := verifyHost(ctx, k.topo, n, false); err != nil {
 		return fmt.Errorf("after removing the added Nodes: %w", err)
 	}
 	u1, err := usage(k.twilld.Pid())

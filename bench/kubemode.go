@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -249,7 +250,7 @@ func (k *kubeMode) coldStart(ctx context.Context, n int, extra ...string) (*kube
 	}()
 	api0, _ := usage(k.api.Pid())
 	etcd0, _ := usage(k.etcd.proc.Pid())
-	cs, err := timeStart(ctx, w, n, k.envFile(), 60*time.Second, 3*time.Minute, func() (*Proc, error) {
+	cs, err := timeStart(ctx, w, n, false, k.envFile(), 60*time.Second, 3*time.Minute, func() (*Proc, error) {
 		err := k.startTwilld(extra...)
 		return k.twilld, err
 	})
@@ -276,10 +277,10 @@ func (k *kubeMode) coldStart(ctx context.Context, n int, extra ...string) (*kube
 		r.HeapHeldMiB = mib("go_memstats_heap_sys_bytes") - mib("go_memstats_heap_released_bytes")
 		r.GoSysMiB = mib("go_memstats_sys_bytes")
 	}
-	if err := verifyHost(ctx, k.topo, n); err != nil {
+	if err := verifyHost(ctx, k.topo, n, false); err != nil {
 		return nil, err
 	}
-	r.Phases = logPhases(p.Log, p.Started)
+	r.Phases = logPhases(p.Log, p.Started, false)
 	if d, ok := logFirst(p.Log, p.Started, "nodes listed"); ok {
 		r.Phases["Nodes listed (informer synced)"] = d
 	}
@@ -288,15 +289,25 @@ func (k *kubeMode) coldStart(ctx context.Context, n int, extra ...string) (*kube
 }
 
 // verifyHost dumps host 1's tables (after a measurement) and checks that
-// they hold exactly n entries of each kind.
-func verifyHost(ctx context.Context, topo lab.Topology, n int) error {
+// they hold exactly n entries of each kind, of each family when dual. The
+// dump counts both families together; that each family has n is what the
+// notifications showed at the last entry (allAtLeast), so 2n in all means
+// exactly n of each.
+func verifyHost(ctx context.Context, topo lab.Topology, n int, dual bool) error {
 	l := &lab.Lab{State: lab.State{Options: lab.Options{Prefix: topo.Prefix, Hosts: 1}}}
 	c, err := l.Counts(ctx, 1)
 	if err != nil {
 		return err
 	}
-	if c.Routes != n || c.Neigh != n || c.FDB != n {
-		return fmt.Errorf("h1 holds %d routes, %d neighbours, %d FDB entries; want %d of each", c.Routes, c.Neigh, c.FDB, n)
+	want, devices := n, []string{vxlan.DeviceName(subnet.DefaultVNI, false)}
+	if dual {
+		want, devices = 2*n, append(devices, vxlan.DeviceName(subnet.DefaultVNI, true))
+	}
+	have := strings.Split(c.Device, ",")
+	slices.Sort(have)
+	slices.Sort(devices)
+	if c.Routes != want || c.Neigh != want || c.FDB != want || !slices.Equal(have, devices) {
+		return fmt.Errorf("h1 holds %d routes, %d neighbours, %d FDB entries on %q; want %d of each on %s", c.Routes, c.Neigh, c.FDB, c.Device, want, strings.Join(devices, ","))
 	}
 	return nil
 }

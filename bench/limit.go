@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 
 	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/backend/vxlan"
+	"github.com/twillnet/twill/internal/tools/lab"
 	"github.com/twillnet/twill/subnet"
 )
 
@@ -24,35 +26,39 @@ import (
 // twilld writes for n peers (FDB, then neighbours, then routes, twilld's
 // order) written by iproute2 in batch mode, one netlink request per entry with
 // no process start-up between them, into a fresh VXLAN device in a fresh
-// namespace with twilld's device settings.
+// namespace with twilld's device settings. In a dual-stack network it is the
+// 6n entries: those of twill.1, then the same three kinds on a fresh
+// twill-v6.1 over the namespace's IPv6 address (twilld programs the IPv4
+// plane, then the IPv6 one).
 type batchLimit struct {
 	Total, FDB, Neigh, Route time.Duration
+	// FDB6, Neigh6, Route6 are the IPv6 entries of a dual-stack limit.
+	FDB6, Neigh6, Route6 time.Duration
 	// NexthopRoute is a design alternative, not part of the limit: the same
-	// routes each pointing at a nexthop object (`ip nexthop`, Linux 5.3+),
-	// nexthops and routes together, written into another fresh namespace.
+	// (IPv4) routes each pointing at a nexthop object (`ip nexthop`, Linux
+	// 5.3+), nexthops and routes together, written into another fresh
+	// namespace. Not measured for a dual-stack limit.
 	NexthopRoute time.Duration
 }
 
-func measureBatchLimit(ctx context.Context, h *Harness, n int) (*batchLimit, error) {
+func measureBatchLimit(ctx context.Context, h *Harness, n int, dual bool) (*batchLimit, error) {
 	netns := h.cfg.Prefix + "lim"
-	dev := vxlan.DeviceName(subnet.DefaultVNI, false)
-	dir, err := writeBatchFiles(h, n)
+	dir, err := writeBatchFiles(h, n, dual)
 	if err != nil {
 		return nil, err
 	}
 	l := &batchLimit{}
-	err = inFreshDevice(ctx, netns, dev, func() error {
-		steps := []struct {
-			d    *time.Duration
-			prog string
-			args []string
-		}{
-			{&l.FDB, "bridge", []string{"-n", netns, "-batch", filepath.Join(dir, "fdb.batch")}},
-			{&l.Neigh, "ip", []string{"-n", netns, "-batch", filepath.Join(dir, "neigh.batch")}},
-			{&l.Route, "ip", []string{"-n", netns, "-batch", filepath.Join(dir, "route.batch")}},
+	err = inFreshDevice(ctx, netns, dual, func() error {
+		type step struct {
+			d          *time.Duration
+			prog, file string
+		}
+		steps := []step{{&l.FDB, "bridge", "fdb"}, {&l.Neigh, "ip", "neigh"}, {&l.Route, "ip", "route"}}
+		if dual {
+			steps = append(steps, step{&l.FDB6, "bridge", "fdb6"}, step{&l.Neigh6, "ip", "neigh6"}, step{&l.Route6, "ip", "route6"})
 		}
 		for _, s := range steps {
-			if err := timedRun(ctx, s.d, s.prog, s.args...); err != nil {
+			if err := timedRun(ctx, s.d, s.prog, "-n", netns, "-batch", filepath.Join(dir, s.file+".batch")); err != nil {
 				return err
 			}
 		}
@@ -61,8 +67,11 @@ func measureBatchLimit(ctx context.Context, h *Harness, n int) (*batchLimit, err
 	if err != nil {
 		return nil, err
 	}
-	l.Total = l.FDB + l.Neigh + l.Route
-	err = inFreshDevice(ctx, netns, dev, func() error {
+	l.Total = l.FDB + l.Neigh + l.Route + l.FDB6 + l.Neigh6 + l.Route6
+	if dual {
+		return l, nil
+	}
+	err = inFreshDevice(ctx, netns, false, func() error {
 		return timedRun(ctx, &l.NexthopRoute, "ip", "-n", netns, "-batch", filepath.Join(dir, "nexthop.batch"))
 	})
 	if err != nil {
@@ -71,15 +80,15 @@ func measureBatchLimit(ctx context.Context, h *Harness, n int) (*batchLimit, err
 	return l, nil
 }
 
-// writeBatchFiles writes the iproute2 batch files for n peers and returns
-// their folder.
-func writeBatchFiles(h *Harness, n int) (string, error) {
-	dev := vxlan.DeviceName(subnet.DefaultVNI, false)
+// writeBatchFiles writes the iproute2 batch files for n peers, and for
+// their IPv6 entries when dual, and returns their folder.
+func writeBatchFiles(h *Harness, n int, dual bool) (string, error) {
+	dev, dev6 := vxlan.DeviceName(subnet.DefaultVNI, false), vxlan.DeviceName(subnet.DefaultVNI, true)
 	dir := filepath.Join(h.work, "limit")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
 	}
-	var fdb, neigh, route, nh strings.Builder
+	var fdb, neigh, route, nh, fdb6, neigh6, route6 strings.Builder
 	for i := range n {
 		p := peerAt(0, i)
 		gw := p.Subnet.Addr()
@@ -87,11 +96,20 @@ func writeBatchFiles(h *Harness, n int) (string, error) {
 		fmt.Fprintf(&neigh, "neigh replace %s lladdr %s dev %s nud permanent\n", gw, p.MAC, dev)
 		fmt.Fprintf(&route, "route replace %s via %s dev %s onlink proto 116\n", p.Subnet, gw, dev)
 		fmt.Fprintf(&nh, "nexthop replace id %d via %s dev %s onlink proto 116\n", i+1, gw, dev)
+		if dual {
+			gw6 := p.IPv6Subnet.Addr()
+			fmt.Fprintf(&fdb6, "fdb replace %s dev %s dst %s self permanent\n", p.MACv6, dev6, p.PublicIPv6)
+			fmt.Fprintf(&neigh6, "neigh replace %s lladdr %s dev %s nud permanent\n", gw6, p.MACv6, dev6)
+			fmt.Fprintf(&route6, "route replace %s via %s dev %s onlink proto 116\n", p.IPv6Subnet, gw6, dev6)
+		}
 	}
 	for i := range n {
 		fmt.Fprintf(&nh, "route replace %s nhid %d proto 116\n", peerAt(0, i).Subnet, i+1)
 	}
 	files := map[string]string{"fdb": fdb.String(), "neigh": neigh.String(), "route": route.String(), "nexthop": nh.String()}
+	if dual {
+		files["fdb6"], files["neigh6"], files["route6"] = fdb6.String(), neigh6.String(), route6.String()
+	}
 	for name, body := range files {
 		if err := os.WriteFile(filepath.Join(dir, name+".batch"), []byte(body), 0o644); err != nil {
 			return "", err
@@ -110,8 +128,10 @@ func timedRun(ctx context.Context, d *time.Duration, prog string, args ...string
 }
 
 // inFreshDevice makes namespace netns with an underlay and a VXLAN device
-// as twilld makes it, runs f, and deletes the namespace.
-func inFreshDevice(ctx context.Context, netns, dev string, f func() error) error {
+// as twilld makes it (and its IPv6 device over an IPv6 address of the
+// underlay when dual), runs f, and deletes the namespace.
+func inFreshDevice(ctx context.Context, netns string, dual bool, f func() error) error {
+	dev, dev6 := vxlan.DeviceName(subnet.DefaultVNI, false), vxlan.DeviceName(subnet.DefaultVNI, true)
 	setup := [][]string{
 		{"netns", "add", netns},
 		{"-n", netns, "link", "set", "lo", "up"},
@@ -123,6 +143,15 @@ func inFreshDevice(ctx context.Context, netns, dev string, f func() error) error
 		{"-n", netns, "link", "set", dev, "mtu", "1450", "up"},
 		{"-n", netns, "addr", "add", "10.0.0.0/32", "dev", dev},
 	}
+	if dual {
+		local := lab.Topology{}.HostAddrV6(1).String()
+		setup = append(setup, [][]string{
+			{"-n", netns, "addr", "add", local + "/64", "dev", "eth0", "nodad"},
+			{"-n", netns, "link", "add", dev6, "type", "vxlan", "id", "1", "dstport", "8472", "local", local, "dev", "eth0", "nolearning"},
+			{"-n", netns, "link", "set", dev6, "mtu", strconv.Itoa(1500 - vxlan.OverheadIPv6), "up"},
+			{"-n", netns, "addr", "add", netip.PrefixFrom(benchNetworkV6.Addr(), 128).String(), "dev", dev6, "nodad"},
+		}...)
+	}
 	// Empty the namespace before deleting it: the kernel tears a deleted
 	// namespace down later, in a work queue that holds the RTNL lock, and
 	// a teardown of thousands of entries would stall the next twilld's
@@ -130,6 +159,9 @@ func inFreshDevice(ctx context.Context, netns, dev string, f func() error) error
 	defer func() {
 		bg := context.Background()
 		ipCmd(bg, "-n", netns, "link", "del", dev)
+		if dual {
+			ipCmd(bg, "-n", netns, "link", "del", dev6)
+		}
 		ipCmd(bg, "-n", netns, "nexthop", "flush")
 		ipCmd(bg, "netns", "del", netns)
 	}()
@@ -152,12 +184,12 @@ type changeLimit struct {
 func measureChangeLimit(ctx context.Context, h *Harness, n, samples int) (*changeLimit, error) {
 	nsName := h.cfg.Prefix + "lim"
 	devName := vxlan.DeviceName(subnet.DefaultVNI, false)
-	dir, err := writeBatchFiles(h, n)
+	dir, err := writeBatchFiles(h, n, false)
 	if err != nil {
 		return nil, err
 	}
 	l := &changeLimit{}
-	err = inFreshDevice(ctx, nsName, devName, func() error {
+	err = inFreshDevice(ctx, nsName, false, func() error {
 		for _, f := range []struct{ prog, file string }{{"bridge", "fdb"}, {"ip", "neigh"}, {"ip", "route"}} {
 			var d time.Duration
 			if err := timedRun(ctx, &d, f.prog, "-n", nsName, "-batch", filepath.Join(dir, f.file+".batch")); err != nil {

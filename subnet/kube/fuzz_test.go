@@ -2,29 +2,35 @@ package kube
 
 import (
 	"bytes"
-	"encoding/json"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// FuzzNodeToLease feeds arbitrary podCIDRs and annotation values to the
-// conversion. It must never panic; a lease it returns must be usable by a
-// backend (an IPv4 network address, an IPv4 public IP, a backend type, valid
-// JSON or no backend data); the transform must not change the result; and
-// the annotations twilld would publish for that lease must read back as the
-// same lease.
+// FuzzNodeToLease feeds arbitrary podCIDRs and annotation values of both
+// families to the conversion. It must never panic; a lease it returns must be
+// usable by a backend (checkLease: each family it has a network address of
+// that family with a public address of it, JSON or no backend data, the
+// fields of a family it lacks empty); the transform must not change the
+// result; and the annotations twilld would publish for that lease must read
+// back as the same attributes.
 func FuzzNodeToLease(f *testing.F) {
-	f.Add("10.244.1.0/24", "", "vxlan", `{"VNI":1,"VtepMAC":"ae:12:34:56:78:9a"}`, "192.0.2.1", "")
-	f.Add("10.244.1.0/24", "fd00::/64", "host-gw", "null", "192.0.2.1", "203.0.113.9")
-	f.Add("10.244.1.1/24", "", "vxlan", "{", "192.0.2.1", "")
-	f.Add("fd00::/64", "10.244.2.0/24", "vxlan", "", "::ffff:192.0.2.1", "")
-	f.Fuzz(func(t *testing.T, podCIDR, podCIDR2, bt, data, pip, ow string) {
+	f.Add("10.244.1.0/24", "", "vxlan", `{"VNI":1,"VtepMAC":"ae:12:34:56:78:9a"}`, "192.0.2.1", "", "", "", "")
+	f.Add("10.244.1.0/24", "fd00::/64", "host-gw", "null", "192.0.2.1", "203.0.113.9", "null", "2001:db8::1", "")
+	f.Add("10.244.1.1/24", "", "vxlan", "{", "192.0.2.1", "", "", "", "")
+	f.Add("fd00::/64", "10.244.2.0/24", "vxlan", "", "::ffff:192.0.2.1", "", "", "", "")
+	f.Add("10.244.1.0/24", "fd00:10:244:1::/64", "vxlan", `{"VNI":1,"VtepMAC":"ae:12:34:56:78:9a"}`, "192.0.2.1", "",
+		`{"VNI":1,"VtepMAC":"ae:12:34:56:78:9b"}`, "2001:db8::1", "2001:db8:ffff::1")
+	f.Add("fd00:10:244:1::/64", "", "vxlan", "", "", "", `{"VNI":1,"VtepMAC":"ae:12:34:56:78:9b"}`, "2001:db8::1", "")
+	f.Add("fd00:10:244:1::/64", "", "host-gw", "null", "0.0.0.0", "", "null", "2001:db8::1", "")
+	f.Add("10.244.1.0/24", "fd00:10:244:1::/64", "vxlan", "", "192.0.2.1", "", "{", "fe80::1%eth0", "192.0.2.9")
+	f.Fuzz(func(t *testing.T, podCIDR, podCIDR2, bt, data, pip, ow, data6, pip6, ow6 string) {
 		n := &corev1.Node{
 			ObjectMeta: metav1.ObjectMeta{Name: "n", Annotations: map[string]string{
 				"twill.io/backend-type": bt, "twill.io/backend-data": data,
 				"twill.io/public-ip": pip, "twill.io/public-ip-overwrite": ow,
+				"twill.io/backend-v6-data": data6, "twill.io/public-ipv6": pip6, "twill.io/public-ipv6-overwrite": ow6,
 			}},
 			Spec: corev1.NodeSpec{PodCIDR: podCIDR},
 		}
@@ -36,23 +42,20 @@ func FuzzNodeToLease(f *testing.F) {
 			t.Fatalf("ok with error %v", err)
 		}
 		cached, _ := SlimNode("")(n)
-		l2, ok2, err2 := cached.(*cachedNode).lease(Keys(""))
+		l2, ok2, err2 := cached.(*cachedNode).lease(Keys(""), bothFamilies)
 		if ok2 != ok || (err == nil) != (err2 == nil) || !leaseEqual(l, l2) {
 			t.Fatalf("transform changed the result: %+v %v %v / %+v %v %v", l, ok, err, l2, ok2, err2)
 		}
 		if !ok {
 			return
 		}
-		if !l.Subnet.Addr().Is4() || l.Subnet.Masked() != l.Subnet || !l.Attrs.PublicIP.Is4() ||
-			l.Attrs.BackendType == "" || l.Attrs.NodeName != "n" {
-			t.Fatalf("unusable lease %+v", l)
-		}
-		if l.Attrs.BackendData != nil && !json.Valid(l.Attrs.BackendData) {
-			t.Fatalf("backend data %q is not JSON", l.Attrs.BackendData)
+		if err := checkLease(l); err != nil {
+			t.Fatalf("unusable lease %+v: %v", l, err)
 		}
 		back, ok, err := ParseAnnotations(Keys("").owned(l.Attrs), "")
-		if !ok || err != nil || back.PublicIP != l.Attrs.PublicIP || back.BackendType != l.Attrs.BackendType ||
-			!bytes.Equal(back.BackendData, l.Attrs.BackendData) {
+		if !ok || err != nil || back.PublicIP != l.Attrs.PublicIP || back.PublicIPv6 != l.Attrs.PublicIPv6 ||
+			back.BackendType != l.Attrs.BackendType || !bytes.Equal(back.BackendData, l.Attrs.BackendData) ||
+			!bytes.Equal(back.BackendV6Data, l.Attrs.BackendV6Data) {
 			t.Fatalf("published %+v reads back as %+v %v %v", l.Attrs, back, ok, err)
 		}
 	})

@@ -3,6 +3,9 @@ package kube
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -26,12 +29,46 @@ func testConfig(t testing.TB) *subnet.Config {
 	return cfg
 }
 
+// dualConfig is the network of the dual-stack tests: 10.244.0.0/16 and
+// fd00:10:244::/56, or the IPv6 one alone when v6only.
+func dualConfig(t testing.TB, v6only bool) *subnet.Config {
+	t.Helper()
+	conf := `{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}`
+	if v6only {
+		conf = `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}`
+	}
+	cfg, err := subnet.ParseConfig([]byte(conf))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// The VTEP MACs of the tests' VXLAN backend data, one per family.
+const (
+	vxlanData   = `{"VNI":1,"VtepMAC":"ae:12:34:56:78:9a"}`
+	vxlanV6Data = `{"VNI":1,"VtepMAC":"ae:12:34:56:78:9b"}`
+)
+
 func vxlanAttrs(ip string) subnet.LeaseAttrs {
 	return subnet.LeaseAttrs{
 		PublicIP:    netip.MustParseAddr(ip),
 		BackendType: "vxlan",
-		BackendData: []byte(`{"VNI":1,"VtepMAC":"ae:12:34:56:78:9a"}`),
+		BackendData: []byte(vxlanData),
 	}
+}
+
+// dualAttrs are what the daemon passes for a node with an address of each
+// family; ip "" makes an IPv6-only node's, whose PublicIP is 0.0.0.0.
+func dualAttrs(ip, ip6 string) subnet.LeaseAttrs {
+	a := vxlanAttrs("0.0.0.0")
+	if ip != "" {
+		a = vxlanAttrs(ip)
+	} else {
+		a.BackendData = nil
+	}
+	a.PublicIPv6, a.BackendV6Data = netip.MustParseAddr(ip6), []byte(vxlanV6Data)
+	return a
 }
 
 // node is a Node with an optional podCIDR and annotations.
@@ -43,9 +80,24 @@ func node(name, podCIDR string, ann map[string]string) *corev1.Node {
 	return n
 }
 
+// nodeCIDRs is a Node with the podCIDRs given (spec.podCIDR is the first).
+func nodeCIDRs(name string, cidrs []string, ann map[string]string) *corev1.Node {
+	n := node(name, "", ann)
+	if len(cidrs) > 0 {
+		n.Spec.PodCIDR, n.Spec.PodCIDRs = cidrs[0], cidrs
+	}
+	return n
+}
+
 // published are the annotations a twilld on a node with public IP ip writes.
 func published(ip string) map[string]string {
 	return Keys("").owned(vxlanAttrs(ip))
+}
+
+// publishedDual are those of a twilld with an address of each family (ip ""
+// for an IPv6-only node).
+func publishedDual(ip, ip6 string) map[string]string {
+	return Keys("").owned(dualAttrs(ip, ip6))
 }
 
 // logRecorder is a slog handler that passes records to t.Log and keeps their
@@ -116,14 +168,60 @@ func waitFor(t testing.TB, what string, timeout time.Duration, cond func() bool)
 	}
 }
 
-// peerMap is Peers as node name -> subnet and public IP.
+// peerMap is Peers as node name -> subnet and public IP of each family the
+// lease has, IPv4 first: "10.244.2.0/24 192.0.2.2 fd00:10:244:2::/64 2001:db8::2".
 func peerMap(m *Manager) (map[string]string, bool) {
 	peers, synced := m.Peers()
 	out := map[string]string{}
 	for _, p := range peers {
-		out[p.Attrs.NodeName] = p.Subnet.String() + " " + p.Attrs.PublicIP.String()
+		out[p.Attrs.NodeName] = familiesString(p)
 	}
 	return out, synced
+}
+
+func familiesString(l subnet.Lease) string {
+	var f []string
+	if l.Subnet.IsValid() {
+		f = append(f, l.Subnet.String(), l.Attrs.PublicIP.String())
+	}
+	if l.IPv6Subnet.IsValid() {
+		f = append(f, l.IPv6Subnet.String(), l.Attrs.PublicIPv6.String())
+	}
+	return strings.Join(f, " ")
+}
+
+// checkLease says what makes l unusable for a backend, or nil: each family it
+// has is a network address with a public address peers can reach (and JSON
+// or no backend data); the fields of a family it lacks are empty, PublicIP
+// 0.0.0.0; it has a family, a backend type and a node name.
+func checkLease(l subnet.Lease) error {
+	var errs []error
+	family := func(p netip.Prefix, ip netip.Addr, data []byte, v6 bool) {
+		switch {
+		case !p.IsValid():
+			if (v6 && ip.IsValid()) || (!v6 && ip != netip.IPv4Unspecified()) || data != nil {
+				errs = append(errs, fmt.Errorf("no %s subnet but address %v, data %q", subnet.FamilyName(v6), ip, data))
+			}
+		case p.Addr().Is4() == v6 || p.Addr().Is4In6() || p.Masked() != p:
+			errs = append(errs, fmt.Errorf("%s subnet %s is not an %s network address", subnet.FamilyName(v6), p, subnet.FamilyName(v6)))
+		default:
+			if err := subnet.CheckPublicIP(ip, v6); err != nil {
+				errs = append(errs, err)
+			}
+			if data != nil && !json.Valid(data) {
+				errs = append(errs, fmt.Errorf("backend data %q is not JSON", data))
+			}
+		}
+	}
+	family(l.Subnet, l.Attrs.PublicIP, l.Attrs.BackendData, false)
+	family(l.IPv6Subnet, l.Attrs.PublicIPv6, l.Attrs.BackendV6Data, true)
+	if !l.Subnet.IsValid() && !l.IPv6Subnet.IsValid() {
+		errs = append(errs, errors.New("no family"))
+	}
+	if l.Attrs.BackendType == "" || l.Attrs.NodeName == "" {
+		errs = append(errs, fmt.Errorf("backend type %q, node name %q", l.Attrs.BackendType, l.Attrs.NodeName))
+	}
+	return errors.Join(errs...)
 }
 
 func ctxT(t testing.TB) context.Context {
@@ -135,7 +233,8 @@ func ctxT(t testing.TB) context.Context {
 // leaseEqual compares every field a parse yields (subnet.SameLease leaves
 // out what does not change the datapath).
 func leaseEqual(a, b subnet.Lease) bool {
-	return a.Subnet == b.Subnet && a.Expires.Equal(b.Expires) &&
-		a.Attrs.PublicIP == b.Attrs.PublicIP && a.Attrs.BackendType == b.Attrs.BackendType &&
-		a.Attrs.NodeName == b.Attrs.NodeName && bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData)
+	return a.Subnet == b.Subnet && a.IPv6Subnet == b.IPv6Subnet && a.Expires.Equal(b.Expires) &&
+		a.Attrs.PublicIP == b.Attrs.PublicIP && a.Attrs.PublicIPv6 == b.Attrs.PublicIPv6 &&
+		a.Attrs.BackendType == b.Attrs.BackendType && a.Attrs.NodeName == b.Attrs.NodeName &&
+		bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData) && bytes.Equal(a.Attrs.BackendV6Data, b.Attrs.BackendV6Data)
 }

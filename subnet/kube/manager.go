@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -47,8 +49,9 @@ type Options struct {
 }
 
 // Manager is the Kubernetes lease manager of one node: the lease is the
-// Node's podCIDR, the attributes are published as Node annotations and the
-// peers are learnt from a Node informer.
+// Node's podCIDRs (one per family the network config enables), the
+// attributes are published as Node annotations and the peers are learnt
+// from a Node informer.
 type Manager struct {
 	client  NodeClient
 	node    string
@@ -58,7 +61,8 @@ type Manager struct {
 	log     *slog.Logger
 	waiting func(string)
 	cfg     *subnet.Config
-	attrs   subnet.LeaseAttrs // what this node publishes
+	attrs   subnet.LeaseAttrs // what this node publishes, for the enabled families only
+	want    written           // the annotations that publish attrs
 
 	// retryMin and retryMax bound Acquire's polling of the own Node.
 	retryMin, retryMax time.Duration
@@ -80,7 +84,11 @@ type Manager struct {
 }
 
 // NewManager checks the options and returns a manager that will publish
-// attrs on the node and lease its podCIDR, which must lie in cfg.Network.
+// attrs on the node and lease its podCIDRs: for each family cfg enables, the
+// Node's podCIDR of that family, which must lie in the family's network, and
+// attrs' public address of that family. The fields of a family cfg does not
+// enable are dropped from attrs (PublicIP becomes 0.0.0.0 in an IPv6-only
+// network, as flannel's lease of an IPv6-only node has it).
 func NewManager(o Options, cfg *subnet.Config, attrs subnet.LeaseAttrs) (*Manager, error) {
 	switch {
 	case o.Client == nil:
@@ -89,12 +97,12 @@ func NewManager(o Options, cfg *subnet.Config, attrs subnet.LeaseAttrs) (*Manage
 		return nil, errors.New("kube lease manager: no node name (--node-name or NODE_NAME)")
 	case cfg == nil:
 		return nil, errors.New("kube lease manager: no network config")
-	case !attrs.PublicIP.Is4():
-		return nil, fmt.Errorf("kube lease manager: public IP %v is not IPv4", attrs.PublicIP)
 	case attrs.BackendType == "":
 		return nil, errors.New("kube lease manager: no backend type")
-	case len(attrs.BackendData) > 0 && !json.Valid(attrs.BackendData):
-		return nil, errors.New("kube lease manager: backend data is not valid JSON")
+	}
+	attrs, err := familyAttrs(cfg, attrs)
+	if err != nil {
+		return nil, fmt.Errorf("kube lease manager: %w", err)
 	}
 	if o.AnnotationPrefix == "" {
 		o.AnnotationPrefix = DefaultAnnotationPrefix
@@ -110,18 +118,58 @@ func NewManager(o Options, cfg *subnet.Config, attrs subnet.LeaseAttrs) (*Manage
 	return &Manager{
 		client: o.Client, node: o.NodeName, prefix: o.AnnotationPrefix, keys: Keys(o.AnnotationPrefix),
 		setCond: o.SetNodeCondition, log: o.Log.With("node", o.NodeName), waiting: o.Waiting,
-		cfg: cfg, attrs: attrs,
+		cfg: cfg, attrs: attrs, want: writtenFor(attrs),
 		retryMin: 200 * time.Millisecond, retryMax: 5 * time.Second,
 		skipped: map[string]string{},
 		cache:   cache, changed: cache.Subscribe(),
 	}, nil
 }
 
-// Acquire waits until the own Node has a podCIDR inside the network, publishes
-// the node's annotations on it and returns the lease. Every obstacle (no Node
-// yet, no podCIDR yet, a podCIDR outside the network, a malformed
-// public-ip-overwrite, the API server unreachable, RBAC missing) is logged once
-// and waited on with backoff, since an operator or a controller may fix it;
+// familyAttrs checks attrs for the families cfg enables and drops the
+// fields of the others.
+func familyAttrs(cfg *subnet.Config, attrs subnet.LeaseAttrs) (subnet.LeaseAttrs, error) {
+	switch {
+	case !cfg.EnableIPv4 && !cfg.EnableIPv6:
+		return attrs, errors.New("the network config enables neither IPv4 nor IPv6")
+	case cfg.EnableIPv4 && !cfg.Network.IsValid():
+		return attrs, errors.New("the network config enables IPv4 but has no Network")
+	case cfg.EnableIPv6 && !cfg.IPv6Network.IsValid():
+		return attrs, errors.New("the network config enables IPv6 but has no IPv6Network")
+	}
+	if cfg.EnableIPv4 {
+		if err := checkFamily(attrs.PublicIP, attrs.BackendData, false); err != nil {
+			return attrs, err
+		}
+	} else {
+		attrs.PublicIP, attrs.BackendData = netip.IPv4Unspecified(), nil
+	}
+	if cfg.EnableIPv6 {
+		if err := checkFamily(attrs.PublicIPv6, attrs.BackendV6Data, true); err != nil {
+			return attrs, err
+		}
+	} else {
+		attrs.PublicIPv6, attrs.BackendV6Data = netip.Addr{}, nil
+	}
+	return attrs, nil
+}
+
+// checkFamily checks the public address and backend data of one family.
+func checkFamily(ip netip.Addr, data json.RawMessage, v6 bool) error {
+	if err := subnet.CheckPublicIP(ip, v6); err != nil {
+		return fmt.Errorf("public %s address: %w", subnet.FamilyName(v6), err)
+	}
+	if len(data) > 0 && !json.Valid(data) {
+		return fmt.Errorf("%s backend data is not valid JSON", subnet.FamilyName(v6))
+	}
+	return nil
+}
+
+// Acquire waits until the own Node has a podCIDR inside the network of each
+// family the config enables, publishes the node's annotations on it and
+// returns the lease. Every obstacle (no Node yet, no podCIDR yet, none of an
+// enabled family, a podCIDR outside its network, a malformed overwrite
+// annotation, the API server unreachable, RBAC missing) is logged once and
+// waited on with backoff, since an operator or a controller may fix it;
 // Acquire returns an error only when ctx ends.
 func (m *Manager) Acquire(ctx context.Context) (subnet.Lease, error) {
 	bo := retry.Backoff{Min: m.retryMin, Max: m.retryMax}
@@ -130,7 +178,7 @@ func (m *Manager) Acquire(ctx context.Context) (subnet.Lease, error) {
 		l, reason := m.tryAcquire(ctx)
 		if reason == "" {
 			m.setOwn(l)
-			m.log.Info("lease acquired from the Node", "subnet", l.Subnet, "publicIP", l.Attrs.PublicIP)
+			m.log.Info("lease acquired from the Node", leaseLog(l)...)
 			return l, nil
 		}
 		if ctx.Err() == nil {
@@ -170,41 +218,72 @@ func (m *Manager) tryAcquire(ctx context.Context) (subnet.Lease, string) {
 	return l, ""
 }
 
-// ownLease is the lease the own Node gives: its podCIDR, this node's
-// attributes, and the operator's public-ip-overwrite if any.
+// ownLease is the lease the own Node gives: for each family the config
+// enables, its podCIDR of that family, this node's attributes, and the
+// operator's overwrite of the family's public address if any.
 func (m *Manager) ownLease(node *cachedNode) (subnet.Lease, error) {
-	p, ok, err := node.podSubnet()
+	v4, v6, err := node.podSubnets()
 	if err != nil {
 		return subnet.Lease{}, err
 	}
-	if !ok {
+	if len(node.podCIDRs) == 0 {
 		return subnet.Lease{}, fmt.Errorf("Node %s has no podCIDR yet (assigned by kube-controller-manager --allocate-node-cidrs, or set spec.podCIDR)", m.node)
 	}
-	if !inNetwork(m.cfg, p) {
-		return subnet.Lease{}, fmt.Errorf("podCIDR %s of Node %s is outside the Network %s of the network config: change one of them", p, m.node, m.cfg.Network)
-	}
-	attrs := m.attrs
-	if ow := node.publicIPOverwrite; ow != "" {
-		if attrs.PublicIP, err = parseIPv4(ow); err != nil {
-			return subnet.Lease{}, fmt.Errorf("annotation %s on Node %s: %w", m.keys.PublicIPOverwrite, m.node, err)
+	l := subnet.Lease{Attrs: m.attrs}
+	if m.cfg.EnableIPv4 {
+		if l.Subnet, err = m.ownSubnet(node, v4, false); err != nil {
+			return subnet.Lease{}, err
+		}
+		if ow := node.annotations().publicIPOverwrite; ow != "" {
+			if l.Attrs.PublicIP, err = parseAddr(ow, false); err != nil {
+				return subnet.Lease{}, fmt.Errorf("annotation %s on Node %s: %w", m.keys.PublicIPOverwrite, m.node, err)
+			}
 		}
 	}
-	return subnet.Lease{Subnet: p, Attrs: attrs}, nil
+	if m.cfg.EnableIPv6 {
+		if l.IPv6Subnet, err = m.ownSubnet(node, v6, true); err != nil {
+			return subnet.Lease{}, err
+		}
+		if ow := node.annotations().publicIPv6Overwrite; ow != "" {
+			if l.Attrs.PublicIPv6, err = parseAddr(ow, true); err != nil {
+				return subnet.Lease{}, fmt.Errorf("annotation %s on Node %s: %w", m.keys.PublicIPv6Overwrite, m.node, err)
+			}
+		}
+	}
+	return l, nil
 }
 
-// published reports whether the Node carries this node's annotations. None
-// of them is ever empty, so an absent one ("") never matches.
+// ownSubnet checks the own Node's podCIDR p of one family the config
+// enables; the errors say what to do.
+func (m *Manager) ownSubnet(node *cachedNode, p netip.Prefix, v6 bool) (netip.Prefix, error) {
+	network, key, flag := m.cfg.Network, "Network", "EnableIPv4"
+	if v6 {
+		network, key, flag = m.cfg.IPv6Network, "IPv6Network", "EnableIPv6"
+	}
+	fam := subnet.FamilyName(v6)
+	if !p.IsValid() {
+		return p, fmt.Errorf("Node %s has no %s podCIDR (spec.podCIDRs: %s) and the network config enables %s: "+
+			"give kube-controller-manager an %s range in --cluster-cidr (one CIDR per family) and register the Node again, or set %s to false",
+			m.node, fam, strings.Join(node.podCIDRs, ", "), fam, fam, flag)
+	}
+	if !inNetwork(network, p) {
+		return p, fmt.Errorf("%s podCIDR %s of Node %s is outside the %s %s of the network config: change one of them", fam, p, m.node, key, network)
+	}
+	return p, nil
+}
+
+// published reports whether the Node carries this node's annotations, and
+// none of a family the node lacks. The backend type is never empty, so a
+// Node without twill's annotations never matches.
 func (m *Manager) published(node *cachedNode) bool {
-	want := m.keys.owned(m.attrs)
-	return node.backendType == want[m.keys.BackendType] && node.backendData == want[m.keys.BackendData] &&
-		node.publicIP == want[m.keys.PublicIP]
+	return node.annotations().written == m.want
 }
 
 // publish writes this node's annotations with a JSON merge patch on the
 // nodes/status subresource: metadata may be changed through it, and it is the
 // only write RBAC must grant (nodes/status patch, not nodes patch).
 func (m *Manager) publish(ctx context.Context) error {
-	return m.patchAnnotations(ctx, m.keys.owned(m.attrs))
+	return m.patchAnnotations(ctx, m.keys.patch(m.want))
 }
 
 // patchAnnotations merges ann (values are strings, or nil to remove) into
@@ -222,12 +301,26 @@ func (m *Manager) patchAnnotations(ctx context.Context, ann any) error {
 	return nil
 }
 
-// Own returns the lease the node holds now: it follows the Node's podCIDR and
-// public-ip-overwrite.
+// Own returns the lease the node holds now: it follows the Node's podCIDRs and
+// the overwrite annotations. Subnet is zero in an IPv6-only network,
+// IPv6Subnet in an IPv4-only one.
 func (m *Manager) Own() subnet.Lease {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return m.own
+}
+
+// leaseLog is a lease as log attributes: the subnet and public address of
+// each family it has.
+func leaseLog(l subnet.Lease) []any {
+	var out []any
+	if l.Subnet.IsValid() {
+		out = append(out, "subnet", l.Subnet, "publicIP", l.Attrs.PublicIP)
+	}
+	if l.IPv6Subnet.IsValid() {
+		out = append(out, "ipv6Subnet", l.IPv6Subnet, "publicIPv6", l.Attrs.PublicIPv6)
+	}
+	return out
 }
 
 func (m *Manager) setOwn(l subnet.Lease) {
@@ -240,24 +333,27 @@ func (m *Manager) setOwn(l subnet.Lease) {
 	}
 }
 
-// Peers returns the leases of every other Node with a podCIDR and twill's
-// annotations, in no particular order, and whether the informer has listed
-// the Nodes at least once.
+// Peers returns the leases of every other Node that has a podCIDR and a
+// published address of at least one family the network config enables, in
+// no particular order, and whether the informer has listed the Nodes at
+// least once. A peer's lease carries only the families it has of those: a
+// dual-stack network may have a peer without IPv6 (Lease.Family says so).
 func (m *Manager) Peers() ([]subnet.Lease, bool) { return m.cache.Peers("") }
 
 // Changed signals, coalesced, that Own or Peers changed.
 func (m *Manager) Changed() <-chan struct{} { return m.changed }
 
-// Release removes the annotations twilld wrote (backend type, backend data,
-// public IP) from the own Node, so peers drop this node; an operator's
-// public-ip-overwrite stays. The podCIDR is the cluster's and stays too. Call it
-// after Run has returned (--release-on-exit); a running Run would restore the
-// annotations otherwise, so Release also stops that.
+// Release removes the annotations twilld writes (backend type, and backend
+// data and public address of each family) from the own Node, so peers drop
+// this node; an operator's overwrite annotations stay. The podCIDRs are the
+// cluster's and stay too. Call it after Run has returned (--release-on-exit);
+// a running Run would restore the annotations otherwise, so Release also
+// stops that.
 func (m *Manager) Release(ctx context.Context) error {
 	m.mu.Lock()
 	m.released = true
 	m.mu.Unlock()
-	remove := map[string]*string{m.keys.BackendType: nil, m.keys.BackendData: nil, m.keys.PublicIP: nil}
+	remove := m.keys.patch(written{})
 	bo := retry.Backoff{Min: m.retryMin, Max: m.retryMax}
 	for {
 		err := m.patchAnnotations(ctx, remove)

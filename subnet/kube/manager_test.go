@@ -16,6 +16,8 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/twillnet/twill/subnet"
 )
 
 // fakeNodes is the Node client of a fake clientset. Like the fake clientset
@@ -32,9 +34,15 @@ func newTestManager(t *testing.T, cs kubernetes.Interface, name string, o Option
 
 func newManagerWith(t *testing.T, c NodeClient, name string, o Options) (*Manager, *logRecorder) {
 	t.Helper()
+	return newManagerFor(t, c, name, o, testConfig(t), vxlanAttrs("192.0.2.1"))
+}
+
+// newManagerFor is newManagerWith for a network config and attributes.
+func newManagerFor(t *testing.T, c NodeClient, name string, o Options, cfg *subnet.Config, attrs subnet.LeaseAttrs) (*Manager, *logRecorder) {
+	t.Helper()
 	rec := newLogRecorder(t)
 	o.Client, o.NodeName, o.Log = c, name, slog.New(rec)
-	m, err := NewManager(o, testConfig(t), vxlanAttrs("192.0.2.1"))
+	m, err := NewManager(o, cfg, attrs)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 
 	"github.com/go-logr/logr"
@@ -163,15 +164,22 @@ func (m *Manager) syncNode(ctx context.Context, name string) error {
 		m.dropPeer(name, "", true)
 		return nil
 	}
-	l, ok, err := node.lease(m.keys)
+	fams := families{v4: m.cfg.EnableIPv4, v6: m.cfg.EnableIPv6}
+	l, ok, err := node.lease(m.keys, fams)
 	switch {
 	case err != nil:
 		m.dropPeer(name, "malformed: "+err.Error(), false)
+	case !ok && len(node.podCIDRs) > 0 && node.annotations().backendType != "":
+		// A twill node, but of other families: its twilld runs with
+		// another network config, or its Node has other podCIDRs.
+		m.dropPeer(name, fmt.Sprintf("no family the network config enables (%s) has both a podCIDR and a published address", fams), false)
 	case !ok:
 		// No podCIDR or no annotations yet: not a twill node (yet).
 		m.dropPeer(name, "", false)
-	case !inNetwork(m.cfg, l.Subnet):
+	case l.Subnet.IsValid() && !inNetwork(m.cfg.Network, l.Subnet):
 		m.dropPeer(name, fmt.Sprintf("podCIDR %s is outside the Network %s", l.Subnet, m.cfg.Network), false)
+	case l.IPv6Subnet.IsValid() && !inNetwork(m.cfg.IPv6Network, l.IPv6Subnet):
+		m.dropPeer(name, fmt.Sprintf("IPv6 podCIDR %s is outside the IPv6Network %s", l.IPv6Subnet, m.cfg.IPv6Network), false)
 	default:
 		m.setPeer(name, l)
 	}
@@ -183,7 +191,7 @@ func (m *Manager) setPeer(name string, l subnet.Lease) {
 	delete(m.skipped, name)
 	m.mu.Unlock()
 	if m.cache.Apply(subnet.Change{Key: name, Lease: &l}) {
-		m.log.Debug("peer", "peer", name, "subnet", l.Subnet, "publicIP", l.Attrs.PublicIP)
+		m.log.Debug("peer", append([]any{"peer", name}, leaseLog(l)...)...)
 	}
 }
 
@@ -207,7 +215,7 @@ func (m *Manager) dropPeer(name, reason string, deleted bool) {
 }
 
 // syncOwn restores the node's annotations if they were removed or changed,
-// and lets the own lease follow the Node's podCIDR and public-ip-overwrite.
+// and lets the own lease follow the Node's podCIDRs and overwrite annotations.
 func (m *Manager) syncOwn(ctx context.Context, node *cachedNode) error {
 	m.mu.Lock()
 	released := m.released
@@ -228,8 +236,7 @@ func (m *Manager) syncOwn(ctx context.Context, node *cachedNode) error {
 	}
 	m.ownProblem("")
 	if old := m.Own(); !subnet.SameLease(old, l) {
-		m.log.Warn("own lease changed with the Node", "oldSubnet", old.Subnet, "subnet", l.Subnet,
-			"oldPublicIP", old.Attrs.PublicIP, "publicIP", l.Attrs.PublicIP)
+		m.log.Warn("own lease changed with the Node", slog.Group("old", leaseLog(old)...), slog.Group("new", leaseLog(l)...))
 		m.setOwn(l)
 	}
 	return nil

@@ -50,6 +50,7 @@ func run(args []string) error {
 	fs.StringVar(&sections, "sections", "1,2,3,4,5,6,go", "sections to run: 1 convergence, 2 change latency, 3 Kubernetes mode, 4 CNI, 5 datapath, 6 steady state, go testing.B")
 	fs.StringVar(&sizes, "sizes", "100,1000,5000", "peer counts for the convergence figure")
 	fs.IntVar(&c.Runs, "runs", 7, "cold starts per size (and batch-limit runs)")
+	fs.BoolVar(&c.DualStack, "dual-stack", true, "convergence figure: the largest size again with dual-stack peers (6 entries per peer)")
 	fs.IntVar(&c.ChangePeers, "change-peers", 5000, "peers present while measuring change latency")
 	fs.IntVar(&c.ChangeSamples, "change-samples", 50, "samples per kind of change")
 	fs.IntVar(&c.MasqSamples, "masq-samples", 20, "change samples with --ip-masq (0: skip)")
