@@ -15,8 +15,8 @@ import (
 
 // ReadActual reads the entries twill owns of one family (netlink.FAMILY_V4
 // or FAMILY_V6): its routes in the main table (by RouteProtocol) plus, when
-// dev is not 0, every neighbour of the family and every FDB entry on the
-// device with that index. Other routes in the main table are recorded in
+// dev is not 0, every unicast neighbour of the family and every FDB entry on
+// the device with that index. Other routes in the main table are recorded in
 // Foreign.
 func ReadActual(ctx context.Context, h *netlink.Handle, family, dev int) (State, error) {
 	s := NewState()
@@ -56,7 +56,10 @@ func ReadActual(ctx context.Context, h *netlink.Handle, family, dev int) (State,
 	}
 	for _, n := range neighs {
 		ip, ok := netip.AddrFromSlice(n.IP)
-		if !ok || n.LinkIndex != dev {
+		if !ok || n.LinkIndex != dev || ip.IsMulticast() {
+			// The kernel keeps entries of its own for multicast addresses
+			// (IPv6: ff02::2, ff02::16, ... on every device); they are
+			// not twill's.
 			continue
 		}
 		e := Neigh{LinkIndex: dev, IP: ip.Unmap(), Permanent: n.State&netlink.NUD_PERMANENT != 0}
