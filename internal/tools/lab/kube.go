@@ -176,8 +176,9 @@ func (l *Lab) kubeStatus(ctx context.Context, w io.Writer) error {
 	}
 	fmt.Fprintf(w, "nodes (kube-apiserver %s):\n", l.KubeServer().URL())
 	for _, n := range nodes.Items {
-		fmt.Fprintf(w, "  %s  podCIDR %s  public-ip %s  backend %s %s\n", n.Name, n.Spec.PodCIDR,
-			n.Annotations["twill.io/public-ip"], n.Annotations["twill.io/backend-type"], n.Annotations["twill.io/backend-data"])
+		fmt.Fprintf(w, "  %s  podCIDRs %s  public-ip %s  public-ipv6 %s  backend %s %s %s\n", n.Name, strings.Join(n.Spec.PodCIDRs, ","),
+			n.Annotations["twill.io/public-ip"], n.Annotations["twill.io/public-ipv6"], n.Annotations["twill.io/backend-type"],
+			n.Annotations["twill.io/backend-data"], n.Annotations["twill.io/backend-v6-data"])
 	}
 	fmt.Fprintln(w)
 	return nil
