@@ -10,9 +10,12 @@ import (
 	"testing"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/twillnet/twill/backend/vxlan"
 	"github.com/twillnet/twill/internal/tools/lab"
 	"github.com/twillnet/twill/subnet"
+	"github.com/twillnet/twill/subnet/kube"
 )
 
 // familyEntries is what `ip` shows of twill's entries of one family on a
@@ -96,19 +99,42 @@ func wantFamilyEntries(t *testing.T, l *lab.Lab, i int, v6 bool) familyEntries {
 	return e
 }
 
-// labLeases maps each public address of the lab's etcd leases to the VTEP
-// MAC published for its family.
+// labLeases maps each public address of the lab's leases (etcd's, or the
+// Nodes' annotations in Kubernetes mode) to the VTEP MAC published for its
+// family.
 func labLeases(t *testing.T, l *lab.Lab) map[netip.Addr]string {
 	t.Helper()
-	out := map[netip.Addr]string{}
-	for _, kv := range strings.Split(strings.TrimSpace(labEtcdctl(t, l, "get", "--prefix", "/twill.io/network/subnets/", "--print-value-only")), "\n") {
-		if kv == "" {
-			continue
-		}
-		a, err := subnet.ParseLeaseAttrs([]byte(kv))
+	var all []subnet.LeaseAttrs
+	if l.Datastore == "kube" {
+		cs, err := l.KubeClient()
 		if err != nil {
-			t.Fatalf("lease %q: %v", kv, err)
+			t.Fatal(err)
 		}
+		nodes, err := cs.CoreV1().Nodes().List(ctxFor(t, 30*time.Second), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range nodes.Items {
+			l, ok, err := kube.NodeToLease(&nodes.Items[i], "twill.io")
+			if err != nil || !ok {
+				t.Fatalf("Node %s: %v (published: %v)", nodes.Items[i].Name, err, ok)
+			}
+			all = append(all, l.Attrs)
+		}
+	} else {
+		for _, kv := range strings.Split(strings.TrimSpace(labEtcdctl(t, l, "get", "--prefix", "/twill.io/network/subnets/", "--print-value-only")), "\n") {
+			if kv == "" {
+				continue
+			}
+			a, err := subnet.ParseLeaseAttrs([]byte(kv))
+			if err != nil {
+				t.Fatalf("lease %q: %v", kv, err)
+			}
+			all = append(all, a)
+		}
+	}
+	out := map[netip.Addr]string{}
+	for _, a := range all {
 		for _, fam := range []struct {
 			ip   netip.Addr
 			data json.RawMessage
@@ -122,7 +148,9 @@ func labLeases(t *testing.T, l *lab.Lab) map[netip.Addr]string {
 }
 
 func sameEntries(a, b familyEntries) bool {
-	eq := func(x, y []string) bool { return slices.Equal(slices.Sorted(slices.Values(x)), slices.Sorted(slices.Values(y))) }
+	eq := func(x, y []string) bool {
+		return slices.Equal(slices.Sorted(slices.Values(x)), slices.Sorted(slices.Values(y)))
+	}
 	return eq(a.Routes, b.Routes) && eq(a.Neighs, b.Neighs) && eq(a.FDB, b.FDB)
 }
 

@@ -132,3 +132,42 @@ func TestKubernetesMode(t *testing.T) {
 	waitCounts(t, l, 1, expected("vxlan", 1), 30*time.Second)
 	waitCounts(t, l, 2, expected("vxlan", 1), 30*time.Second)
 }
+
+// Dual-stack in Kubernetes mode on a real kube-apiserver: each Node has a
+// podCIDR of each family, twilld leases both, publishes flannel's IPv6
+// annotations under twill's prefix beside the IPv4 ones, programs exactly
+// the entries of each family, and pods reach each other in both.
+func TestKubernetesModeDualStack(t *testing.T) {
+	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan", IPMasq: true, IPFamily: "dual",
+		Datastore: "kube", KubeAPIServer: testenv.Tool(t, "kube-apiserver")})
+	ctx := ctxFor(t, 4*time.Minute)
+	cs, err := l.KubeClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 3; i++ {
+		env := hostEnv(t, l, i)
+		if env.Subnet.Masked() != l.NodePodCIDR(i) || env.IPv6Subnet.Masked() != l.NodePodCIDRV6(i) {
+			t.Fatalf("h%d's env file names %s and %s, its Node's podCIDRs are %s and %s", i, env.Subnet, env.IPv6Subnet, l.NodePodCIDR(i), l.NodePodCIDRV6(i))
+		}
+		waitFor(t, fmt.Sprintf("h%d's annotations", i), 15*time.Second, func() error {
+			n, err := cs.CoreV1().Nodes().Get(ctx, fmt.Sprintf("h%d", i), metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			a := n.Annotations
+			if a["twill.io/public-ip"] != l.Topology().HostAddr(i).String() || a["twill.io/public-ipv6"] != l.Topology().HostAddrV6(i).String() ||
+				!strings.Contains(a["twill.io/backend-data"], "VtepMAC") || !strings.Contains(a["twill.io/backend-v6-data"], "VtepMAC") ||
+				a["twill.io/backend-data"] == a["twill.io/backend-v6-data"] {
+				return fmt.Errorf("annotations %v", a)
+			}
+			return nil
+		})
+	}
+	for i := 1; i <= 3; i++ {
+		for _, v6 := range l.Families() {
+			waitFamilyEntries(t, l, i, v6, 10*time.Second)
+		}
+	}
+	requireMatrix(t, l)
+}
