@@ -4,8 +4,6 @@ import (
 	"context"
 	"maps"
 	"net/netip"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -183,21 +181,8 @@ func TestIPv6OnlyOnAPIServer(t *testing.T) {
 func TestDualStackWaitsOnAPIServer(t *testing.T) {
 	c := newCluster(t)
 	ctx := ctxT(t)
-	var mu sync.Mutex
-	reasons := map[string]int{}
-	waiting := func(r string) { mu.Lock(); reasons[r]++; mu.Unlock() }
-	seen := func(sub string, times int) func() bool {
-		return func() bool {
-			mu.Lock()
-			defer mu.Unlock()
-			for r, n := range reasons {
-				if strings.Contains(r, sub) && n >= times {
-					return true
-				}
-			}
-			return false
-		}
-	}
+	var reasons waitReasons
+	waiting, seen := reasons.record, reasons.seen
 
 	// The cluster gave IPv4 podCIDRs only (--cluster-cidr without an IPv6 range).
 	c.createNode(t, node("w", "10.244.7.0/24", nil))

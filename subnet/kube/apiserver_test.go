@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -258,21 +256,8 @@ func networkCondition(t *testing.T, cs kubernetes.Interface, name string) *corev
 func TestAcquireWaitsOnAPIServer(t *testing.T) {
 	c := newCluster(t)
 	ctx := ctxT(t)
-	var mu sync.Mutex
-	reasons := map[string]int{}
-	waiting := func(r string) { mu.Lock(); reasons[r]++; mu.Unlock() }
-	seen := func(sub string, times int) func() bool {
-		return func() bool {
-			mu.Lock()
-			defer mu.Unlock()
-			for r, n := range reasons {
-				if strings.Contains(r, sub) && n >= times {
-					return true
-				}
-			}
-			return false
-		}
-	}
+	var reasons waitReasons
+	waiting, seen := reasons.record, reasons.seen
 
 	c.createNode(t, node("w", "", nil))
 	m, _ := c.saManager(t, "w", Options{Waiting: waiting})

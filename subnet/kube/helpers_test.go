@@ -238,3 +238,32 @@ func leaseEqual(a, b subnet.Lease) bool {
 		a.Attrs.BackendType == b.Attrs.BackendType && a.Attrs.NodeName == b.Attrs.NodeName &&
 		bytes.Equal(a.Attrs.BackendData, b.Attrs.BackendData) && bytes.Equal(a.Attrs.BackendV6Data, b.Attrs.BackendV6Data)
 }
+
+// waitReasons counts the reasons a manager gives for waiting (Options.Waiting).
+type waitReasons struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (w *waitReasons) record(reason string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n == nil {
+		w.n = map[string]int{}
+	}
+	w.n[reason]++
+}
+
+// seen returns a condition: a reason containing sub was given times times.
+func (w *waitReasons) seen(sub string, times int) func() bool {
+	return func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		for r, n := range w.n {
+			if strings.Contains(r, sub) && n >= times {
+				return true
+			}
+		}
+		return false
+	}
+}
