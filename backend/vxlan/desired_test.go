@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -196,4 +197,56 @@ func FuzzParseData(f *testing.F) {
 			t.Fatalf("%q: fast path %+v, encoding/json %+v", raw, fast, slow)
 		}
 	})
+}
+
+// The IPv6 plane sees leases projected on IPv6 (subnet.Lease.Family): its
+// entries use the IPv6 subnet, the IPv6 VTEP MAC and the IPv6 public
+// address; DirectRouting works on the IPv6 on-link network; a lease of the
+// other family is refused by name.
+func TestDesiredIPv6(t *testing.T) {
+	const dev = 9
+	ext := dataplane.ExternalInterface{Name: "eth0", Index: 2, Addr: netip.MustParseAddr("fd00:198:18::1"),
+		Prefix: netip.MustParsePrefix("fd00:198:18::/64"), MTU: 1500}
+	own := lease("fd00:10:244:1::/64", "fd00:198:18::1", "02:00:00:00:06:01")
+	peers := []subnet.Lease{
+		lease("fd00:10:244:2::/64", "fd00:198:18::2", "02:00:00:00:06:02"),
+		lease("fd00:10:244:3::/64", "fd00:198:19::3", "02:00:00:00:06:03"),
+		lease("10.244.4.0/24", "198.18.0.4", "02:00:00:00:00:04"),
+	}
+	for _, direct := range []bool{false, true} {
+		s, err := Desired(own, peers, Params{Dev: dev, VNI: 1, Ext: ext, DirectRouting: direct})
+		var pe *dataplane.PeerError
+		if !errors.As(err, &pe) || pe.Peer != netip.MustParsePrefix("10.244.4.0/24") || !strings.Contains(err.Error(), "not an IPv6 network address") {
+			t.Fatalf("direct %v: err = %v, want the IPv4 lease refused", direct, err)
+		}
+		var routes, neighs, fdb []string
+		for _, r := range s.Routes {
+			routes = append(routes, r.String())
+		}
+		for _, n := range s.Neighs {
+			neighs = append(neighs, n.String())
+		}
+		for _, f := range s.FDB {
+			fdb = append(fdb, f.String())
+		}
+		slices.Sort(routes)
+		slices.Sort(neighs)
+		slices.Sort(fdb)
+		want := [][]string{
+			{"fd00:10:244:2::/64 via fd00:10:244:2:: dev 9 onlink", "fd00:10:244:3::/64 via fd00:10:244:3:: dev 9 onlink"},
+			{"fd00:10:244:2:: lladdr 02:00:00:00:06:02 dev 9", "fd00:10:244:3:: lladdr 02:00:00:00:06:03 dev 9"},
+			{"02:00:00:00:06:02 dst fd00:198:18::2 dev 9", "02:00:00:00:06:03 dst fd00:198:19::3 dev 9"},
+		}
+		if direct {
+			// The peer on fd00:198:18::/64 is routed directly; the other is tunnelled.
+			want = [][]string{
+				{"fd00:10:244:2::/64 via fd00:198:18::2 dev 2", "fd00:10:244:3::/64 via fd00:10:244:3:: dev 9 onlink"},
+				{"fd00:10:244:3:: lladdr 02:00:00:00:06:03 dev 9"},
+				{"02:00:00:00:06:03 dst fd00:198:19::3 dev 9"},
+			}
+		}
+		if got := [][]string{routes, neighs, fdb}; !slices.EqualFunc(got, want, slices.Equal) {
+			t.Fatalf("direct %v:\ngot  %q\nwant %q", direct, got, want)
+		}
+	}
 }
