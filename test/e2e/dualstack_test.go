@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -318,5 +319,28 @@ func TestIPv6UnderlayMTU(t *testing.T) {
 	}
 	if n := snmp6(t, h1, "Ip6FragCreates"); n != frags {
 		t.Fatalf("h1 fragmented %d packets", n-frags)
+	}
+}
+
+// A node without an IPv6 address on its interface cannot join a network
+// with IPv6: twilld stops at start with an error that names the interface
+// and the family, and leases nothing.
+func TestMissingIPv6AddressIsAStartError(t *testing.T) {
+	c := newCluster(t, 1)
+	c.setConfig(`{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}`)
+	h1 := c.topo.HostNS(1)
+	ipn(t, h1, "-6", "addr", "flush", "dev", "eth0", "scope", "global")
+	d := c.startDaemon(1)
+	select {
+	case <-d.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("twilld kept running without an IPv6 address")
+	}
+	log, _ := os.ReadFile(d.log)
+	if !strings.Contains(string(log), "interface eth0 has no usable IPv6 address") {
+		t.Fatalf("twilld's log does not say what is missing:\n%s", log)
+	}
+	if ls := c.leases(); len(ls) != 0 {
+		t.Fatalf("leases after the failed start: %+v", ls)
 	}
 }
