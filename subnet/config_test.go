@@ -115,10 +115,6 @@ func TestParseConfig(t *testing.T) {
 				t.Errorf("got %+v", c)
 			}
 		}},
-		{name: "IPv6 enabled without a network", in: `{"Network":"10.1.0.0/16","EnableIPv6":true}`, wantErr: "IPv6Network: required when EnableIPv6 is true"},
-		{name: "IPv6 link-local network", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fe80::/56"}`, wantErr: "IPv6Network: fe80::/56 is not a unicast range"},
-		{name: "IPv6 with a small MTU", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","MTU":1200}}`, wantErr: "Backend.MTU: 1200 is below 1280"},
-		{name: "both families off", in: `{"EnableIPv4":false,"Network":"10.1.0.0/16"}`, wantErr: "both are false"},
 		{name: "not json", in: `Network: 10.1.0.0/16`, wantErr: "invalid JSON"},
 		{name: "trailing data", in: `{"Network":"10.1.0.0/16"} {}`, wantErr: "trailing data"},
 		{name: "backend not object", in: `{"Network":"10.1.0.0/16","Backend":"vxlan"}`, wantErr: "Backend: must be an object"},

@@ -151,7 +151,7 @@ func TestNewMTU(t *testing.T) {
 		Prefix: netip.MustParsePrefix("198.18.0.0/24"), MTU: 9000}
 	for _, tc := range []struct {
 		cfgMTU, want int
-	}{{0, 8950}, {1400, 1400}} {
+	}{{0, 8950}, {1400, 1350}} { // Backend.MTU is the outgoing MTU, as in flannel
 		b, err := New(subnet.BackendConfig{Type: subnet.BackendVXLAN, MTU: tc.cfgMTU}, ext, nlHandle, nil)
 		if err != nil {
 			t.Fatal(err)
@@ -166,6 +166,15 @@ func TestNewMTU(t *testing.T) {
 	ext.MTU = 600
 	if _, err := New(subnet.BackendConfig{Type: subnet.BackendVXLAN}, ext, nlHandle, nil); err == nil {
 		t.Error("MTU 550 accepted")
+	}
+	// Over IPv6 the tunnel costs 70 bytes.
+	ext6 := dataplane.ExternalInterface{Name: "eth0", Index: 2, Addr: netip.MustParseAddr("fd00:198:18::1"),
+		Prefix: netip.MustParsePrefix("fd00:198:18::/64"), MTU: 1500}
+	for _, tc := range []struct{ cfgMTU, want int }{{0, 1430}, {9000, 8930}} {
+		b, err := New(subnet.BackendConfig{Type: subnet.BackendVXLAN, MTU: tc.cfgMTU}, ext6, nlHandle, nil)
+		if err != nil || b.mtu != tc.want || b.Device() != "twill-v6.1" {
+			t.Errorf("IPv6, cfg MTU %d: %v, mtu %d, device %s; want %d", tc.cfgMTU, err, b.mtu, b.Device(), tc.want)
+		}
 	}
 }
 

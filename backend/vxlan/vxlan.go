@@ -98,15 +98,19 @@ func New(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.H
 	if b.vni < 1 || b.vni > 1<<24-1 {
 		return nil, fmt.Errorf("vxlan backend: VNI %d is out of range", b.vni)
 	}
-	b.mtu = cfg.MTU
-	if b.mtu == 0 {
-		b.mtu = ext.MTU - Overhead
-		if b.v6 {
-			b.mtu = ext.MTU - OverheadIPv6
-		}
+	// Backend.MTU is flannel's: the MTU of the packets that leave the node,
+	// tunnel headers included (default: the external interface's). Pods
+	// and the device get that minus the overhead.
+	outer := cfg.MTU
+	if outer == 0 {
+		outer = ext.MTU
+	}
+	b.mtu = outer - Overhead
+	if b.v6 {
+		b.mtu = outer - OverheadIPv6
 	}
 	if b.mtu < 576 {
-		return nil, fmt.Errorf("vxlan backend: MTU %d is too small (external interface %s has MTU %d)", b.mtu, ext.Name, ext.MTU)
+		return nil, fmt.Errorf("vxlan backend: pod MTU %d is too small (outgoing MTU %d, external interface %s's %d)", b.mtu, outer, ext.Name, ext.MTU)
 	}
 	if b.log == nil {
 		b.log = slog.New(slog.DiscardHandler)

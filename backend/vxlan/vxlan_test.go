@@ -57,7 +57,7 @@ func (e *env) prepare() vxlan.Data {
 	}
 	want := 1450
 	if e.cfg.MTU != 0 {
-		want = e.cfg.MTU
+		want = e.cfg.MTU - vxlan.Overhead
 	}
 	if mtu != want {
 		e.t.Errorf("Prepare MTU = %d, want %d", mtu, want)
@@ -184,10 +184,12 @@ func TestReconcileWithoutPrepare(t *testing.T) {
 }
 
 func TestConfiguredPortVNIAndMTU(t *testing.T) {
+	// Backend.MTU is the outgoing packets' MTU, as in flannel: the device
+	// gets it minus the 50 bytes of VXLAN over IPv4.
 	e := newEnv(t, subnet.BackendConfig{VNI: 4096, Port: 4789, MTU: 1400})
 	d := e.prepare()
 	vx := e.dev()
-	if e.be.Device() != "twill.4096" || vx.VxlanId != 4096 || vx.Port != 4789 || vx.MTU != 1400 || d.VNI != 4096 {
+	if e.be.Device() != "twill.4096" || vx.VxlanId != 4096 || vx.Port != 4789 || vx.MTU != 1350 || d.VNI != 4096 {
 		t.Errorf("device %s: VNI %d port %d MTU %d; data %+v", vx.Name, vx.VxlanId, vx.Port, vx.MTU, d)
 	}
 }
