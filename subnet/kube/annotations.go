@@ -25,6 +25,10 @@ type AnnotationKeys struct {
 	PublicIP      string // <prefix>/public-ip: the node's IPv4 address for tunnels and routes
 	BackendV6Data string // <prefix>/backend-v6-data: the same for IPv6 (a second VTEP)
 	PublicIPv6    string // <prefix>/public-ipv6: the node's IPv6 address, e.g. 2001:db8::1
+	// SubnetManager is "true" on every node twilld (or flanneld in
+	// Kubernetes mode) runs on: flannel programs only the Nodes that carry
+	// it, so twill writes it for mixed clusters.
+	SubnetManager string // <prefix>/kube-subnet-manager
 	// PublicIPOverwrite and PublicIPv6Overwrite are set by an operator,
 	// never by twilld: when present they are the addresses peers use (a node
 	// behind NAT) and the node's own lease carries them too.
@@ -43,6 +47,7 @@ func Keys(prefix string) AnnotationKeys {
 		PublicIP:            prefix + "/public-ip",
 		BackendV6Data:       prefix + "/backend-v6-data",
 		PublicIPv6:          prefix + "/public-ipv6",
+		SubnetManager:       prefix + "/kube-subnet-manager",
 		PublicIPOverwrite:   prefix + "/public-ip-overwrite",
 		PublicIPv6Overwrite: prefix + "/public-ipv6-overwrite",
 	}
@@ -61,6 +66,7 @@ func checkPrefix(prefix string) error {
 // "" for one it does not write (the families the node lacks). Two of them
 // are equal exactly when the Node carries what twilld would write.
 type written struct {
+	subnetManager             string // "true"
 	backendType               string
 	backendData, publicIP     string // the IPv4 family
 	backendV6Data, publicIPv6 string // the IPv6 family
@@ -80,7 +86,7 @@ func (k AnnotationKeys) read(ann map[string]string) nodeAnnotations {
 	}
 	return nodeAnnotations{
 		written: written{
-			backendType: ann[k.BackendType],
+			subnetManager: ann[k.SubnetManager], backendType: ann[k.BackendType],
 			backendData: ann[k.BackendData], publicIP: ann[k.PublicIP],
 			backendV6Data: ann[k.BackendV6Data], publicIPv6: ann[k.PublicIPv6],
 		},
@@ -94,7 +100,7 @@ func (k AnnotationKeys) read(ann map[string]string) nodeAnnotations {
 // flannel's does), and flannel's VXLAN backend writes neither public-ip nor
 // backend-data then.
 func writtenFor(attrs subnet.LeaseAttrs) written {
-	w := written{backendType: attrs.BackendType}
+	w := written{subnetManager: "true", backendType: attrs.BackendType}
 	if hasIPv4(attrs.PublicIP) {
 		w.publicIP, w.backendData = attrs.PublicIP.String(), backendData(attrs.BackendData)
 	}
@@ -116,9 +122,9 @@ func backendData(d json.RawMessage) string {
 func hasIPv4(ip netip.Addr) bool { return ip.IsValid() && ip != netip.IPv4Unspecified() }
 
 // pairs lists the annotations twilld writes with their values in w.
-func (k AnnotationKeys) pairs(w written) [5][2]string {
+func (k AnnotationKeys) pairs(w written) [6][2]string {
 	return [...][2]string{
-		{k.BackendType, w.backendType},
+		{k.SubnetManager, w.subnetManager}, {k.BackendType, w.backendType},
 		{k.BackendData, w.backendData}, {k.PublicIP, w.publicIP},
 		{k.BackendV6Data, w.backendV6Data}, {k.PublicIPv6, w.publicIPv6},
 	}

@@ -100,7 +100,7 @@ func TestNodeToLease(t *testing.T) {
 			want: "10.244.1.0/24 192.0.2.1", data: vxlanData},
 		{name: "IPv6-only", node: node("a", "fd00:10:244:1::/64", v6only), ok: true,
 			want: "fd00:10:244:1::/64 2001:db8::1", data6: vxlanV6Data},
-		{name: "IPv6-only as flannel's host-gw writes it", node: node("a", "fd00:10:244:1::/64", map[string]string{
+		{name: "IPv6-only as flannel's host-gw writes it", node: node("a", "fd00:10:244:1::/64", map[string]string{"twill.io/kube-subnet-manager": "true",
 			"twill.io/backend-type": "host-gw", "twill.io/backend-data": "null", "twill.io/public-ip": "0.0.0.0",
 			"twill.io/backend-v6-data": "null", "twill.io/public-ipv6": "2001:db8::1"}), ok: true, want: "fd00:10:244:1::/64 2001:db8::1"},
 		{name: "IPv6-only, IPv4 overwrite ignored", node: node("a", "fd00:10:244:1::/64", with(v6only, map[string]*string{"twill.io/public-ip-overwrite": ptr("203.0.113.1")})),
@@ -205,17 +205,17 @@ func TestWrittenAnnotations(t *testing.T) {
 		attrs subnet.LeaseAttrs
 		want  map[string]string
 	}{
-		{"IPv4", vxlanAttrs("192.0.2.1"), map[string]string{
+		{"IPv4", vxlanAttrs("192.0.2.1"), map[string]string{"twill.io/kube-subnet-manager": "true",
 			"twill.io/backend-type": "vxlan", "twill.io/backend-data": vxlanData, "twill.io/public-ip": "192.0.2.1"}},
-		{"dual-stack", dualAttrs("192.0.2.1", "2001:db8::1"), map[string]string{
+		{"dual-stack", dualAttrs("192.0.2.1", "2001:db8::1"), map[string]string{"twill.io/kube-subnet-manager": "true",
 			"twill.io/backend-type": "vxlan", "twill.io/backend-data": vxlanData, "twill.io/public-ip": "192.0.2.1",
 			"twill.io/backend-v6-data": vxlanV6Data, "twill.io/public-ipv6": "2001:db8::1"}},
-		{"IPv6-only", dualAttrs("", "2001:db8::1"), map[string]string{
+		{"IPv6-only", dualAttrs("", "2001:db8::1"), map[string]string{"twill.io/kube-subnet-manager": "true",
 			"twill.io/backend-type": "vxlan", "twill.io/backend-v6-data": vxlanV6Data, "twill.io/public-ipv6": "2001:db8::1"}},
-		{"host-gw, no backend data", hostGW, map[string]string{
+		{"host-gw, no backend data", hostGW, map[string]string{"twill.io/kube-subnet-manager": "true",
 			"twill.io/backend-type": "host-gw", "twill.io/backend-data": "null", "twill.io/public-ip": "192.0.2.1",
 			"twill.io/backend-v6-data": "null", "twill.io/public-ipv6": "2001:db8::1"}},
-		{"zero-compressed IPv6", dualAttrs("192.0.2.1", "2001:0db8:0000:0000:0000:0000:0000:0001"), map[string]string{
+		{"zero-compressed IPv6", dualAttrs("192.0.2.1", "2001:0db8:0000:0000:0000:0000:0000:0001"), map[string]string{"twill.io/kube-subnet-manager": "true",
 			"twill.io/backend-type": "vxlan", "twill.io/backend-data": vxlanData, "twill.io/public-ip": "192.0.2.1",
 			"twill.io/backend-v6-data": vxlanV6Data, "twill.io/public-ipv6": "2001:db8::1"}},
 	} {
@@ -224,7 +224,7 @@ func TestWrittenAnnotations(t *testing.T) {
 				t.Fatalf("owned\n%v\nwant\n%v", got, tc.want)
 			}
 			patch := k.patch(writtenFor(tc.attrs))
-			for _, key := range []string{k.BackendType, k.BackendData, k.PublicIP, k.BackendV6Data, k.PublicIPv6} {
+			for _, key := range []string{k.SubnetManager, k.BackendType, k.BackendData, k.PublicIP, k.BackendV6Data, k.PublicIPv6} {
 				v, ok := patch[key]
 				switch want, set := tc.want[key]; {
 				case !ok:
@@ -233,7 +233,7 @@ func TestWrittenAnnotations(t *testing.T) {
 					t.Errorf("patch %s = %v, want %q (set %v)", key, v, want, set)
 				}
 			}
-			if len(patch) != 5 {
+			if len(patch) != 6 {
 				t.Errorf("patch %v touches more than twilld's annotations", patch)
 			}
 			// Read back, they are the attributes written.
@@ -249,7 +249,7 @@ func TestWrittenAnnotations(t *testing.T) {
 		})
 	}
 	// Release's patch removes every one twilld writes, and nothing else.
-	if rm := k.patch(written{}); len(rm) != 5 || slices.ContainsFunc(slices.Collect(maps.Values(rm)), func(v any) bool { return v != nil }) {
+	if rm := k.patch(written{}); len(rm) != 6 || slices.ContainsFunc(slices.Collect(maps.Values(rm)), func(v any) bool { return v != nil }) {
 		t.Fatalf("release patch %v", rm)
 	}
 	if got := Keys("net.example.com"); got.PublicIPv6 != "net.example.com/public-ipv6" ||
@@ -302,7 +302,7 @@ func TestSlimNode(t *testing.T) {
 	want := &cachedNode{
 		ObjectMeta:  metav1.ObjectMeta{Name: "worker-1", ResourceVersion: "12345"},
 		podCIDRs:    []string{"10.244.7.0/24"},
-		backendType: "vxlan", backendData: pub[k.BackendData], publicIP: "192.0.2.7",
+		backendType: "vxlan", backendData: pub[k.BackendData], publicIP: "192.0.2.7", subnetManager: true,
 	}
 	if !reflect.DeepEqual(cached, want) {
 		t.Fatalf("slim node\n%+v\nwant\n%+v", cached, want)

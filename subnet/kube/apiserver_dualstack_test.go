@@ -53,11 +53,12 @@ func TestDualStackOnAPIServer(t *testing.T) {
 	}
 	// flannel's names under twill's prefix, with flannel's values.
 	want := map[string]string{
-		"twill.io/backend-type":    "vxlan",
-		"twill.io/backend-data":    `{"VNI":1,"VtepMAC":"ae:12:34:56:78:9a"}`,
-		"twill.io/public-ip":       "192.0.2.1",
-		"twill.io/backend-v6-data": `{"VNI":1,"VtepMAC":"ae:12:34:56:78:9b"}`,
-		"twill.io/public-ipv6":     "2001:db8::1",
+		"twill.io/kube-subnet-manager": "true",
+		"twill.io/backend-type":        "vxlan",
+		"twill.io/backend-data":        `{"VNI":1,"VtepMAC":"ae:12:34:56:78:9a"}`,
+		"twill.io/public-ip":           "192.0.2.1",
+		"twill.io/backend-v6-data":     `{"VNI":1,"VtepMAC":"ae:12:34:56:78:9b"}`,
+		"twill.io/public-ipv6":         "2001:db8::1",
 	}
 	if ann := c.annotations(t, "a"); !maps.Equal(ann, want) {
 		t.Fatalf("annotations of Node a\n%v\nwant\n%v", ann, want)
@@ -143,9 +144,10 @@ func TestIPv6OnlyOnAPIServer(t *testing.T) {
 		t.Errorf("IPv6-only lease has an IPv4 family %+v", f)
 	}
 	want := map[string]string{
-		"twill.io/backend-type":    "vxlan",
-		"twill.io/backend-v6-data": vxlanV6Data,
-		"twill.io/public-ipv6":     "2001:db8::1",
+		"twill.io/kube-subnet-manager": "true",
+		"twill.io/backend-type":        "vxlan",
+		"twill.io/backend-v6-data":     vxlanV6Data,
+		"twill.io/public-ipv6":         "2001:db8::1",
 	}
 	if ann := c.annotations(t, "a"); !maps.Equal(ann, want) {
 		t.Fatalf("annotations of Node a\n%v\nwant\n%v", ann, want)
@@ -157,7 +159,7 @@ func TestIPv6OnlyOnAPIServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	if ann := c.annotations(t, "b"); !maps.Equal(ann, map[string]string{
-		"twill.io/backend-type": "vxlan", "twill.io/backend-v6-data": vxlanV6Data, "twill.io/public-ipv6": "2001:db8::2"}) {
+		"twill.io/kube-subnet-manager": "true", "twill.io/backend-type": "vxlan", "twill.io/backend-v6-data": vxlanV6Data, "twill.io/public-ipv6": "2001:db8::2"}) {
 		t.Fatalf("annotations of Node b: %v", ann)
 	}
 

@@ -102,7 +102,7 @@ func TestAcquireFamilies(t *testing.T) {
 			// An IPv4 family published before (another config) is removed.
 			ann:  with(publishedDual("192.0.2.1", "2001:db8::1"), map[string]*string{"twill.io/public-ip-overwrite": ptr("203.0.113.1")}),
 			want: "fd00:10:244:1::/64 2001:db8::1", wrote: map[string]string{
-				"twill.io/backend-type": "vxlan", "twill.io/backend-v6-data": vxlanV6Data, "twill.io/public-ipv6": "2001:db8::1",
+				"twill.io/kube-subnet-manager": "true", "twill.io/backend-type": "vxlan", "twill.io/backend-v6-data": vxlanV6Data, "twill.io/public-ipv6": "2001:db8::1",
 				"twill.io/public-ip-overwrite": "203.0.113.1"}},
 		{name: "IPv6-only network, IPv4 Node", v6only: true, cidrs: []string{"10.244.1.0/24"},
 			reason: "Node a has no IPv6 podCIDR (spec.podCIDRs: 10.244.1.0/24) and the network config enables IPv6"},

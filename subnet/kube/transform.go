@@ -26,6 +26,7 @@ type cachedNode struct {
 	// allocates as 384: 64 bytes more for every Node.
 	backendType, backendData, publicIP string
 	more                               *moreAnnotations
+	subnetManager                      bool // kube-subnet-manager is "true"; fits in the padding
 }
 
 // moreAnnotations are the values of twill's IPv6 annotations and of the
@@ -37,6 +38,9 @@ type moreAnnotations struct {
 // annotations returns the values of twill's annotations on n.
 func (n *cachedNode) annotations() nodeAnnotations {
 	a := nodeAnnotations{written: written{backendType: n.backendType, backendData: n.backendData, publicIP: n.publicIP}}
+	if n.subnetManager {
+		a.subnetManager = "true"
+	}
 	if m := n.more; m != nil {
 		a.backendV6Data, a.publicIPv6 = m.backendV6Data, m.publicIPv6
 		a.publicIPOverwrite, a.publicIPv6Overwrite = m.publicIPOverwrite, m.publicIPv6Overwrite
@@ -57,6 +61,7 @@ func slim(n *corev1.Node, k AnnotationKeys) *cachedNode {
 	}
 	a := k.read(n.Annotations)
 	c.backendType, c.backendData, c.publicIP = a.backendType, a.backendData, a.publicIP
+	c.subnetManager = a.subnetManager == "true"
 	if m := (moreAnnotations{a.backendV6Data, a.publicIPv6, a.publicIPOverwrite, a.publicIPv6Overwrite}); m != (moreAnnotations{}) {
 		c.more = &m
 	}
