@@ -57,18 +57,26 @@ func gateway(leased netip.Prefix) netip.Prefix {
 
 // Render writes the env file body. The keys of a family the node has no
 // subnet of are left out.
-func (e Env) Render() []byte {
+func (e Env) Render() []byte { return e.render("TWILL_") }
+
+// RenderFlannel writes the same with flannel's names (FLANNEL_NETWORK,
+// FLANNEL_SUBNET, FLANNEL_IPV6_NETWORK, FLANNEL_IPV6_SUBNET, FLANNEL_MTU,
+// FLANNEL_IPMASQ), in the order flanneld writes them: what flannel's CNI
+// plugin and scripts such as mk-docker-opts.sh read.
+func (e Env) RenderFlannel() []byte { return e.render("FLANNEL_") }
+
+func (e Env) render(prefix string) []byte {
 	var b bytes.Buffer
 	if e.Subnet.IsValid() {
-		fmt.Fprintf(&b, "TWILL_NETWORK=%s\n", e.Network)
-		fmt.Fprintf(&b, "TWILL_SUBNET=%s\n", e.Subnet)
+		fmt.Fprintf(&b, "%sNETWORK=%s\n", prefix, e.Network)
+		fmt.Fprintf(&b, "%sSUBNET=%s\n", prefix, e.Subnet)
 	}
 	if e.IPv6Subnet.IsValid() {
-		fmt.Fprintf(&b, "TWILL_IPV6_NETWORK=%s\n", e.IPv6Network)
-		fmt.Fprintf(&b, "TWILL_IPV6_SUBNET=%s\n", e.IPv6Subnet)
+		fmt.Fprintf(&b, "%sIPV6_NETWORK=%s\n", prefix, e.IPv6Network)
+		fmt.Fprintf(&b, "%sIPV6_SUBNET=%s\n", prefix, e.IPv6Subnet)
 	}
-	fmt.Fprintf(&b, "TWILL_MTU=%d\n", e.MTU)
-	fmt.Fprintf(&b, "TWILL_IPMASQ=%t\n", e.IPMasq)
+	fmt.Fprintf(&b, "%sMTU=%d\n", prefix, e.MTU)
+	fmt.Fprintf(&b, "%sIPMASQ=%t\n", prefix, e.IPMasq)
 	return b.Bytes()
 }
 
@@ -219,9 +227,15 @@ func ReadEnv(path string) (Env, error) {
 
 // WriteEnv writes the env file atomically, mode 0644, creating its directory if
 // needed. A reader sees the old file or the new one, never half of one.
-func WriteEnv(path string, e Env) error {
+func WriteEnv(path string, e Env) error { return writeEnvFile(path, e.Render()) }
+
+// WriteFlannelEnv writes the env in flannel's format (RenderFlannel) the same
+// way.
+func WriteFlannelEnv(path string, e Env) error { return writeEnvFile(path, e.RenderFlannel()) }
+
+func writeEnvFile(path string, body []byte) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("write subnet env file: %w", err)
 	}
-	return atomicfile.Write(path, e.Render(), 0o644)
+	return atomicfile.Write(path, body, 0o644)
 }

@@ -36,6 +36,23 @@ func TestEnvRenderParse(t *testing.T) {
 	}
 }
 
+// The flannel-format file has flannel's keys, in flanneld's order, with the
+// same values.
+func TestRenderFlannel(t *testing.T) {
+	e := NewEnv(envTestConfig, Lease{Subnet: netip.MustParsePrefix("10.244.7.0/24"), IPv6Subnet: netip.MustParsePrefix("fd00:10:244:7::/64")}, 1450, true)
+	want := "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+	if got := string(e.RenderFlannel()); got != want {
+		t.Fatalf("RenderFlannel:\n%s\nwant:\n%s", got, want)
+	}
+	path := filepath.Join(t.TempDir(), "flannel", "subnet.env")
+	if err := WriteFlannelEnv(path, e); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(path); err != nil || string(got) != want {
+		t.Fatalf("written %q, %v", got, err)
+	}
+}
+
 func TestParseEnvErrors(t *testing.T) {
 	good := "TWILL_NETWORK=10.244.0.0/16\nTWILL_SUBNET=10.244.7.1/24\nTWILL_MTU=1450\nTWILL_IPMASQ=false\n"
 	tests := []struct{ name, in, want string }{

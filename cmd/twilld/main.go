@@ -51,6 +51,7 @@ func run(args []string) error {
 	fs.StringVar(&c.Etcd.Password, "etcd-password", "", "etcd password (or ETCD_PASSWORD in the environment)")
 	fs.StringVar(&c.Iface, "iface", "", "interface (name, or an IPv4 or IPv6 address of it) for peer traffic (default: the default route's)")
 	fs.StringVar(&c.SubnetFile, "subnet-file", subnet.DefaultEnvFile, "where to write the subnet env file")
+	fs.StringVar(&c.FlannelSubnetFile, "flannel-subnet-file", "", "also write the subnet env file in flannel's format (FLANNEL_ keys) here, e.g. /run/flannel/subnet.env while flannel's CNI plugin is still installed")
 	fs.BoolVar(&c.IPMasq, "ip-masq", false, "masquerade pod traffic leaving the cluster network")
 	fs.DurationVar(&c.LeaseTTL, "lease-ttl", 24*time.Hour, "TTL of the subnet lease; renewed while twilld runs")
 	fs.DurationVar(&c.ResyncInterval, "resync-interval", 10*time.Second, "how often the datapath is checked against the desired state")

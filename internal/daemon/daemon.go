@@ -39,14 +39,17 @@ type Config struct {
 	PublicIPv6 netip.Addr // the same over IPv6 (--public-ipv6)
 	// PeerPublicIPs, when not empty, are the only networks peers' public IPs
 	// may be in (--public-ip-cidr, both families); other leases are skipped.
-	PeerPublicIPs  []netip.Prefix
-	SubnetFile     string
-	IPMasq         bool
-	LeaseTTL       time.Duration
-	ResyncInterval time.Duration
-	HTTPAddr       string
-	ReleaseOnExit  bool
-	NodeName       string
+	PeerPublicIPs []netip.Prefix
+	SubnetFile    string
+	// FlannelSubnetFile, when set, is a second env file in flannel's
+	// format (FLANNEL_ keys), for flannel's CNI plugin during a migration.
+	FlannelSubnetFile string
+	IPMasq            bool
+	LeaseTTL          time.Duration
+	ResyncInterval    time.Duration
+	HTTPAddr          string
+	ReleaseOnExit     bool
+	NodeName          string
 
 	// Kubernetes mode: the lease is the Node's podCIDR.
 	KubeSubnetMgr        bool
@@ -632,6 +635,11 @@ func (d *daemon) writeEnv(own subnet.Lease) error {
 	env := subnet.NewEnv(d.cfg, own, d.mtu, d.c.IPMasq)
 	if err := subnet.WriteEnv(d.c.SubnetFile, env); err != nil {
 		return err
+	}
+	if d.c.FlannelSubnetFile != "" {
+		if err := subnet.WriteFlannelEnv(d.c.FlannelSubnetFile, env); err != nil {
+			return err
+		}
 	}
 	d.envLease = own
 	d.met.envFileWrites.Inc()
