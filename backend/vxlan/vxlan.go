@@ -125,15 +125,54 @@ func (b *Backend) Device() string { return DeviceName(b.vni, b.v6) }
 // hostBits is the length of the device address's prefix: one address.
 func (b *Backend) hostBits() int { return b.ext.Addr.BitLen() }
 
+// FlannelDeviceName is the name flanneld gives its device for vni, of the
+// IPv4 or IPv6 family: flannel.<VNI>, flannel-v6.<VNI>.
+func FlannelDeviceName(vni int, v6 bool) string {
+	if v6 {
+		return fmt.Sprintf("flannel-v6.%d", vni)
+	}
+	return fmt.Sprintf("flannel.%d", vni)
+}
+
+// UseMAC makes mac the VTEP MAC of a device twill creates from now on: the
+// MAC this node published before (its lease or Node annotation from before
+// a reboot), so that peers need not learn a new one. A device twill adopts
+// is given it too.
+func (b *Backend) UseMAC(mac dataplane.MAC) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.mac = mac
+}
+
 // Prepare creates the device, or adopts a compatible one left by an earlier
 // run (keeping its MAC), and returns the BackendData to publish and the MTU
 // pods must use.
+//
+// A node migrating from flannel has flanneld's device (flannel.<VNI>) with
+// the same VNI and port, which the kernel does not allow twice. Prepare then
+// leaves it in place and publishes its MAC; the first Reconcile replaces it
+// with twill's device carrying that MAC and programs every peer at once, so
+// the node's pods lose no more than the few milliseconds in between and the
+// peers, which know that MAC already, change nothing.
 func (b *Backend) Prepare(ctx context.Context) (json.RawMessage, int, error) {
-	link, err := b.ensureDevice(ctx)
-	if err != nil {
+	var mac dataplane.MAC
+	if pred, err := b.predecessor(ctx); err != nil {
 		return nil, 0, err
+	} else if pred != nil {
+		b.mu.Lock()
+		if b.mac == (dataplane.MAC{}) {
+			b.mac, _ = dataplane.MACFrom(pred.HardwareAddr)
+		}
+		mac = b.mac
+		b.mu.Unlock()
+		b.log.Info("flannel's device is here; it is replaced by twill's, with the same MAC, on the first pass", "flannel-device", pred.Name, "mac", mac)
+	} else {
+		link, err := b.ensureDevice(ctx)
+		if err != nil {
+			return nil, 0, err
+		}
+		mac, _ = dataplane.MACFrom(link.HardwareAddr)
 	}
-	mac, _ := dataplane.MACFrom(link.HardwareAddr)
 	data, err := json.Marshal(Data{VNI: b.vni, VtepMAC: mac})
 	if err != nil {
 		return nil, 0, fmt.Errorf("vxlan backend: encode BackendData: %w", err)
@@ -266,8 +305,17 @@ func (b *Backend) ensureDevice(ctx context.Context) (*netlink.Vxlan, error) {
 	var vx *netlink.Vxlan
 	switch {
 	case netlinkx.IsNotFound(err):
-		if mac != (dataplane.MAC{}) {
-			b.log.Warn("device is gone; re-creating it with its published MAC", "mac", mac)
+		pred, perr := b.predecessor(ctx)
+		switch {
+		case perr != nil:
+			return nil, perr
+		case pred != nil:
+			if err := h.LinkDel(pred); err != nil {
+				return nil, fmt.Errorf("vxlan backend: replace flannel's %s: %w", pred.Name, err)
+			}
+			b.log.Info("replaced flannel's device", "flannel-device", pred.Name, "mac", mac)
+		case mac != (dataplane.MAC{}):
+			b.log.Info("creating the device with the MAC published before", "mac", mac)
 		}
 	case err != nil:
 		return nil, fmt.Errorf("vxlan backend: %w", err)
@@ -320,6 +368,28 @@ func (b *Backend) ensureDevice(ctx context.Context) (*netlink.Vxlan, error) {
 		b.mu.Unlock()
 	}
 	return vx, nil
+}
+
+// predecessor returns flanneld's device of this family when it has twill's
+// VNI and port (the kernel refuses a second device with both), else nil.
+// twill's own device must not exist: the caller checks.
+func (b *Backend) predecessor(ctx context.Context) (*netlink.Vxlan, error) {
+	if _, err := netlinkx.LinkByName(ctx, b.h, b.Device()); err == nil {
+		return nil, nil
+	} else if !netlinkx.IsNotFound(err) {
+		return nil, fmt.Errorf("vxlan backend: %w", err)
+	}
+	link, err := netlinkx.LinkByName(ctx, b.h, FlannelDeviceName(b.vni, b.v6))
+	switch {
+	case netlinkx.IsNotFound(err):
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("vxlan backend: %w", err)
+	}
+	if vx, ok := link.(*netlink.Vxlan); ok && vx.VxlanId == b.vni && vx.Port == b.port {
+		return vx, nil
+	}
+	return nil, nil
 }
 
 // incompatible says why an existing device cannot be adopted, or "".

@@ -24,6 +24,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/twillnet/twill/backend/vxlan"
 	"github.com/twillnet/twill/internal/daemon/iface"
 	"github.com/twillnet/twill/internal/daemon/masq"
 	"github.com/twillnet/twill/subnet"
@@ -102,6 +103,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	}
 	d := &daemon{c: c, cfg: cfg, met: met, hl: hl, log: log}
 	attrs := subnet.LeaseAttrs{BackendType: cfg.Backend.Type, NodeName: c.NodeName}
+	allowed := map[bool][]netip.Prefix{}
 	for _, v6 := range families(cfg) {
 		e := ext.Get(v6)
 		public := c.PublicIP
@@ -115,17 +117,36 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 			flag := map[bool]string{false: "--public-ip", true: "--public-ipv6"}[v6]
 			return fmt.Errorf("public %s address: %w; give one with %s or --iface", subnet.FamilyName(v6), err, flag)
 		}
-		allowed := familyPrefixes(c.PeerPublicIPs, v6)
-		if len(c.PeerPublicIPs) > 0 && len(allowed) == 0 {
+		allowed[v6] = familyPrefixes(c.PeerPublicIPs, v6)
+		if len(c.PeerPublicIPs) > 0 && len(allowed[v6]) == 0 {
 			return fmt.Errorf("--public-ip-cidr %v has no %s network, and the network config enables %s: add the %s network the nodes' addresses are in", c.PeerPublicIPs, subnet.FamilyName(v6), subnet.FamilyName(v6), subnet.FamilyName(v6))
 		}
-		if len(allowed) > 0 && !slices.ContainsFunc(allowed, func(p netip.Prefix) bool { return p.Contains(public) }) {
+		if len(allowed[v6]) > 0 && !slices.ContainsFunc(allowed[v6], func(p netip.Prefix) bool { return p.Contains(public) }) {
 			return fmt.Errorf("this node's public IP %s is outside --public-ip-cidr %v: its peers would skip it", public, c.PeerPublicIPs)
 		}
+		if v6 {
+			attrs.PublicIPv6 = public
+		} else {
+			attrs.PublicIP = public
+		}
 		log.Info("using interface", "family", subnet.FamilyName(v6), "iface", e.Name, "addr", e.Addr, "public-ip", public, "mtu", e.MTU)
-		be, err := newBackend(cfg.Backend, e, nl, log)
+	}
+	// What the node published before (its lease, its Node), so that a
+	// device made again after a reboot carries the MAC peers know.
+	prev, hadPrev := store.Published(ctx, cfg, attrs)
+	for _, v6 := range families(cfg) {
+		be, err := newBackend(cfg.Backend, ext.Get(v6), nl, log)
 		if err != nil {
 			return err
+		}
+		if vx, ok := be.(*vxlan.Backend); ok && hadPrev && prev.BackendType == subnet.BackendVXLAN {
+			data := prev.BackendData
+			if v6 {
+				data = prev.BackendV6Data
+			}
+			if d, err := vxlan.ParseData(data); err == nil && d.VNI == cfg.Backend.VNI {
+				vx.UseMAC(d.VtepMAC)
+			}
 		}
 		data, mtu, err := be.Prepare(ctx)
 		if err != nil {
@@ -136,12 +157,12 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 			d.mtu = mtu
 		}
 		if v6 {
-			attrs.PublicIPv6, attrs.BackendV6Data = public, data
+			attrs.BackendV6Data = data
 		} else {
-			attrs.PublicIP, attrs.BackendData = public, data
+			attrs.BackendData = data
 		}
 		d.planes = append(d.planes, &plane{d: d, v6: v6, be: be,
-			policy: subnet.PeerPolicy{Network: cfg.Range(v6).Network, PublicIPs: allowed}})
+			policy: subnet.PeerPolicy{Network: cfg.Range(v6).Network, PublicIPs: allowed[v6]}})
 	}
 	if cfg.EnableIPv6 && d.mtu < 1280 {
 		return fmt.Errorf("the pod MTU would be %d, below the 1280 IPv6 needs: the external interface's MTU is too small for an IPv6 network", d.mtu)

@@ -23,6 +23,11 @@ type datastore interface {
 	// Leases returns the lease manager for this node.
 	// previous holds the subnets of the node's env file that fit the network.
 	Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous subnet.Lease) (leaseManager, error)
+	// Published returns the attributes this node published before (its
+	// lease, or its Node's annotations), found by its public address or
+	// name, so that a restart after a reboot can publish the same VTEP MACs.
+	// ok is false when there are none or they cannot be read now.
+	Published(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs) (prev subnet.LeaseAttrs, ok bool)
 	// watchUp reports whether the datastore is reachable, at once and on
 	// every change, until ctx ends. A datastore that cannot tell does not
 	// call report.
@@ -88,6 +93,25 @@ func (s *etcdStore) Config(ctx context.Context, notReady func(string)) (*subnet.
 func (s *etcdStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, previous subnet.Lease) (leaseManager, error) {
 	return &etcdLeases{Manager: etcd.NewManager(s.reg, etcd.AcquireRequest{Config: cfg, Attrs: attrs, TTL: s.ttl,
 		Previous: previous.Subnet, PreviousIPv6: previous.IPv6Subnet})}, nil
+}
+
+func (s *etcdStore) Published(ctx context.Context, cfg *subnet.Config, attrs subnet.LeaseAttrs) (subnet.LeaseAttrs, bool) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	leases, _, err := s.reg.Leases(ctx)
+	if err != nil {
+		s.log.Debug("look for the lease published before", "err", err)
+		return subnet.LeaseAttrs{}, false
+	}
+	v6 := !cfg.EnableIPv4
+	own, _ := subnet.Lease{Attrs: attrs}.Family(v6)
+	for _, l := range leases {
+		if fl, ok := l.Family(v6); ok && fl.Attrs.PublicIP == own.Attrs.PublicIP &&
+			(l.Attrs.NodeName == "" || attrs.NodeName == "" || l.Attrs.NodeName == attrs.NodeName) {
+			return l.Attrs, true
+		}
+	}
+	return subnet.LeaseAttrs{}, false
 }
 
 // etcdLeases adapts etcd.Manager to leaseManager.

@@ -8,6 +8,9 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -52,6 +55,18 @@ func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
 }
 
 func (s *kubeStore) Close() {}
+
+func (s *kubeStore) Published(ctx context.Context, _ *subnet.Config, _ subnet.LeaseAttrs) (subnet.LeaseAttrs, bool) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	node, err := s.client.Get(ctx, s.c.NodeName, metav1.GetOptions{})
+	if err != nil {
+		s.log.Debug("read the Node's annotations published before", "err", err)
+		return subnet.LeaseAttrs{}, false
+	}
+	attrs, ok, err := kube.ParseAnnotations(node.Annotations, s.c.KubeAnnotationPrefix)
+	return attrs, ok && err == nil
+}
 
 // watchUp reports whether the API server answers, as seen by twilld's own
 // requests: the informer's list and watch calls, which client-go repeats

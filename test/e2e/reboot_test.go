@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -37,6 +38,16 @@ func reservations(t *testing.T, l *lab.Lab, i int) []string {
 	})
 }
 
+// deviceMAC is the MAC of a device in a namespace.
+func deviceMAC(t *testing.T, netns, dev string) string {
+	t.Helper()
+	var links []struct{ Address string }
+	if err := json.Unmarshal([]byte(ipn(t, netns, "-j", "link", "show", dev)), &links); err != nil || len(links) != 1 {
+		t.Fatalf("link %s in %s: %v", dev, netns, err)
+	}
+	return links[0].Address
+}
+
 // stateFiles are the twill CNI plugin's state files on host i.
 func stateFiles(t *testing.T, l *lab.Lab, i int) []string {
 	return dirNames(t, filepath.Join(l.HostDir(i), "cni-state", "twill"), func(string) bool { return false })
@@ -54,6 +65,7 @@ func TestRebootedHost(t *testing.T) {
 	ctx := ctxFor(t, 2*time.Minute)
 	env := hostEnv(t, l, 1)
 	old := podsOn(l, 1)
+	mac := deviceMAC(t, l.Topology().HostNS(1), "twill.1")
 	if r := reservations(t, l, 1); len(r) != pods {
 		t.Fatalf("host-local holds %v before the reboot, want %d addresses", r, pods)
 	}
@@ -84,6 +96,11 @@ func TestRebootedHost(t *testing.T) {
 		t.Fatalf("after the reboot h1 has %+v, before %+v", again, env)
 	}
 	waitCounts(t, l, 1, expected("vxlan", 1), 15*time.Second)
+	// The device made again carries the VTEP MAC h1 published before, so
+	// h2 had nothing to learn.
+	if again := deviceMAC(t, l.Topology().HostNS(1), "twill.1"); again != mac {
+		t.Errorf("h1's VTEP MAC changed from %s to %s across the reboot", mac, again)
+	}
 	var fresh []lab.Pod
 	for j := 1; j <= pods; j++ {
 		p, err := l.AddPod(ctx, 1, fmt.Sprintf("h1-p%d-boot2", j))
