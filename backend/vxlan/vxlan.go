@@ -70,8 +70,9 @@ type Backend struct {
 	h             *netlink.Handle
 	log           *slog.Logger
 
-	mu  sync.Mutex
-	mac dataplane.MAC // the VTEP MAC: the device's since the first Prepare or Reconcile
+	mu      sync.Mutex
+	mac     dataplane.MAC // the VTEP MAC: the device's since the first Prepare or Reconcile
+	adopted string        // flanneld's device, when twill took it over (see Prepare)
 
 	dataplane.Tally // what was written to the kernel
 
@@ -119,8 +120,16 @@ func New(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.H
 	return b, nil
 }
 
-// Device returns the name of the VXLAN device.
-func (b *Backend) Device() string { return DeviceName(b.vni, b.v6) }
+// Device returns the name of the VXLAN device: twill's, or flanneld's when
+// twill adopted it (see Prepare).
+func (b *Backend) Device() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.adopted != "" {
+		return b.adopted
+	}
+	return DeviceName(b.vni, b.v6)
+}
 
 // hostBits is the length of the device address's prefix: one address.
 func (b *Backend) hostBits() int { return b.ext.Addr.BitLen() }
@@ -149,30 +158,26 @@ func (b *Backend) UseMAC(mac dataplane.MAC) {
 // pods must use.
 //
 // A node migrating from flannel has flanneld's device (flannel.<VNI>) with
-// the same VNI and port, which the kernel does not allow twice. Prepare then
-// leaves it in place and publishes its MAC; the first Reconcile replaces it
-// with twill's device carrying that MAC and programs every peer at once, so
-// the node's pods lose no more than the few milliseconds in between and the
-// peers, which know that MAC already, change nothing.
+// the same VNI and port, which the kernel does not allow twice. When it is
+// compatible (what flanneld makes by default is) and twill's own device does
+// not exist, twill adopts it as it is: same name, same MAC, same entries, so
+// the switch of daemons changes nothing in the kernel and no packet is lost;
+// the peers, which know that MAC, change nothing either. A flanneld device
+// twill cannot use is deleted when twill's is created.
 func (b *Backend) Prepare(ctx context.Context) (json.RawMessage, int, error) {
-	var mac dataplane.MAC
 	if pred, err := b.predecessor(ctx); err != nil {
 		return nil, 0, err
-	} else if pred != nil {
+	} else if pred != nil && b.incompatible(pred) == "" {
 		b.mu.Lock()
-		if b.mac == (dataplane.MAC{}) {
-			b.mac, _ = dataplane.MACFrom(pred.HardwareAddr)
-		}
-		mac = b.mac
+		b.adopted = pred.Name
 		b.mu.Unlock()
-		b.log.Info("flannel's device is here; it is replaced by twill's, with the same MAC, on the first pass", "flannel-device", pred.Name, "mac", mac)
-	} else {
-		link, err := b.ensureDevice(ctx)
-		if err != nil {
-			return nil, 0, err
-		}
-		mac, _ = dataplane.MACFrom(link.HardwareAddr)
+		b.log.Info("adopting flannel's device", "flannel-device", pred.Name, "mac", pred.HardwareAddr.String())
 	}
+	link, err := b.ensureDevice(ctx)
+	if err != nil {
+		return nil, 0, err
+	}
+	mac, _ := dataplane.MACFrom(link.HardwareAddr)
 	data, err := json.Marshal(Data{VNI: b.vni, VtepMAC: mac})
 	if err != nil {
 		return nil, 0, fmt.Errorf("vxlan backend: encode BackendData: %w", err)
@@ -199,6 +204,19 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 	actual, err := dataplane.ReadActual(ctx, b.h, b.ext.Family(), dev)
 	if err != nil {
 		return errors.Join(addrErr, fmt.Errorf("vxlan backend: read kernel state: %w", err))
+	}
+	b.mu.Lock()
+	adopted := b.adopted != ""
+	b.mu.Unlock()
+	if adopted {
+		// flanneld's routes to the peers on its device, which twill now
+		// owns, carry another protocol: they are rewritten in place as
+		// twill's (a replace, so no packet misses its route).
+		for k := range desired.Routes {
+			if f, ok := actual.Foreign[k]; ok && f.LinkIndex == dev {
+				delete(actual.Foreign, k)
+			}
+		}
 	}
 	plan := dataplane.Diff(desired, actual)
 	if n := plan.Len(); n > 0 {
@@ -305,15 +323,25 @@ func (b *Backend) ensureDevice(ctx context.Context) (*netlink.Vxlan, error) {
 	var vx *netlink.Vxlan
 	switch {
 	case netlinkx.IsNotFound(err):
+		b.mu.Lock()
+		adopted := b.adopted
+		b.adopted = "" // an adopted device that is gone is replaced by twill's own
+		b.mu.Unlock()
+		if adopted != "" {
+			h, name = b.h, b.Device()
+		}
 		pred, perr := b.predecessor(ctx)
 		switch {
 		case perr != nil:
 			return nil, perr
 		case pred != nil:
+			if mac == (dataplane.MAC{}) {
+				mac, _ = dataplane.MACFrom(pred.HardwareAddr)
+			}
 			if err := h.LinkDel(pred); err != nil {
 				return nil, fmt.Errorf("vxlan backend: replace flannel's %s: %w", pred.Name, err)
 			}
-			b.log.Info("replaced flannel's device", "flannel-device", pred.Name, "mac", mac)
+			b.log.Warn("replaced flannel's device, which twill cannot use as it is", "flannel-device", pred.Name, "reason", b.incompatible(pred), "mac", mac)
 		case mac != (dataplane.MAC{}):
 			b.log.Info("creating the device with the MAC published before", "mac", mac)
 		}
@@ -333,6 +361,10 @@ func (b *Backend) ensureDevice(ctx context.Context) (*netlink.Vxlan, error) {
 				return nil, fmt.Errorf("vxlan backend: delete incompatible %s (%s): %w", name, why, err)
 			}
 			vx = nil
+			b.mu.Lock()
+			b.adopted = "" // made again, it is twill's own
+			b.mu.Unlock()
+			name = b.Device()
 		}
 	}
 	if vx == nil {
@@ -371,10 +403,10 @@ func (b *Backend) ensureDevice(ctx context.Context) (*netlink.Vxlan, error) {
 }
 
 // predecessor returns flanneld's device of this family when it has twill's
-// VNI and port (the kernel refuses a second device with both), else nil.
-// twill's own device must not exist: the caller checks.
+// VNI and port (the kernel refuses a second device with both) and twill's
+// own device does not exist, else nil.
 func (b *Backend) predecessor(ctx context.Context) (*netlink.Vxlan, error) {
-	if _, err := netlinkx.LinkByName(ctx, b.h, b.Device()); err == nil {
+	if _, err := netlinkx.LinkByName(ctx, b.h, DeviceName(b.vni, b.v6)); err == nil {
 		return nil, nil
 	} else if !netlinkx.IsNotFound(err) {
 		return nil, fmt.Errorf("vxlan backend: %w", err)

@@ -100,6 +100,14 @@ func wantFamilyEntries(t *testing.T, l *lab.Lab, i int, v6 bool) familyEntries {
 	return e
 }
 
+// subnetsPrefix is where the lab's leases are in etcd.
+func subnetsPrefix(l *lab.Lab) string {
+	if l.EtcdPrefix != "" {
+		return strings.TrimRight(l.EtcdPrefix, "/") + "/subnets/"
+	}
+	return "/twill.io/network/subnets/"
+}
+
 // labLeases maps each public address of the lab's leases (etcd's, or the
 // Nodes' annotations in Kubernetes mode) to the VTEP MAC published for its
 // family.
@@ -123,7 +131,7 @@ func labLeases(t *testing.T, l *lab.Lab) map[netip.Addr]string {
 			all = append(all, l.Attrs)
 		}
 	} else {
-		for _, kv := range strings.Split(strings.TrimSpace(labEtcdctl(t, l, "get", "--prefix", "/twill.io/network/subnets/", "--print-value-only")), "\n") {
+		for _, kv := range strings.Split(strings.TrimSpace(labEtcdctl(t, l, "get", "--prefix", subnetsPrefix(l), "--print-value-only")), "\n") {
 			if kv == "" {
 				continue
 			}

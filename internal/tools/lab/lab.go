@@ -50,6 +50,9 @@ type Options struct {
 	// given all of their endpoints: for member failures.
 	EtcdMembers int    `json:",omitempty"`
 	EtcdBinary  string `json:",omitempty"`
+	// EtcdPrefix is the network's key prefix ("": twill's default); flannel's
+	// is /coreos.com/network.
+	EtcdPrefix string `json:",omitempty"`
 }
 
 // State is what `lab up` leaves in <dir>/lab.json for status, check and down.
@@ -322,6 +325,9 @@ func (l *Lab) StartDaemon(i int, extra ...string) error {
 		args = append(args, "--kube-subnet-mgr", "--kubeconfig", l.kubeconfig(i), "--net-config", filepath.Join(l.Dir, "net-conf.json"))
 	} else {
 		args = append(args, "--etcd-endpoints", l.EtcdEndpoints())
+		if l.EtcdPrefix != "" {
+			args = append(args, "--etcd-prefix", l.EtcdPrefix)
+		}
 	}
 	if l.IPMasq {
 		args = append(args, "--ip-masq")
@@ -371,7 +377,11 @@ func (l *Lab) DaemonLog(i int) string { return filepath.Join(l.hostDir(i), "twil
 
 // Ctl runs twillctl against the lab's etcd, from inside the underlay namespace.
 func (l *Lab) Ctl(ctx context.Context, args ...string) (string, error) {
-	return InNS(ctx, l.Topology().UnderlayNS(), filepath.Join(l.BinDir, "twillctl"), append(args, "--etcd-endpoints", l.EtcdEndpoints())...)
+	args = append(args, "--etcd-endpoints", l.EtcdEndpoints())
+	if l.EtcdPrefix != "" {
+		args = append(args, "--etcd-prefix", l.EtcdPrefix)
+	}
+	return InNS(ctx, l.Topology().UnderlayNS(), filepath.Join(l.BinDir, "twillctl"), args...)
 }
 
 // Down stops the lab's processes and deletes its namespaces. Logs stay in

@@ -1,0 +1,131 @@
+package e2e
+
+import (
+	"fmt"
+	"maps"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/twillnet/twill/internal/tools/lab"
+	"github.com/twillnet/twill/subnet"
+)
+
+// makeFlannelNode turns lab host i into a node as flanneld (VXLAN, etcd
+// mode) leaves one: twilld stopped and its datapath removed, a flannel.1
+// device with flannel's settings (VNI 1, UDP 8472, learning off, the
+// subnet's network address /32, MTU 1450) holding flannel's three entries
+// per peer, and the node's lease rewritten in flannel's exact JSON on a 24 h
+// etcd lease. The pod on cni0 stays as it is. It returns flannel.1's MAC.
+func makeFlannelNode(t *testing.T, l *lab.Lab, i int) string {
+	t.Helper()
+	ctx := ctxFor(t, time.Minute)
+	hn := l.Topology().HostNS(i)
+	sn := hostEnv(t, l, i).Subnet.Masked()
+	if err := l.StopDaemon(ctx, i); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := lab.InNS(ctx, hn, l.BinDir+"/twilld", "--cleanup"); err != nil {
+		t.Fatalf("twilld --cleanup: %v\n%s", err, out)
+	}
+	ipn(t, hn, "link", "add", "flannel.1", "mtu", "1450", "type", "vxlan", "id", "1", "local", l.Topology().HostAddr(i).String(),
+		"dev", "eth0", "dstport", "8472", "nolearning")
+	ipn(t, hn, "addr", "add", sn.Addr().String()+"/32", "dev", "flannel.1")
+	ipn(t, hn, "link", "set", "flannel.1", "up")
+	mac := deviceMAC(t, hn, "flannel.1")
+	macs := labLeases(t, l)
+	for j := 1; j <= l.Hosts; j++ {
+		if j == i {
+			continue
+		}
+		peer, pub := hostEnv(t, l, j).Subnet.Masked(), l.Topology().HostAddr(j)
+		bridgeCmd(t, hn, "fdb", "add", macs[pub], "dev", "flannel.1", "dst", pub.String(), "self", "permanent")
+		ipn(t, hn, "neigh", "add", peer.Addr().String(), "lladdr", macs[pub], "dev", "flannel.1", "nud", "permanent")
+		ipn(t, hn, "route", "add", peer.String(), "via", peer.Addr().String(), "dev", "flannel.1", "onlink")
+	}
+	grant := strings.Fields(labEtcdctl(t, l, "lease", "grant", "86400")) // "lease 694d... granted with TTL(86400s)"
+	if len(grant) < 2 {
+		t.Fatalf("etcdctl lease grant said %v", grant)
+	}
+	value := fmt.Sprintf(`{"PublicIP":"%s","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"%s"}}`, l.Topology().HostAddr(i), mac)
+	labEtcdctl(t, l, "put", "--lease="+grant[1], subnetsPrefix(l)+subnet.KeyName(sn), value)
+	return mac
+}
+
+// Migration from flannel in etcd mode, node by node. The network lives at
+// flannel's prefix; h3 is made a flannel node (see makeFlannelNode) beside
+// two twill nodes, which program it from its flannel lease, and every pod
+// reaches every other. Then h3 is switched to twilld while its pod and a pod
+// on h1 ping each other every 50 ms: twilld takes over the lease (same
+// subnet, same key) and adopts flannel.1 as it is (its MAC, neighbour and
+// FDB entries, rewriting flannel's routes in place as its own), so the
+// peers change nothing, and no ping is lost either way.
+func TestMigrateFromFlannel(t *testing.T) {
+	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan", EtcdPrefix: "/coreos.com/network",
+		DaemonArgs: []string{"--resync-interval", "1s"}})
+	h3 := l.Topology().HostNS(3)
+	env3 := hostEnv(t, l, 3)
+	mac := makeFlannelNode(t, l, 3)
+	for i := 1; i <= 2; i++ {
+		waitFamilyEntries(t, l, i, false, 10*time.Second) // h3 from its flannel lease
+	}
+	requireMatrix(t, l)
+
+	a, b := podsOn(l, 1)[0], podsOn(l, 3)[0]
+	toFlannel := startPing(t, a.NS, b.Addr, 50*time.Millisecond)
+	fromFlannel := startPing(t, b.NS, a.Addr, 50*time.Millisecond)
+	time.Sleep(time.Second)
+	if err := l.StartDaemon(3); err != nil {
+		t.Fatal(err)
+	}
+	// twilld adopts flannel.1 as it is (name, MAC, entries) and rewrites
+	// flannel's routes in place as its own.
+	peers := map[string]bool{}
+	for j := 1; j <= 2; j++ {
+		peers[hostEnv(t, l, j).Subnet.Masked().String()] = true
+	}
+	waitFor(t, "twilld to take h3 over", 15*time.Second, func() error {
+		if out := ipn(t, h3, "link", "show"); !strings.Contains(out, "flannel.1") || strings.Contains(out, "twill.1") {
+			return fmt.Errorf("links:\n%s", out)
+		}
+		if got := deviceMAC(t, h3, "flannel.1"); got != mac {
+			return fmt.Errorf("flannel.1 has MAC %s, had %s", got, mac)
+		}
+		got := map[string]bool{}
+		for _, line := range strings.Split(strings.TrimSpace(ipn(t, h3, "route", "show", "proto", "116", "dev", "flannel.1")), "\n") {
+			if f := strings.Fields(line); len(f) > 0 {
+				got[f[0]] = true
+			}
+		}
+		if !maps.Equal(got, peers) {
+			return fmt.Errorf("twill's routes on flannel.1: %v, want %v", got, peers)
+		}
+		if v, err := metricValue(h3, "twill_ready"); err != nil || v != 1 {
+			return fmt.Errorf("twill_ready %v (%v)", v, err)
+		}
+		return nil
+	})
+	for _, kind := range []string{"fdb", "neigh", "device"} {
+		if w := metric(t, h3, `twill_kernel_writes_total{family="ipv4",kind="`+kind+`"}`); w != 0 {
+			t.Errorf("twilld wrote %v %s entries on h3; flannel's were already right", w, kind)
+		}
+	}
+	time.Sleep(2 * time.Second)
+	for _, p := range []struct {
+		name string
+		p    *pinger
+	}{{"h1's pod to h3's", toFlannel}, {"h3's pod to h1's", fromFlannel}} {
+		if st := p.p.finish(); st.Lost > 0 || st.Sent < 40 {
+			t.Errorf("%s during the switch: %v", p.name, st)
+		}
+	}
+	if env := hostEnv(t, l, 3); env.Subnet != env3.Subnet {
+		t.Fatalf("h3's subnet changed from %s to %s", env3.Subnet, env.Subnet)
+	}
+	// The lease is twill's now, under the same key, with the same MAC.
+	attrs := leaseValue(t, l, subnetsPrefix(l)+subnet.KeyName(env3.Subnet.Masked()))
+	if data, _ := attrs["BackendData"].(map[string]any); attrs["NodeName"] != "h3" || data["VtepMAC"] != mac {
+		t.Fatalf("h3's lease after the switch: %v", attrs)
+	}
+	requireMatrix(t, l)
+}
