@@ -100,6 +100,14 @@ func wantFamilyEntries(t *testing.T, l *lab.Lab, i int, v6 bool) familyEntries {
 	return e
 }
 
+// annotationPrefix is the prefix of the lab's Node annotations.
+func annotationPrefix(l *lab.Lab) string {
+	if l.KubeAnnotationPrefix != "" {
+		return l.KubeAnnotationPrefix
+	}
+	return "twill.io"
+}
+
 // subnetsPrefix is where the lab's leases are in etcd.
 func subnetsPrefix(l *lab.Lab) string {
 	if l.EtcdPrefix != "" {
@@ -124,7 +132,7 @@ func labLeases(t *testing.T, l *lab.Lab) map[netip.Addr]string {
 			t.Fatal(err)
 		}
 		for i := range nodes.Items {
-			l, ok, err := kube.NodeToLease(&nodes.Items[i], "twill.io")
+			l, ok, err := kube.NodeToLease(&nodes.Items[i], annotationPrefix(l))
 			if err != nil || !ok {
 				t.Fatalf("Node %s: %v (published: %v)", nodes.Items[i].Name, err, ok)
 			}

@@ -1,22 +1,28 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"maps"
 	"strings"
 	"testing"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
 	"github.com/twillnet/twill/internal/tools/lab"
+	"github.com/twillnet/twill/internal/tools/testenv"
 	"github.com/twillnet/twill/subnet"
 )
 
-// makeFlannelNode turns lab host i into a node as flanneld (VXLAN, etcd
-// mode) leaves one: twilld stopped and its datapath removed, a flannel.1
-// device with flannel's settings (VNI 1, UDP 8472, learning off, the
-// subnet's network address /32, MTU 1450) holding flannel's three entries
-// per peer, and the node's lease rewritten in flannel's exact JSON on a 24 h
-// etcd lease. The pod on cni0 stays as it is. It returns flannel.1's MAC.
+// makeFlannelNode turns lab host i into a node as flanneld (VXLAN) leaves
+// one: twilld stopped and its datapath removed, a flannel.1 device with
+// flannel's settings (VNI 1, UDP 8472, learning off, the subnet's network
+// address /32, MTU 1450) holding flannel's three entries per peer, and the
+// node's lease rewritten as flanneld writes it: in etcd mode flannel's exact
+// JSON on a 24 h etcd lease, in Kubernetes mode flannel's annotations on its
+// Node. The pod on cni0 stays as it is. It returns flannel.1's MAC.
 func makeFlannelNode(t *testing.T, l *lab.Lab, i int) string {
 	t.Helper()
 	ctx := ctxFor(t, time.Minute)
@@ -43,6 +49,21 @@ func makeFlannelNode(t *testing.T, l *lab.Lab, i int) string {
 		ipn(t, hn, "neigh", "add", peer.Addr().String(), "lladdr", macs[pub], "dev", "flannel.1", "nud", "permanent")
 		ipn(t, hn, "route", "add", peer.String(), "via", peer.Addr().String(), "dev", "flannel.1", "onlink")
 	}
+	if l.Datastore == "kube" {
+		// flanneld's annotations on its Node, under flannel's prefix.
+		cs, err := l.KubeClient()
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := annotationPrefix(l) + "/"
+		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{
+			p + "kube-subnet-manager": "true", p + "backend-type": "vxlan", p + "public-ip": l.Topology().HostAddr(i).String(),
+			p + "backend-data": fmt.Sprintf(`{"VNI":1,"VtepMAC":"%s"}`, mac)}}})
+		if _, err := cs.CoreV1().Nodes().Patch(ctx, fmt.Sprintf("h%d", i), types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		return mac
+	}
 	grant := strings.Fields(labEtcdctl(t, l, "lease", "grant", "86400")) // "lease 694d... granted with TTL(86400s)"
 	if len(grant) < 2 {
 		t.Fatalf("etcdctl lease grant said %v", grant)
@@ -52,8 +73,9 @@ func makeFlannelNode(t *testing.T, l *lab.Lab, i int) string {
 	return mac
 }
 
-// Migration from flannel in etcd mode, node by node. The network lives at
-// flannel's prefix; h3 is made a flannel node (see makeFlannelNode) beside
+// Migration from flannel, node by node, in etcd mode (the network at
+// flannel's prefix) and in Kubernetes mode (flannel's annotation prefix):
+// h3 is made a flannel node (see makeFlannelNode) beside
 // two twill nodes, which program it from its flannel lease, and every pod
 // reaches every other. Then h3 is switched to twilld while its pod and a pod
 // on h1 ping each other every 50 ms: twilld takes over the lease (same
@@ -61,8 +83,19 @@ func makeFlannelNode(t *testing.T, l *lab.Lab, i int) string {
 // FDB entries, rewriting flannel's routes in place as its own), so the
 // peers change nothing, and no ping is lost either way.
 func TestMigrateFromFlannel(t *testing.T) {
-	l := newLab(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan", EtcdPrefix: "/coreos.com/network",
-		DaemonArgs: []string{"--resync-interval", "1s"}})
+	t.Run("etcd", func(t *testing.T) {
+		testMigrateFromFlannel(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan", EtcdPrefix: "/coreos.com/network",
+			DaemonArgs: []string{"--resync-interval", "1s"}})
+	})
+	t.Run("kube", func(t *testing.T) {
+		testMigrateFromFlannel(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan", Datastore: "kube",
+			KubeAPIServer: testenv.Tool(t, "kube-apiserver"), KubeAnnotationPrefix: "flannel.alpha.coreos.com",
+			DaemonArgs: []string{"--resync-interval", "1s"}})
+	})
+}
+
+func testMigrateFromFlannel(t *testing.T, o lab.Options) {
+	l := newLab(t, o)
 	h3 := l.Topology().HostNS(3)
 	env3 := hostEnv(t, l, 3)
 	mac := makeFlannelNode(t, l, 3)
@@ -122,10 +155,17 @@ func TestMigrateFromFlannel(t *testing.T) {
 	if env := hostEnv(t, l, 3); env.Subnet != env3.Subnet {
 		t.Fatalf("h3's subnet changed from %s to %s", env3.Subnet, env.Subnet)
 	}
-	// The lease is twill's now, under the same key, with the same MAC.
-	attrs := leaseValue(t, l, subnetsPrefix(l)+subnet.KeyName(env3.Subnet.Masked()))
-	if data, _ := attrs["BackendData"].(map[string]any); attrs["NodeName"] != "h3" || data["VtepMAC"] != mac {
-		t.Fatalf("h3's lease after the switch: %v", attrs)
+	// The lease is twill's now, under the same key, with the same MAC (in
+	// Kubernetes mode: the Node's annotations carry the same MAC).
+	if l.Datastore == "kube" {
+		if got := labLeases(t, l)[l.Topology().HostAddr(3)]; got != mac {
+			t.Fatalf("h3 publishes VTEP MAC %s after the switch, flannel.1's is %s", got, mac)
+		}
+	} else {
+		attrs := leaseValue(t, l, subnetsPrefix(l)+subnet.KeyName(env3.Subnet.Masked()))
+		if data, _ := attrs["BackendData"].(map[string]any); attrs["NodeName"] != "h3" || data["VtepMAC"] != mac {
+			t.Fatalf("h3's lease after the switch: %v", attrs)
+		}
 	}
 	requireMatrix(t, l)
 }

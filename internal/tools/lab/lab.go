@@ -53,6 +53,9 @@ type Options struct {
 	// EtcdPrefix is the network's key prefix ("": twill's default); flannel's
 	// is /coreos.com/network.
 	EtcdPrefix string `json:",omitempty"`
+	// KubeAnnotationPrefix is the prefix of the Node annotations in
+	// Kubernetes mode ("": twill.io); flannel's is flannel.alpha.coreos.com.
+	KubeAnnotationPrefix string `json:",omitempty"`
 }
 
 // State is what `lab up` leaves in <dir>/lab.json for status, check and down.
@@ -323,6 +326,9 @@ func (l *Lab) StartDaemon(i int, extra ...string) error {
 	}
 	if l.Datastore == "kube" {
 		args = append(args, "--kube-subnet-mgr", "--kubeconfig", l.kubeconfig(i), "--net-config", filepath.Join(l.Dir, "net-conf.json"))
+		if l.KubeAnnotationPrefix != "" {
+			args = append(args, "--kube-annotation-prefix", l.KubeAnnotationPrefix)
+		}
 	} else {
 		args = append(args, "--etcd-endpoints", l.EtcdEndpoints())
 		if l.EtcdPrefix != "" {
