@@ -97,6 +97,21 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	if ks, ok := store.(*kubeStore); ok {
+		v4, v6, err := ks.nodePublicIPs(ctx)
+		if err != nil {
+			return fmt.Errorf("public address from the Node: %w", err)
+		}
+		for _, a := range []struct {
+			ip netip.Addr
+			to *netip.Addr
+		}{{v4, &c.PublicIP}, {v6, &c.PublicIPv6}} {
+			if a.ip.IsValid() {
+				log.Info("public address from the Node's annotation", "addr", a.ip)
+				*a.to = a.ip
+			}
+		}
+	}
 	ext, err := iface.Resolve(ctx, nl, c.Iface, cfg.EnableIPv4, cfg.EnableIPv6)
 	if err != nil {
 		return fmt.Errorf("find the external interface: %w", err)

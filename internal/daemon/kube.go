@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"os"
 	"sync"
 	"time"
@@ -55,6 +56,19 @@ func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
 }
 
 func (s *kubeStore) Close() {}
+
+// nodePublicIPs reads the node-public-ip and node-public-ipv6 annotations
+// of the node's own Node: addresses an operator gave the node there, which
+// take the place of --public-ip and --public-ipv6 as they do for flanneld.
+func (s *kubeStore) nodePublicIPs(ctx context.Context) (v4, v6 netip.Addr, err error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	node, err := s.client.Get(ctx, s.c.NodeName, metav1.GetOptions{})
+	if err != nil {
+		return v4, v6, fmt.Errorf("read Node %s: %w", s.c.NodeName, err)
+	}
+	return kube.NodePublicIPs(node.Annotations, s.c.KubeAnnotationPrefix)
+}
 
 func (s *kubeStore) Published(ctx context.Context, _ *subnet.Config, _ subnet.LeaseAttrs) (subnet.LeaseAttrs, bool) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)

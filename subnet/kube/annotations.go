@@ -34,6 +34,12 @@ type AnnotationKeys struct {
 	// behind NAT) and the node's own lease carries them too.
 	PublicIPOverwrite   string // <prefix>/public-ip-overwrite
 	PublicIPv6Overwrite string // <prefix>/public-ipv6-overwrite
+	// NodePublicIP and NodePublicIPv6 are set by an operator (or a
+	// distribution) on a Node before twilld starts there: the node's public
+	// addresses, in place of --public-ip and --public-ipv6, as flanneld
+	// reads them.
+	NodePublicIP   string // <prefix>/node-public-ip
+	NodePublicIPv6 string // <prefix>/node-public-ipv6
 }
 
 // Keys returns the annotation names under prefix ("" means the default).
@@ -50,6 +56,8 @@ func Keys(prefix string) AnnotationKeys {
 		SubnetManager:       prefix + "/kube-subnet-manager",
 		PublicIPOverwrite:   prefix + "/public-ip-overwrite",
 		PublicIPv6Overwrite: prefix + "/public-ipv6-overwrite",
+		NodePublicIP:        prefix + "/node-public-ip",
+		NodePublicIPv6:      prefix + "/node-public-ipv6",
 	}
 }
 
@@ -155,6 +163,32 @@ func (k AnnotationKeys) patch(w written) map[string]any {
 		}
 	}
 	return out
+}
+
+// NodePublicIPs reads a Node's node-public-ip and node-public-ipv6
+// annotations under prefix: zero addresses when absent; an error names a
+// malformed one.
+func NodePublicIPs(ann map[string]string, prefix string) (v4, v6 netip.Addr, err error) {
+	k := Keys(prefix)
+	for _, a := range []struct {
+		key string
+		v6  bool
+		to  *netip.Addr
+	}{{k.NodePublicIP, false, &v4}, {k.NodePublicIPv6, true, &v6}} {
+		s := ann[a.key]
+		if s == "" {
+			continue
+		}
+		ip, perr := netip.ParseAddr(strings.TrimSpace(s))
+		if perr == nil {
+			perr = subnet.CheckPublicIP(ip, a.v6)
+		}
+		if perr != nil {
+			return v4, v6, fmt.Errorf("annotation %s=%q: %v", a.key, s, perr)
+		}
+		*a.to = ip
+	}
+	return v4, v6, nil
 }
 
 // ParseAnnotations reads the lease attributes a node publishes under prefix

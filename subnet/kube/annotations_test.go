@@ -356,3 +356,23 @@ func TestSlimNode(t *testing.T) {
 		t.Fatalf("kept foreign annotations: %+v", got)
 	}
 }
+
+func TestNodePublicIPs(t *testing.T) {
+	v4, v6, err := NodePublicIPs(map[string]string{"twill.io/node-public-ip": "198.18.0.101", "twill.io/node-public-ipv6": "fd00:198:18::65"}, "")
+	if err != nil || v4.String() != "198.18.0.101" || v6.String() != "fd00:198:18::65" {
+		t.Fatalf("got %v %v %v", v4, v6, err)
+	}
+	if v4, v6, err := NodePublicIPs(map[string]string{"other/node-public-ip": "198.18.0.101"}, ""); err != nil || v4.IsValid() || v6.IsValid() {
+		t.Fatalf("another prefix's annotation read: %v %v %v", v4, v6, err)
+	}
+	for _, bad := range []map[string]string{
+		{"twill.io/node-public-ip": "fd00::1"},
+		{"twill.io/node-public-ip": "127.0.0.1"},
+		{"twill.io/node-public-ipv6": "198.18.0.1"},
+		{"twill.io/node-public-ipv6": "nonsense"},
+	} {
+		if _, _, err := NodePublicIPs(bad, ""); err == nil || !strings.Contains(err.Error(), "annotation twill.io/node-public-ip") {
+			t.Errorf("%v: err = %v", bad, err)
+		}
+	}
+}

@@ -171,3 +171,42 @@ func TestKubernetesModeDualStack(t *testing.T) {
 	}
 	requireMatrix(t, l)
 }
+
+// A node-public-ip annotation on a Node, as flannel reads it, is the node's
+// public address: twilld on h1 publishes it instead of its interface's
+// first address, and h2 sends h1's pod traffic there.
+func TestNodePublicIPAnnotation(t *testing.T) {
+	l := newLab(t, lab.Options{Hosts: 2, PodsPerHost: 1, Backend: "vxlan",
+		Datastore: "kube", KubeAPIServer: testenv.Tool(t, "kube-apiserver")})
+	ctx := ctxFor(t, 2*time.Minute)
+	cs, err := l.KubeClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StopDaemon(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	const second = "198.18.0.101"
+	ipn(t, l.Topology().HostNS(1), "addr", "add", second+"/24", "dev", "eth0")
+	patch := []byte(`{"metadata":{"annotations":{"twill.io/node-public-ip":"` + second + `"}}}`)
+	if _, err := cs.CoreV1().Nodes().Patch(ctx, "h1", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StartDaemon(1); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "h1 to publish the annotated address and h2 to use it", 20*time.Second, func() error {
+		n, err := cs.CoreV1().Nodes().Get(ctx, "h1", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if got := n.Annotations["twill.io/public-ip"]; got != second {
+			return fmt.Errorf("h1 publishes %s", got)
+		}
+		if out := bridgeCmd(t, l.Topology().HostNS(2), "fdb", "show", "dev", "twill.1"); !strings.Contains(out, "dst "+second) {
+			return fmt.Errorf("h2's FDB:\n%s", out)
+		}
+		return nil
+	})
+	requireMatrix(t, l)
+}
