@@ -1,9 +1,12 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"maps"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -168,4 +171,27 @@ func testMigrateFromFlannel(t *testing.T, o lab.Options) {
 		}
 	}
 	requireMatrix(t, l)
+}
+
+// `twillctl lab run --from-flannel`, as a user runs it: it exits 0 only if
+// the flannel node and the twill nodes reach each other, and no ping is
+// lost while the node switches to twilld.
+func TestLabRunFromFlannel(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.Binary(t, "twilld")
+	testenv.Binary(t, "twill")
+	bin := testenv.Binary(t, "twillctl")
+	prefix := fmt.Sprintf("tw%d-%d-", os.Getpid()%100000, nsCounter.Add(1))
+	ctx := ctxFor(t, 3*time.Minute)
+	out, err := exec.CommandContext(ctx, bin, "lab", "run", "--from-flannel", "--hosts", "3", "--dir", t.TempDir(), "--prefix", prefix,
+		"--cni-bin-dir", testenv.CNIBinDir(t)).CombinedOutput()
+	t.Cleanup(func() { lab.Topology{Prefix: prefix, Hosts: 3}.Down(context.Background()) })
+	if err != nil {
+		t.Fatalf("lab run --from-flannel: %v\n%s", err, out)
+	}
+	for _, want := range []string{"h3 is a flannel node", "0 lost", "PASS: h3 moved from flannel to twill; no ping lost"} {
+		if !strings.Contains(string(out), want) {
+			t.Fatalf("output lacks %q:\n%s", want, out)
+		}
+	}
 }

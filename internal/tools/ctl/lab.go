@@ -44,6 +44,7 @@ func labUpFlags(fs *flag.FlagSet) *lab.Options {
 	})
 	o.Network = netip.MustParsePrefix("10.244.0.0/16")
 	fs.StringVar(&o.IPFamily, "ip-family", "ipv4", "pod network family: ipv4, ipv6 or dual")
+	fs.BoolVar(&o.FromFlannel, "from-flannel", false, "lab run: make the last host a flannel node (etcd mode, flannel's prefix), show it works beside twill, then switch it to twilld while its pod is pinged every 50 ms")
 	fs.Func("ipv6-network", "IPv6 pod network, with --ip-family ipv6 or dual (default "+lab.DefaultIPv6Network.String()+")", func(s string) error {
 		p, err := netip.ParsePrefix(s)
 		o.IPv6Network = p
@@ -61,6 +62,12 @@ func newLab(name string, args []string, out, errOut io.Writer) (*lab.Lab, error)
 		return nil, err
 	}
 	o.Dir = *dir
+	if o.FromFlannel {
+		if o.Datastore != "etcd" || o.Backend != "vxlan" || o.IPFamily != "ipv4" || name != "lab run" {
+			return nil, errors.New("--from-flannel is for `lab run` with the etcd datastore, the vxlan backend and IPv4")
+		}
+		o.EtcdPrefix = lab.FlannelPrefix
+	}
 	return lab.New(*o, out, logger(errOut)), nil
 }
 
@@ -165,11 +172,56 @@ func labRun(ctx context.Context, args []string, out, errOut io.Writer) (err erro
 	if err := l.Up(ctx); err != nil {
 		return fmt.Errorf("lab up: %w", err)
 	}
+	if l.FromFlannel {
+		return fromFlannel(ctx, l, out)
+	}
 	fmt.Fprintln(out)
 	if err := l.Status(ctx, out); err != nil {
 		return err
 	}
 	return check(ctx, l, out)
+}
+
+// fromFlannel is `lab run --from-flannel`: the migration of one node from
+// flannel to twill, as a user would do it, with pings across it.
+func fromFlannel(ctx context.Context, l *lab.Lab, out io.Writer) error {
+	n := l.Hosts
+	fmt.Fprintf(out, "\nmaking h%d a flannel node: twilld stopped, flannel.1 with flanneld's settings and entries, its lease in flannel's JSON at %s\n", n, lab.FlannelPrefix)
+	mac, err := l.MakeFlannelNode(ctx, n)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "h%d is a flannel node: flannel.1 has VTEP MAC %s\n", n, mac)
+	// Let the twill nodes see h%d's flannel lease.
+	time.Sleep(2 * time.Second)
+	if err := l.Status(ctx, out); err != nil {
+		return err
+	}
+	if err := check(ctx, l, out); err != nil {
+		return fmt.Errorf("twill and flannel nodes side by side: %w", err)
+	}
+	fmt.Fprintf(out, "\nswitching h%d to twilld (same prefix, same interface) while pods ping across it every 50 ms\n", n)
+	runs, err := l.MigrateFromFlannel(ctx, n)
+	if err != nil {
+		return err
+	}
+	lost := 0
+	for _, r := range runs {
+		fmt.Fprintf(out, "  %s\n", r)
+		lost += r.Sent - r.Received
+	}
+	fmt.Fprintln(out)
+	if err := l.Status(ctx, out); err != nil {
+		return err
+	}
+	if err := check(ctx, l, out); err != nil {
+		return err
+	}
+	if lost > 0 {
+		return fmt.Errorf("%d pings lost during the switch", lost)
+	}
+	fmt.Fprintf(out, "\nPASS: h%d moved from flannel to twill; no ping lost\n", n)
+	return nil
 }
 
 // labEtcd serves the lab's etcd, embedded in twillctl, until stopped. `lab

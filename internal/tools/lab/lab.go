@@ -53,6 +53,8 @@ type Options struct {
 	// EtcdPrefix is the network's key prefix ("": twill's default); flannel's
 	// is /coreos.com/network.
 	EtcdPrefix string `json:",omitempty"`
+	// FromFlannel makes `lab run` show a node's migration from flannel.
+	FromFlannel bool `json:",omitempty"`
 	// KubeAnnotationPrefix is the prefix of the Node annotations in
 	// Kubernetes mode ("": twill.io); flannel's is flannel.alpha.coreos.com.
 	KubeAnnotationPrefix string `json:",omitempty"`

@@ -23,7 +23,7 @@ type HostCounts struct {
 
 // Counts reads host i's twill routes of both families (by twill's route
 // protocol), and the FDB and permanent neighbour entries on its VXLAN
-// devices.
+// devices (twill's, or flanneld's).
 func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
 	var c HostCounts
 	handle, err := netns.GetFromName(l.Topology().HostNS(i))
@@ -50,11 +50,16 @@ func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
 		return c, err
 	}
 	for _, link := range links {
-		if _, ok := link.(*netlink.Vxlan); !ok || !strings.HasPrefix(link.Attrs().Name, "twill.") && !strings.HasPrefix(link.Attrs().Name, "twill-v6.") {
+		// twill's devices, and flanneld's (a flannel node of the lab, or one
+		// twilld adopted).
+		name := link.Attrs().Name
+		v4 := strings.HasPrefix(name, "twill.") || strings.HasPrefix(name, "flannel.")
+		v6 := strings.HasPrefix(name, "twill-v6.") || strings.HasPrefix(name, "flannel-v6.")
+		if _, ok := link.(*netlink.Vxlan); !ok || !v4 && !v6 {
 			continue
 		}
 		family := netlink.FAMILY_V4
-		if strings.HasPrefix(link.Attrs().Name, "twill-v6.") {
+		if v6 {
 			family = netlink.FAMILY_V6
 		}
 		if c.Device != "" {
