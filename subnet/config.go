@@ -82,6 +82,19 @@ var flannelOnlyOptions = map[string]string{
 	"MacPrefix": "twill uses the VTEP MAC the kernel gives its device; remove the option",
 }
 
+// flannelOnlyBackends are backend types flannel has and twill has not, with
+// what to use instead.
+var flannelOnlyBackends = map[string]string{
+	"udp":         "use vxlan, which the kernel encapsulates (flannel deprecates udp too)",
+	"ipsec":       "use vxlan; encryption is not in twill yet",
+	"wireguard":   "use vxlan; encryption is not in twill yet",
+	"extension":   "twill runs no external commands; use vxlan or host-gw",
+	"ali-vpc":     "let the cloud route the subnets and use twill's alloc backend",
+	"aws-vpc":     "let the cloud route the subnets and use twill's alloc backend",
+	"gce":         "let the cloud route the subnets and use twill's alloc backend",
+	"tencent-vpc": "let the cloud route the subnets and use twill's alloc backend",
+}
+
 // configJSON is the wire form; strings keep parse errors under our control.
 type configJSON struct {
 	EnableIPv4     *bool           `json:"EnableIPv4,omitempty"`
@@ -157,6 +170,12 @@ func parseBackend(data json.RawMessage) (BackendConfig, error) {
 	var present map[string]json.RawMessage
 	if err := json.Unmarshal(data, &present); err != nil {
 		return b, fmt.Errorf("Backend: must be an object: %w", err)
+	}
+	var typ string
+	if json.Unmarshal(present["Type"], &typ) == nil {
+		if why, ok := flannelOnlyBackends[typ]; ok {
+			return b, fmt.Errorf("Backend.Type: flannel's %q backend is not in twill: %s", typ, why)
+		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(present)) {
 		if why, ok := flannelOnlyOptions[name]; ok {

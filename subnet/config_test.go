@@ -70,7 +70,7 @@ func TestParseConfig(t *testing.T) {
 		{name: "max unaligned", in: `{"Network":"10.1.0.0/16","SubnetMax":"10.1.5.7"}`, wantErr: "SubnetMax: 10.1.5.7 is not aligned to SubnetLen 24 (nearest: 10.1.5.0)"},
 		{name: "max below min", in: `{"Network":"10.1.0.0/16","SubnetMin":"10.1.9.0","SubnetMax":"10.1.5.0"}`, wantErr: "below SubnetMin"},
 		{name: "bad min", in: `{"Network":"10.1.0.0/16","SubnetMin":"ten"}`, wantErr: `SubnetMin: "ten" is not an IP address`},
-		{name: "unknown backend", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}`, wantErr: `Backend.Type: unknown backend "udp" (known: alloc, host-gw, vxlan)`},
+		{name: "unknown backend", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"bogus"}}`, wantErr: `Backend.Type: unknown backend "bogus" (known: alloc, host-gw, vxlan)`},
 		{name: "option of another backend", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw","VNI":3}}`, wantErr: `Backend.VNI: not an option of backend "host-gw"`},
 		{name: "unknown top-level field", in: `{"Network":"10.1.0.0/16","SubnetLenn":20}`, wantErr: `unknown field "SubnetLenn"`},
 		{name: "unknown backend field", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","GPB":true}}`, wantErr: `unknown field "GPB"`},
@@ -116,6 +116,8 @@ func TestParseConfig(t *testing.T) {
 			}
 		}},
 		{name: "not json", in: `Network: 10.1.0.0/16`, wantErr: "invalid JSON"},
+		{name: "flannel's udp backend", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}`, wantErr: `Backend.Type: flannel's "udp" backend is not in twill: use vxlan`},
+		{name: "flannel's wireguard backend", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","PSK":"x"}}`, wantErr: `flannel's "wireguard" backend is not in twill`},
 		{name: "trailing data", in: `{"Network":"10.1.0.0/16"} {}`, wantErr: "trailing data"},
 		{name: "backend not object", in: `{"Network":"10.1.0.0/16","Backend":"vxlan"}`, wantErr: "Backend: must be an object"},
 	}
