@@ -7,6 +7,7 @@ import (
 	"maps"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -111,7 +112,10 @@ func testMigrateFromFlannel(t *testing.T, o lab.Options) {
 	toFlannel := startPing(t, a.NS, b.Addr, 50*time.Millisecond)
 	fromFlannel := startPing(t, b.NS, a.Addr, 50*time.Millisecond)
 	time.Sleep(time.Second)
-	if err := l.StartDaemon(3); err != nil {
+	// As the migration guide says: flannel's env file too, for flannel's
+	// CNI plugin until the conflist is switched.
+	flannelEnv := filepath.Join(l.HostDir(3), "flannel-subnet.env")
+	if err := l.StartDaemon(3, "--flannel-subnet-file", flannelEnv); err != nil {
 		t.Fatal(err)
 	}
 	// twilld adopts flannel.1 as it is (name, MAC, entries) and rewrites
@@ -157,6 +161,10 @@ func testMigrateFromFlannel(t *testing.T, o lab.Options) {
 	}
 	if env := hostEnv(t, l, 3); env.Subnet != env3.Subnet {
 		t.Fatalf("h3's subnet changed from %s to %s", env3.Subnet, env.Subnet)
+	}
+	want := fmt.Sprintf("FLANNEL_NETWORK=%s\nFLANNEL_SUBNET=%s\nFLANNEL_MTU=%d\nFLANNEL_IPMASQ=%t\n", env3.Network, env3.Subnet, env3.MTU, env3.IPMasq)
+	if got, err := os.ReadFile(flannelEnv); err != nil || string(got) != want {
+		t.Fatalf("flannel's env file: %q (%v), want %q", got, err, want)
 	}
 	// The lease is twill's now, under the same key, with the same MAC (in
 	// Kubernetes mode: the Node's annotations carry the same MAC).
