@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"maps"
 	"os"
@@ -12,74 +11,14 @@ import (
 	"testing"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
-
 	"github.com/twillnet/twill/internal/tools/lab"
 	"github.com/twillnet/twill/internal/tools/testenv"
 	"github.com/twillnet/twill/subnet"
 )
 
-// makeFlannelNode turns lab host i into a node as flanneld (VXLAN) leaves
-// one: twilld stopped and its datapath removed, a flannel.1 device with
-// flannel's settings (VNI 1, UDP 8472, learning off, the subnet's network
-// address /32, MTU 1450) holding flannel's three entries per peer, and the
-// node's lease rewritten as flanneld writes it: in etcd mode flannel's exact
-// JSON on a 24 h etcd lease, in Kubernetes mode flannel's annotations on its
-// Node. The pod on cni0 stays as it is. It returns flannel.1's MAC.
-func makeFlannelNode(t *testing.T, l *lab.Lab, i int) string {
-	t.Helper()
-	ctx := ctxFor(t, time.Minute)
-	hn := l.Topology().HostNS(i)
-	sn := hostEnv(t, l, i).Subnet.Masked()
-	if err := l.StopDaemon(ctx, i); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := lab.InNS(ctx, hn, l.BinDir+"/twilld", "--cleanup"); err != nil {
-		t.Fatalf("twilld --cleanup: %v\n%s", err, out)
-	}
-	ipn(t, hn, "link", "add", "flannel.1", "mtu", "1450", "type", "vxlan", "id", "1", "local", l.Topology().HostAddr(i).String(),
-		"dev", "eth0", "dstport", "8472", "nolearning")
-	ipn(t, hn, "addr", "add", sn.Addr().String()+"/32", "dev", "flannel.1")
-	ipn(t, hn, "link", "set", "flannel.1", "up")
-	mac := deviceMAC(t, hn, "flannel.1")
-	macs := labLeases(t, l)
-	for j := 1; j <= l.Hosts; j++ {
-		if j == i {
-			continue
-		}
-		peer, pub := hostEnv(t, l, j).Subnet.Masked(), l.Topology().HostAddr(j)
-		bridgeCmd(t, hn, "fdb", "add", macs[pub], "dev", "flannel.1", "dst", pub.String(), "self", "permanent")
-		ipn(t, hn, "neigh", "add", peer.Addr().String(), "lladdr", macs[pub], "dev", "flannel.1", "nud", "permanent")
-		ipn(t, hn, "route", "add", peer.String(), "via", peer.Addr().String(), "dev", "flannel.1", "onlink")
-	}
-	if l.Datastore == "kube" {
-		// flanneld's annotations on its Node, under flannel's prefix.
-		cs, err := l.KubeClient()
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := annotationPrefix(l) + "/"
-		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{
-			p + "kube-subnet-manager": "true", p + "backend-type": "vxlan", p + "public-ip": l.Topology().HostAddr(i).String(),
-			p + "backend-data": fmt.Sprintf(`{"VNI":1,"VtepMAC":"%s"}`, mac)}}})
-		if _, err := cs.CoreV1().Nodes().Patch(ctx, fmt.Sprintf("h%d", i), types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		return mac
-	}
-	grant := strings.Fields(labEtcdctl(t, l, "lease", "grant", "86400")) // "lease 694d... granted with TTL(86400s)"
-	if len(grant) < 2 {
-		t.Fatalf("etcdctl lease grant said %v", grant)
-	}
-	value := fmt.Sprintf(`{"PublicIP":"%s","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"%s"}}`, l.Topology().HostAddr(i), mac)
-	labEtcdctl(t, l, "put", "--lease="+grant[1], subnetsPrefix(l)+subnet.KeyName(sn), value)
-	return mac
-}
-
 // Migration from flannel, node by node, in etcd mode (the network at
 // flannel's prefix) and in Kubernetes mode (flannel's annotation prefix):
-// h3 is made a flannel node (see makeFlannelNode) beside
+// h3 is made a flannel node (lab.MakeFlannelNode) beside
 // two twill nodes, which program it from its flannel lease, and every pod
 // reaches every other. Then h3 is switched to twilld while its pod and a pod
 // on h1 ping each other every 50 ms: twilld takes over the lease (same
@@ -102,7 +41,10 @@ func testMigrateFromFlannel(t *testing.T, o lab.Options) {
 	l := newLab(t, o)
 	h3 := l.Topology().HostNS(3)
 	env3 := hostEnv(t, l, 3)
-	mac := makeFlannelNode(t, l, 3)
+	mac, err := l.MakeFlannelNode(ctxFor(t, time.Minute), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for i := 1; i <= 2; i++ {
 		waitFamilyEntries(t, l, i, false, 10*time.Second) // h3 from its flannel lease
 	}

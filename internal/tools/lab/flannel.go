@@ -15,25 +15,30 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/twillnet/twill/backend/vxlan"
 	"github.com/twillnet/twill/subnet"
 	"github.com/twillnet/twill/subnet/etcd"
+	"github.com/twillnet/twill/subnet/kube"
 )
 
 // FlannelPrefix is flannel's etcd prefix, which a lab migrating from flannel
 // uses.
 const FlannelPrefix = "/coreos.com/network"
 
-// MakeFlannelNode turns host i into a node as flanneld (VXLAN, etcd mode)
-// leaves one: its twilld stopped and its datapath removed, a flannel.1 with
-// flanneld's settings (VNI 1, UDP 8472, learning off, the subnet's network
-// address /32, MTU 1450) holding flanneld's three entries per peer, and its
-// lease rewritten in flannel's JSON on a 24 h etcd lease. Its pods stay on
-// cni0. It returns flannel.1's MAC.
+// MakeFlannelNode turns host i into a node as flanneld (VXLAN) leaves one:
+// its twilld stopped and its datapath removed, a flannel.1 with flanneld's
+// settings (VNI 1, UDP 8472, learning off, the subnet's network address
+// /32, MTU 1450) holding flanneld's three entries per peer, and what it
+// publishes rewritten as flanneld writes it: in etcd mode its lease in
+// flannel's JSON on a 24 h etcd lease, in Kubernetes mode flannel's
+// annotations on its Node (under the lab's annotation prefix). Its pods
+// stay on cni0. It returns flannel.1's MAC.
 func (l *Lab) MakeFlannelNode(ctx context.Context, i int) (string, error) {
-	if l.Datastore != "etcd" || l.Backend != subnet.BackendVXLAN {
-		return "", fmt.Errorf("a flannel node needs the etcd datastore and the vxlan backend")
+	if l.Backend != subnet.BackendVXLAN {
+		return "", fmt.Errorf("a flannel node needs the vxlan backend")
 	}
 	hn := l.Topology().HostNS(i)
 	env, err := subnet.ReadEnv(l.EnvFile(i))
@@ -60,16 +65,11 @@ func (l *Lab) MakeFlannelNode(ctx context.Context, i int) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	reg, closeReg, err := l.registry()
+	peers, publish, err := l.flannelLeases(ctx, i, mac)
 	if err != nil {
 		return "", err
 	}
-	defer closeReg()
-	leases, _, err := reg.Leases(ctx)
-	if err != nil {
-		return "", err
-	}
-	for _, p := range leases {
+	for _, p := range peers {
 		if p.Subnet == sn || !p.Subnet.IsValid() {
 			continue
 		}
@@ -88,15 +88,79 @@ func (l *Lab) MakeFlannelNode(ctx context.Context, i int) (string, error) {
 			return "", err
 		}
 	}
-	grant, err := reg.Client().Grant(ctx, 24*60*60)
+	return mac, publish(ctx)
+}
+
+// flannelLeases returns the leases of the hosts but i, and the function
+// that publishes host i as flanneld would, with VTEP MAC mac.
+func (l *Lab) flannelLeases(ctx context.Context, i int, mac string) ([]subnet.Lease, func(context.Context) error, error) {
+	name := fmt.Sprintf("h%d", i)
+	if l.Datastore == "kube" {
+		cs, err := l.KubeClient()
+		if err != nil {
+			return nil, nil, err
+		}
+		nodes, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return nil, nil, err
+		}
+		prefix := l.KubeAnnotationPrefix
+		if prefix == "" {
+			prefix = kube.DefaultAnnotationPrefix
+		}
+		var peers []subnet.Lease
+		for k := range nodes.Items {
+			if nodes.Items[k].Name == name {
+				continue
+			}
+			p, ok, err := kube.NodeToLease(&nodes.Items[k], prefix)
+			if err != nil || !ok {
+				return nil, nil, fmt.Errorf("Node %s: %v (published %v)", nodes.Items[k].Name, err, ok)
+			}
+			peers = append(peers, p)
+		}
+		publish := func(ctx context.Context) error {
+			p := prefix + "/"
+			patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{
+				p + "kube-subnet-manager": "true", p + "backend-type": "vxlan", p + "public-ip": l.Topology().HostAddr(i).String(),
+				p + "backend-data": fmt.Sprintf(`{"VNI":1,"VtepMAC":"%s"}`, mac)}}})
+			_, err := cs.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{})
+			return err
+		}
+		return peers, publish, nil
+	}
+	reg, closeReg, err := l.registry()
 	if err != nil {
-		return "", err
+		return nil, nil, err
 	}
-	value := fmt.Sprintf(`{"PublicIP":"%s","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"%s"}}`, l.Topology().HostAddr(i), mac)
-	if _, err := reg.Client().Put(ctx, reg.SubnetKey(sn), value, clientv3.WithLease(grant.ID)); err != nil {
-		return "", err
+	stored, _, err := reg.Leases(ctx)
+	if err != nil {
+		closeReg()
+		return nil, nil, err
 	}
-	return mac, nil
+	env, err := subnet.ReadEnv(l.EnvFile(i))
+	if err != nil {
+		closeReg()
+		return nil, nil, err
+	}
+	sn := env.Subnet.Masked()
+	var peers []subnet.Lease
+	for _, p := range stored {
+		if p.Subnet != sn {
+			peers = append(peers, p.Lease)
+		}
+	}
+	publish := func(ctx context.Context) error {
+		defer closeReg()
+		grant, err := reg.Client().Grant(ctx, 24*60*60)
+		if err != nil {
+			return err
+		}
+		value := fmt.Sprintf(`{"PublicIP":"%s","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"%s"}}`, l.Topology().HostAddr(i), mac)
+		_, err = reg.Client().Put(ctx, reg.SubnetKey(sn), value, clientv3.WithLease(grant.ID))
+		return err
+	}
+	return peers, publish, nil
 }
 
 func linkMAC(ctx context.Context, netns, dev string) (string, error) {
