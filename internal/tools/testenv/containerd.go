@@ -201,12 +201,7 @@ func (c *Containerd) Stop(t testing.TB) {
 	if c.proc == nil {
 		return
 	}
-	syscall.Kill(-c.proc.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-c.done:
-	case <-time.After(20 * time.Second):
-		syscall.Kill(-c.proc.Process.Pid, syscall.SIGKILL)
-		<-c.done
+	if !terminateGroup(c.proc, c.done, 20*time.Second) {
 		t.Errorf("containerd did not exit within 20s of SIGTERM")
 	}
 	c.proc = nil

@@ -207,13 +207,7 @@ func (k *KubeAPI) stop() {
 	if cmd == nil {
 		return
 	}
-	syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		<-done
-	}
+	terminateGroup(cmd, done, 10*time.Second)
 }
 
 // waitReady polls /readyz until it answers ok, the process exits or the
@@ -336,13 +330,7 @@ func startEtcdProcess(t testing.TB, o KubeAPIOptions, dir string) string {
 	done := make(chan struct{})
 	go func() { cmd.Wait(); logf.Close(); close(done) }()
 	t.Cleanup(func() {
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-done
-		}
+		terminateGroup(cmd, done, 10*time.Second)
 		if t.Failed() {
 			t.Logf("etcd log (%s), last lines:\n%s", logPath, tail(logPath, 30))
 		}
@@ -361,6 +349,21 @@ func startProcess(cmd *exec.Cmd) error {
 	errc := make(chan error, 1)
 	go func() { errc <- cmd.Start() }()
 	return <-errc
+}
+
+// terminateGroup stops the process group that startProcess made: SIGTERM,
+// then SIGKILL after grace. It returns once done is closed (the process was
+// waited for), and reports whether SIGTERM sufficed.
+func terminateGroup(cmd *exec.Cmd, done <-chan struct{}, grace time.Duration) bool {
+	syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-done:
+		return true
+	case <-time.After(grace):
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+		return false
+	}
 }
 
 // freePort returns a port free on host, or, when host is not an address of

@@ -10,13 +10,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/twillnet/twill/internal/tools/lab"
 	"github.com/twillnet/twill/internal/tools/testenv"
 )
 
@@ -98,16 +98,7 @@ func TestKubeAPIInNetns(t *testing.T) {
 	run("netns", "add", name)
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
 	run("-n", name, "link", "set", "lo", "up")
-	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
-		var conn net.Conn
-		err := ns.WithNetNSPath("/run/netns/"+name, func(ns.NetNS) error {
-			var d net.Dialer
-			c, err := d.DialContext(ctx, network, addr)
-			conn = c
-			return err
-		})
-		return conn, err
-	}
+	dial := lab.DialInNS(name)
 	api := testenv.StartKubeAPI(t, testenv.KubeAPIOptions{
 		Wrap: []string{"ip", "netns", "exec", name}, Dial: dial, EtcdProcess: true,
 	})
