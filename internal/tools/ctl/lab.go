@@ -83,13 +83,22 @@ func labUp(ctx context.Context, args []string, out, errOut io.Writer) error {
 	return nil
 }
 
-func labStatus(ctx context.Context, args []string, out, errOut io.Writer) error {
-	fs := newFlagSet("lab status", errOut)
+// loadLab parses the flags of a command that works on a lab `lab up` made
+// (--dir, and what add defines) and loads the lab's state.
+func loadLab(name string, args []string, out, errOut io.Writer, add func(*flag.FlagSet)) (*lab.Lab, error) {
+	fs := newFlagSet(name, errOut)
 	dir := labFlags(fs)
-	if err := parseNoArgs(fs, args); err != nil {
-		return err
+	if add != nil {
+		add(fs)
 	}
-	l, err := lab.Load(*dir, out, logger(errOut))
+	if err := parseNoArgs(fs, args); err != nil {
+		return nil, err
+	}
+	return lab.Load(*dir, out, logger(errOut))
+}
+
+func labStatus(ctx context.Context, args []string, out, errOut io.Writer) error {
+	l, err := loadLab("lab status", args, out, errOut, nil)
 	if err != nil {
 		return err
 	}
@@ -97,12 +106,7 @@ func labStatus(ctx context.Context, args []string, out, errOut io.Writer) error 
 }
 
 func labCheck(ctx context.Context, args []string, out, errOut io.Writer) error {
-	fs := newFlagSet("lab check", errOut)
-	dir := labFlags(fs)
-	if err := parseNoArgs(fs, args); err != nil {
-		return err
-	}
-	l, err := lab.Load(*dir, out, logger(errOut))
+	l, err := loadLab("lab check", args, out, errOut, nil)
 	if err != nil {
 		return err
 	}
@@ -130,13 +134,10 @@ func check(ctx context.Context, l *lab.Lab, out io.Writer) error {
 }
 
 func labDown(ctx context.Context, args []string, out, errOut io.Writer) error {
-	fs := newFlagSet("lab down", errOut)
-	dir := labFlags(fs)
-	keep := fs.Bool("keep-logs", false, "keep the lab's folder (logs, etcd data)")
-	if err := parseNoArgs(fs, args); err != nil {
-		return err
-	}
-	l, err := lab.Load(*dir, out, logger(errOut))
+	var keep *bool
+	l, err := loadLab("lab down", args, out, errOut, func(fs *flag.FlagSet) {
+		keep = fs.Bool("keep-logs", false, "keep the lab's folder (logs, etcd data)")
+	})
 	if err != nil {
 		return err
 	}
