@@ -73,6 +73,8 @@ type Backend struct {
 	mu      sync.Mutex
 	mac     dataplane.MAC // the VTEP MAC: the device's since the first Prepare or Reconcile
 	adopted string        // flanneld's device, when twill took it over (see Prepare)
+	// published looks up the MAC the node published before (PublishedMAC).
+	published func() (dataplane.MAC, bool)
 
 	dataplane.Tally // what was written to the kernel
 
@@ -143,14 +145,15 @@ func FlannelDeviceName(vni int, v6 bool) string {
 	return fmt.Sprintf("flannel.%d", vni)
 }
 
-// UseMAC makes mac the VTEP MAC of a device twill creates from now on: the
-// MAC this node published before (its lease or Node annotation from before
-// a reboot), so that peers need not learn a new one. A device twill adopts
-// is given it too.
-func (b *Backend) UseMAC(mac dataplane.MAC) {
+// PublishedMAC gives the backend a way to learn the VTEP MAC this node
+// published before (its lease or Node from before a reboot), so that a
+// device twill has to make carries the MAC peers know. It is asked only
+// then: when neither twill's device nor flanneld's is there and no MAC is
+// known yet, so a restart that finds its device costs no datastore read.
+func (b *Backend) PublishedMAC(f func() (dataplane.MAC, bool)) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.mac = mac
+	b.published = f
 }
 
 // Prepare creates the device, or adopts a compatible one left by an earlier
@@ -317,8 +320,9 @@ func (b *Backend) Cleanup(ctx context.Context) error {
 func (b *Backend) ensureDevice(ctx context.Context) (*netlink.Vxlan, error) {
 	h, name := b.h, b.Device()
 	b.mu.Lock()
-	mac := b.mac
+	known, published := b.mac, b.published
 	b.mu.Unlock()
+	mac := known
 	link, err := netlinkx.LinkByName(ctx, h, name)
 	var vx *netlink.Vxlan
 	switch {
@@ -328,7 +332,7 @@ func (b *Backend) ensureDevice(ctx context.Context) (*netlink.Vxlan, error) {
 		b.adopted = "" // an adopted device that is gone is replaced by twill's own
 		b.mu.Unlock()
 		if adopted != "" {
-			h, name = b.h, b.Device()
+			name = b.Device()
 		}
 		pred, perr := b.predecessor(ctx)
 		switch {
@@ -342,8 +346,11 @@ func (b *Backend) ensureDevice(ctx context.Context) (*netlink.Vxlan, error) {
 				return nil, fmt.Errorf("vxlan backend: replace flannel's %s: %w", pred.Name, err)
 			}
 			b.log.Warn("replaced flannel's device, which twill cannot use as it is", "flannel-device", pred.Name, "reason", b.incompatible(pred), "mac", mac)
-		case mac != (dataplane.MAC{}):
-			b.log.Info("creating the device with the MAC published before", "mac", mac)
+		case mac == (dataplane.MAC{}) && published != nil:
+			if m, ok := published(); ok {
+				mac = m
+				b.log.Info("creating the device with the MAC published before", "mac", mac)
+			}
 		}
 	case err != nil:
 		return nil, fmt.Errorf("vxlan backend: %w", err)
@@ -391,7 +398,7 @@ func (b *Backend) ensureDevice(ctx context.Context) (*netlink.Vxlan, error) {
 			return nil, fmt.Errorf("vxlan backend: set %s up: %w", name, err)
 		}
 	}
-	if mac == (dataplane.MAC{}) {
+	if mac == (dataplane.MAC{}) || mac != known {
 		// From now on this is the MAC peers know; keep it if the device
 		// has to be made again.
 		mac, _ = dataplane.MACFrom(vx.HardwareAddr)

@@ -20,10 +20,12 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/backend/vxlan"
 	"github.com/twillnet/twill/internal/daemon/iface"
 	"github.com/twillnet/twill/internal/daemon/masq"
@@ -147,21 +149,27 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		log.Info("using interface", "family", subnet.FamilyName(v6), "iface", e.Name, "addr", e.Addr, "public-ip", public, "mtu", e.MTU)
 	}
 	// What the node published before (its lease, its Node), so that a
-	// device made again after a reboot carries the MAC peers know.
-	prev, hadPrev := store.Published(ctx, cfg, attrs)
+	// device made again after a reboot carries the MAC peers know. Read
+	// once, and only if a backend has to make its device.
+	published := sync.OnceValues(func() (subnet.LeaseAttrs, bool) { return store.Published(ctx, cfg, attrs) })
 	for _, v6 := range families(cfg) {
 		be, err := newBackend(cfg.Backend, ext.Get(v6), nl, log)
 		if err != nil {
 			return err
 		}
-		if vx, ok := be.(*vxlan.Backend); ok && hadPrev && prev.BackendType == subnet.BackendVXLAN {
-			data := prev.BackendData
-			if v6 {
-				data = prev.BackendV6Data
-			}
-			if d, err := vxlan.ParseData(data); err == nil && d.VNI == cfg.Backend.VNI {
-				vx.UseMAC(d.VtepMAC)
-			}
+		if vx, ok := be.(*vxlan.Backend); ok {
+			vx.PublishedMAC(func() (dataplane.MAC, bool) {
+				prev, ok := published()
+				data := prev.BackendData
+				if v6 {
+					data = prev.BackendV6Data
+				}
+				d, err := vxlan.ParseData(data)
+				if !ok || prev.BackendType != subnet.BackendVXLAN || err != nil || d.VNI != cfg.Backend.VNI {
+					return dataplane.MAC{}, false
+				}
+				return d.VtepMAC, true
+			})
 		}
 		data, mtu, err := be.Prepare(ctx)
 		if err != nil {
