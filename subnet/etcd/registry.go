@@ -176,13 +176,13 @@ func (r *Registry) DeleteLease(ctx context.Context, p netip.Prefix) error {
 // whose IPv6 part it is (found by listing the leases' keys).
 func (r *Registry) leaseKV(ctx context.Context, p netip.Prefix) (*mvccpb.KeyValue, error) {
 	if p.Addr().Is6() {
-		resp, err := r.cli.Get(ctx, r.SubnetsPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+		resp, err := r.cli.Get(ctx, r.SubnetsPrefix(), clientv3.WithPrefix())
 		if err != nil {
 			return nil, fmt.Errorf("list leases under %s: %w", r.SubnetsPrefix(), err)
 		}
 		for _, kv := range resp.Kvs {
 			if _, v6, err := subnet.ParseLeaseKey(strings.TrimPrefix(string(kv.Key), r.SubnetsPrefix())); err == nil && v6 == p {
-				return r.leaseKVExact(ctx, string(kv.Key), p)
+				return kv, nil
 			}
 		}
 		return nil, fmt.Errorf("%w: %s", ErrLeaseNotFound, p)
@@ -198,17 +198,6 @@ func (r *Registry) leaseKV(ctx context.Context, p netip.Prefix) (*mvccpb.KeyValu
 		}
 	}
 	return nil, fmt.Errorf("%w: %s", ErrLeaseNotFound, p)
-}
-
-func (r *Registry) leaseKVExact(ctx context.Context, key string, p netip.Prefix) (*mvccpb.KeyValue, error) {
-	resp, err := r.cli.Get(ctx, key)
-	if err != nil {
-		return nil, fmt.Errorf("read lease %s: %w", p, err)
-	}
-	if len(resp.Kvs) == 0 {
-		return nil, fmt.Errorf("%w: %s", ErrLeaseNotFound, p)
-	}
-	return resp.Kvs[0], nil
 }
 
 func (r *Registry) decode(key, value []byte) (StoredLease, error) {
