@@ -26,15 +26,6 @@ type Lease struct {
 	Claimed int64
 }
 
-// Key is what tells the leases of a network apart: the IPv4 subnet, or the
-// IPv6 subnet of an IPv6-only lease. No two programmed leases share one.
-func (l Lease) Key() netip.Prefix {
-	if l.Subnet.IsValid() {
-		return l.Subnet
-	}
-	return l.IPv6Subnet
-}
-
 // Family returns the lease as the datapath of one family sees it: the
 // family's subnet in Subnet, its public address in PublicIP and its backend
 // data in BackendData, the other family's fields empty. ok is false when the

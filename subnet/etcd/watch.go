@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -33,9 +32,6 @@ func NewLeaseCache() *LeaseCache { return &LeaseCache{Cache: subnet.NewCache()} 
 // Revision is the etcd revision the cache reflects. It is stored after the
 // leases of that revision, so a reader that sees it sees them.
 func (c *LeaseCache) Revision() int64 { return c.rev.Load() }
-
-// lease returns the lease on p.
-func (c *LeaseCache) lease(p netip.Prefix) (subnet.Lease, bool) { return c.Get(subnet.KeyName(p)) }
 
 func (c *LeaseCache) replace(leases []StoredLease, rev int64) {
 	m := make(map[string]subnet.Lease, len(leases))
