@@ -376,14 +376,15 @@ func (c *Config) Range(v6 bool) Range {
 	return Range{c.Network, c.SubnetLen, c.SubnetMin, c.SubnetMax}
 }
 
-// Families returns the ranges of the enabled families, IPv4 first.
-func (c *Config) Families() []Range {
-	var out []Range
+// Families lists the enabled families, IPv4 first: false stands for IPv4,
+// true for IPv6 (the argument of Range).
+func (c *Config) Families() []bool {
+	var out []bool
 	if c.EnableIPv4 {
-		out = append(out, c.Range(false))
+		out = append(out, false)
 	}
 	if c.EnableIPv6 {
-		out = append(out, c.Range(true))
+		out = append(out, true)
 	}
 	return out
 }

@@ -121,7 +121,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	d := &daemon{c: c, cfg: cfg, met: met, hl: hl, log: log}
 	attrs := subnet.LeaseAttrs{BackendType: cfg.Backend.Type, NodeName: c.NodeName}
 	allowed := map[bool][]netip.Prefix{}
-	for _, v6 := range families(cfg) {
+	for _, v6 := range cfg.Families() {
 		e := ext.Get(v6)
 		public := c.PublicIP
 		if v6 {
@@ -152,7 +152,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	// device made again after a reboot carries the MAC peers know. Read
 	// once, and only if a backend has to make its device.
 	published := sync.OnceValues(func() (subnet.LeaseAttrs, bool) { return store.Published(ctx, cfg, attrs) })
-	for _, v6 := range families(cfg) {
+	for _, v6 := range cfg.Families() {
 		be, err := newBackend(cfg.Backend, ext.Get(v6), nl, log)
 		if err != nil {
 			return err
@@ -272,19 +272,6 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		log.Info("stopping; the lease is kept", "subnet", mgr.Own().Subnet, "ipv6-subnet", mgr.Own().IPv6Subnet)
 	}
 	return nil
-}
-
-// families lists the families the network has: false for IPv4, true for
-// IPv6, IPv4 first.
-func families(cfg *subnet.Config) []bool {
-	var out []bool
-	if cfg.EnableIPv4 {
-		out = append(out, false)
-	}
-	if cfg.EnableIPv6 {
-		out = append(out, true)
-	}
-	return out
 }
 
 func familyPrefixes(ps []netip.Prefix, v6 bool) []netip.Prefix {
