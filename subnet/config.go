@@ -63,6 +63,12 @@ type Config struct {
 	IPv6SubnetMax netip.Addr
 
 	Backend BackendConfig
+
+	// EnableNFTables chooses how twilld writes its masquerade and forward
+	// rules (flannel's key): true for nftables, false for iptables, nil
+	// (the key absent) for iptables where an iptables program is installed
+	// and nftables where none is.
+	EnableNFTables *bool
 }
 
 // BackendConfig selects the datapath and its options. Zero values mean "default".
@@ -153,11 +159,7 @@ func ParseConfig(data []byte) (*Config, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("network config: %w", err)
 	}
-	// The rules are iptables' (flannel's stock config says
-	// "EnableNFTables": false, which is what twill does).
-	if raw.EnableNFTables != nil && *raw.EnableNFTables {
-		return nil, errors.New("network config: EnableNFTables: nftables rules are not supported by this version of twill yet; set it to false or leave it out (twill writes iptables rules)")
-	}
+	cfg.EnableNFTables = raw.EnableNFTables
 	return cfg, nil
 }
 

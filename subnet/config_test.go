@@ -108,8 +108,22 @@ func TestParseConfig(t *testing.T) {
 				t.Errorf("IPv6 range %s..%s", r.First(), r.Last())
 			}
 		}},
-		{name: "flannel's stock config", in: `{"Network":"10.244.0.0/16","EnableNFTables":false,"Backend":{"Type":"vxlan"}}`},
-		{name: "nftables is not supported yet", in: `{"Network":"10.244.0.0/16","EnableNFTables":true}`, wantErr: "EnableNFTables: nftables rules are not supported by this version of twill yet"},
+		{name: "flannel's stock config", in: `{"Network":"10.244.0.0/16","EnableNFTables":false,"Backend":{"Type":"vxlan"}}`, check: func(t *testing.T, c *Config) {
+			if c.EnableNFTables == nil || *c.EnableNFTables {
+				t.Errorf("EnableNFTables %v, want false", c.EnableNFTables)
+			}
+		}},
+		{name: "nftables", in: `{"Network":"10.244.0.0/16","EnableNFTables":true}`, check: func(t *testing.T, c *Config) {
+			if c.EnableNFTables == nil || !*c.EnableNFTables {
+				t.Errorf("EnableNFTables %v, want true", c.EnableNFTables)
+			}
+		}},
+		{name: "rules by what the host has", in: `{"Network":"10.244.0.0/16"}`, check: func(t *testing.T, c *Config) {
+			if c.EnableNFTables != nil {
+				t.Errorf("EnableNFTables %v, want nil (not set)", *c.EnableNFTables)
+			}
+		}},
+		{name: "EnableNFTables not a bool", in: `{"Network":"10.244.0.0/16","EnableNFTables":"yes"}`, wantErr: "EnableNFTables"},
 		{name: "IPv6-only", in: `{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10::/56"}`, check: func(t *testing.T, c *Config) {
 			if c.EnableIPv4 || !c.EnableIPv6 || c.Network.IsValid() || len(c.Families()) != 1 {
 				t.Errorf("got %+v", c)

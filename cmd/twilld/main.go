@@ -41,7 +41,7 @@ func run(args []string) error {
 		peerCIDRs  = fs.String("public-ip-cidr", "", "comma-separated CIDRs (IPv4, and IPv6 for a network with IPv6); when set, peer leases whose public IP is outside them are skipped")
 		logLevel   = fs.String("log-level", "info", "debug, info, warn or error")
 		showVer    = fs.Bool("version", false, "print the version and exit")
-		cleanup    = fs.Bool("cleanup", false, "remove twill's devices, routes and iptables chains from this node, then exit")
+		cleanup    = fs.Bool("cleanup", false, "remove twill's devices, routes, iptables chains and nftables table from this node, then exit")
 	)
 	fs.StringVar(&c.EtcdPrefix, "etcd-prefix", etcd.DefaultPrefix, "etcd key prefix of the network")
 	fs.StringVar(&c.Etcd.CAFile, "etcd-cafile", "", "CA bundle to verify etcd's server certificate")

@@ -18,8 +18,10 @@ import (
 
 // Cleanup removes what twilld made in this network namespace: VXLAN devices
 // named twill.* and twill-v6.*, routes of both families with twill's route
-// protocol, and twill's iptables and ip6tables chains. It needs neither the datastore nor the network config, so it works
-// on a node whose config is gone. The lease is left alone.
+// protocol, twill's iptables and ip6tables chains and its nftables table
+// (both modes: the node may have switched). It needs neither the datastore
+// nor the network config, so it works on a node whose config is gone. The
+// lease is left alone.
 func Cleanup(ctx context.Context, log *slog.Logger) error {
 	h, err := netlink.NewHandle()
 	if err != nil {
@@ -58,7 +60,7 @@ func Cleanup(ctx context.Context, log *slog.Logger) error {
 		name := map[bool]string{false: "iptables", true: "ip6tables"}[v6]
 		ipt, err := masq.NewIPTables(v6)
 		if err != nil {
-			log.Warn(name+" not available; skipping its cleanup", "err", err)
+			log.Info(name+" not available; nothing of it to remove", "err", err)
 			continue
 		}
 		if err := masq.Cleanup(ctx, ipt); err != nil {
@@ -66,6 +68,12 @@ func Cleanup(ctx context.Context, log *slog.Logger) error {
 		} else {
 			log.Info("deleted twill's " + name + " chains")
 		}
+	}
+	switch removed, err := masq.CleanupNFTables(ctx); {
+	case err != nil:
+		errs = append(errs, err)
+	case removed:
+		log.Info("deleted twill's nftables table", "table", "inet "+masq.NFTablesTable)
 	}
 	return errors.Join(errs...)
 }

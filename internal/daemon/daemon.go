@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"os/exec"
 	"slices"
 	"sync"
 	"time"
@@ -228,29 +229,24 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		}
 	}
 	if c.IPMasq {
+		var why string
+		d.rulesMode, why = masq.ChooseMode(cfg.EnableNFTables, cfg.Families(), exec.LookPath)
+		log.Info("masquerade rules", "mode", d.rulesMode, "why", why)
+		if d.rules, err = masq.NewKeeper(d.rulesMode, cfg.Families(), log); err != nil {
+			return fmt.Errorf("--ip-masq: %w", err)
+		}
 		for _, p := range d.planes {
-			if p.ipt, err = masq.NewIPTables(p.v6); err != nil {
-				return fmt.Errorf("--ip-masq: %w", err)
-			}
+			met.repairs.WithLabelValues(string(d.rulesMode), familyLabel(p.v6))
 		}
 	}
-	// Rules of an earlier run that must not outlive it (--ip-masq off, or a
-	// family the network no longer has) are removed. Looking for them runs
-	// iptables several times (10-20 ms), so it happens beside the env file
-	// and the first pass, not before.
+	// Rules of an earlier run that must not outlive it (--ip-masq off, the
+	// other mode, or a family the network no longer has) are removed.
+	// Looking for them runs iptables several times (10-20 ms), so it
+	// happens beside the env file and the first pass, not before.
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		for _, v6 := range []bool{false, true} {
-			if c.IPMasq && slices.ContainsFunc(d.planes, func(p *plane) bool { return p.v6 == v6 }) {
-				continue
-			}
-			if ipt, err := masq.NewIPTables(v6); err == nil {
-				if err := masq.Cleanup(ctx, ipt); err != nil && ctx.Err() == nil {
-					log.Warn("remove masquerade rules of an earlier run", "family", subnet.FamilyName(v6), "err", err)
-				}
-			}
-		}
+		d.removeOtherRules(ctx)
 	}()
 	defer func() { <-done }()
 	if err := d.writeEnv(own); err != nil {
@@ -296,6 +292,13 @@ type daemon struct {
 	// planes are the datapaths of the network's families, IPv4 first.
 	planes []*plane
 
+	// rules keeps the masquerade and forward rules (nil without --ip-masq),
+	// written the rulesMode way; rulesCfgs is what its last good Ensure
+	// was for.
+	rules     masq.Keeper
+	rulesMode masq.Mode
+	rulesCfgs []masq.Config
+
 	envLease   subnet.Lease // the subnets the env file names
 	programmed bool         // a pass succeeded once: the node is ready
 	announced  bool         // DatapathReady was reported
@@ -320,13 +323,6 @@ type plane struct {
 	known    map[netip.Prefix]knownLease // its peer leases, unfiltered
 	epoch    uint64                      // counts calls of changes
 	filter   *subnet.PeerFilter          // its admitted peers; nil when a lease was skipped
-
-	ipt         masq.IPTables // nil without --ip-masq
-	rules       *masq.Manager
-	rulesSubnet netip.Prefix // the subnet rules was made for
-	// retiredRuleWrites are the writes of rule managers replaced after a
-	// subnet change, so ruleWrites never goes backwards.
-	retiredRuleWrites uint64
 }
 
 func (p *plane) family() string { return subnet.FamilyName(p.v6) }
@@ -392,6 +388,7 @@ func (d *daemon) pass(ctx context.Context, full bool) {
 		d.met.leaseAcquired.Inc()
 	}
 	peers, synced := d.mgr.Peers()
+	d.ensureRules(ctx, own, full || !synced)
 	good := synced
 	skipped := 0
 	for _, p := range d.planes {
@@ -404,7 +401,6 @@ func (d *daemon) pass(ctx context.Context, full bool) {
 		if !synced {
 			// Reconciling against an empty peer list would tear down every
 			// peer's entries until the first listing arrives.
-			p.ensureRules(ctx, fown.Subnet)
 			continue
 		}
 		p.pass(ctx, full, fown, project(peers, p.v6))
@@ -497,8 +493,6 @@ func (p *plane) update(ctx context.Context, own subnet.Lease, changed []subnet.L
 // last good pass, so whatever it writes is drift it repairs.
 func (p *plane) reconcile(ctx context.Context, own subnet.Lease, all []subnet.Lease, unchanged bool) {
 	d := p.d
-	rulesBefore := p.ruleWrites()
-	p.ensureRules(ctx, own.Subnet)
 	peers := p.admit(own, all)
 	before := p.be.Counters()
 	start := time.Now()
@@ -512,7 +506,6 @@ func (p *plane) reconcile(ctx context.Context, own subnet.Lease, all []subnet.Le
 		d.met.repairs.WithLabelValues("fdb", fam).Add(float64(w.FDB))
 		d.met.repairs.WithLabelValues("neigh", fam).Add(float64(w.Neighs))
 		d.met.repairs.WithLabelValues("device", fam).Add(float64(w.Devices))
-		d.met.repairs.WithLabelValues("rule", fam).Add(float64(p.ruleWrites() - rulesBefore))
 	}
 	p.filter = nil
 	if err != nil {
@@ -632,34 +625,68 @@ func (p *plane) admit(own subnet.Lease, peers []subnet.Lease) []subnet.Lease {
 	return kept
 }
 
-// ensureRules keeps the masquerade rules (with --ip-masq) for the own subnet.
-func (p *plane) ensureRules(ctx context.Context, own netip.Prefix) {
-	if p.ipt == nil {
+// ensureRules keeps the masquerade and forward rules (with --ip-masq) for
+// the own lease's subnets: on a full pass (full), and on any pass that finds
+// the subnets changed. What it writes while the subnets are those of its
+// last good Ensure is drift it repairs.
+func (d *daemon) ensureRules(ctx context.Context, own subnet.Lease, full bool) {
+	if d.rules == nil {
 		return
 	}
-	d := p.d
-	if p.rules == nil || p.rulesSubnet != own {
-		r, err := masq.New(p.ipt, masq.Config{Network: p.policy.Network, Subnet: own}, d.log)
-		if err != nil {
-			d.log.Error("masquerade rules", "family", p.family(), "err", err)
-			return
+	var cfgs []masq.Config
+	for _, p := range d.planes {
+		if f, ok := own.Family(p.v6); ok {
+			cfgs = append(cfgs, masq.Config{Network: p.policy.Network, Subnet: f.Subnet})
 		}
-		if p.rules != nil {
-			p.retiredRuleWrites += p.rules.Writes()
+	}
+	same := slices.Equal(cfgs, d.rulesCfgs)
+	if !full && same {
+		return
+	}
+	before := make([]uint64, len(d.planes))
+	for i, p := range d.planes {
+		before[i] = d.rules.Writes(p.v6)
+	}
+	if err := d.rules.Ensure(ctx, cfgs); err != nil {
+		d.rulesCfgs = nil
+		if ctx.Err() == nil {
+			d.log.Error("ensure masquerade rules", "mode", d.rulesMode, "err", err)
 		}
-		p.rules, p.rulesSubnet = r, own
+		return
 	}
-	if err := p.rules.Ensure(ctx); err != nil && ctx.Err() == nil {
-		d.log.Error("ensure masquerade rules", "family", p.family(), "err", err)
+	if same {
+		for i, p := range d.planes {
+			d.met.repairs.WithLabelValues(string(d.rulesMode), familyLabel(p.v6)).Add(float64(d.rules.Writes(p.v6) - before[i]))
+		}
 	}
+	d.rulesCfgs = cfgs
 }
 
-// ruleWrites counts the iptables writes of the plane's rule managers so far.
-func (p *plane) ruleWrites() uint64 {
-	if p.rules == nil {
-		return p.retiredRuleWrites
+// removeOtherRules removes the rules an earlier run may have left that this
+// one does not keep: those of the other mode, of a family the network no
+// longer has, or all of them without --ip-masq.
+func (d *daemon) removeOtherRules(ctx context.Context) {
+	for _, v6 := range []bool{false, true} {
+		if d.rulesMode == masq.ModeIPTables && slices.ContainsFunc(d.planes, func(p *plane) bool { return p.v6 == v6 }) {
+			continue
+		}
+		ipt, err := masq.NewIPTables(v6)
+		if err != nil {
+			continue // not installed: nothing of it to remove
+		}
+		if err := masq.Cleanup(ctx, ipt); err != nil && ctx.Err() == nil {
+			d.log.Warn("remove iptables rules of an earlier run", "family", subnet.FamilyName(v6), "err", err)
+		}
 	}
-	return p.retiredRuleWrites + p.rules.Writes()
+	if d.rulesMode != masq.ModeNFTables {
+		removed, err := masq.CleanupNFTables(ctx)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			d.log.Warn("remove the nftables table of an earlier run", "err", err)
+		case removed:
+			d.log.Info("removed the nftables table of an earlier run", "table", "inet "+masq.NFTablesTable)
+		}
+	}
 }
 
 func (d *daemon) writeEnv(own subnet.Lease) error {

@@ -112,7 +112,7 @@ func (m *metrics) registerLeaseStats(stats func() etcd.Stats) {
 func (m *metrics) registerPlanes(planes []*plane) {
 	for _, p := range planes {
 		fam := familyLabel(p.v6)
-		for _, kind := range []string{"route", "fdb", "neigh", "device", "rule"} {
+		for _, kind := range []string{"route", "fdb", "neigh", "device"} {
 			m.repairs.WithLabelValues(kind, fam)
 		}
 		for kind, get := range map[string]func(dataplane.Counters) uint64{

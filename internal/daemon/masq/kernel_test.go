@@ -85,13 +85,6 @@ func run(name string, args ...string) (string, error) {
 	return string(out), nil
 }
 
-func iptablesProgram(v6 bool) string {
-	if v6 {
-		return "ip6tables"
-	}
-	return "iptables"
-}
-
 // tables is what `iptables -S` prints for the nat and filter tables.
 type tables struct{ nat, filter string }
 

@@ -102,6 +102,20 @@ type Config struct {
 	Subnet netip.Prefix
 }
 
+// check refuses a Config no rules can be written for.
+func (cfg Config) check() error {
+	n := cfg.Network
+	// An IPv4-mapped IPv6 network (::ffff:a.b.c.d/n) is neither: no packet
+	// on the wire carries such an address.
+	if !n.IsValid() || n.Addr().Is4In6() || n.Masked() != n {
+		return fmt.Errorf("masq: network %v is not an IPv4 or IPv6 network address", n)
+	}
+	if !cfg.Subnet.IsValid() || cfg.Subnet.Masked() != cfg.Subnet || !n.Contains(cfg.Subnet.Addr()) || cfg.Subnet.Bits() < n.Bits() {
+		return fmt.Errorf("masq: subnet %v is not a subnet of network %s", cfg.Subnet, n)
+	}
+	return nil
+}
+
 // Multicast destinations are never masqueraded, per family.
 const (
 	multicast4 = "224.0.0.0/4"
@@ -216,15 +230,10 @@ func (m *Manager) Writes() uint64 {
 // (NewIPTables(v6)); New refuses a handle of the other family when the
 // handle can tell (*iptables.IPTables can).
 func New(ipt IPTables, cfg Config, log *slog.Logger) (*Manager, error) {
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
 	n := cfg.Network
-	// An IPv4-mapped IPv6 network (::ffff:a.b.c.d/n) is neither: no packet
-	// on the wire carries such an address.
-	if !n.IsValid() || n.Addr().Is4In6() || n.Masked() != n {
-		return nil, fmt.Errorf("masq: network %v is not an IPv4 or IPv6 network address", n)
-	}
-	if !cfg.Subnet.IsValid() || cfg.Subnet.Masked() != cfg.Subnet || !n.Contains(cfg.Subnet.Addr()) || cfg.Subnet.Bits() < n.Bits() {
-		return nil, fmt.Errorf("masq: subnet %v is not a subnet of network %s", cfg.Subnet, n)
-	}
 	v6 := n.Addr().Is6()
 	if p, ok := ipt.(protocolReporter); ok {
 		if hv6 := p.Proto() == iptables.ProtocolIPv6; hv6 != v6 {

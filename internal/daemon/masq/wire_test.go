@@ -149,14 +149,15 @@ func TestKernelIPv6MasqueradeOnTheWire(t *testing.T) {
 	}
 }
 
-// sendFromPod sends payload from pod to the world until the world receives
+// sendFromPod sends payload from pod to the world's address until the world receives
 // it (the first datagrams may meet a link that is not up yet) or timeout
 // passes, and returns the source address the world saw.
 func sendFromPod(pod, world *net.UDPConn, payload string, timeout time.Duration) (netip.AddrPort, error) {
+	to := world.LocalAddr().(*net.UDPAddr).AddrPort()
 	deadline := time.Now().Add(timeout)
 	var sendErr error
 	for time.Now().Before(deadline) {
-		if _, err := pod.WriteToUDPAddrPort([]byte(payload), wireWorldUDP); err != nil {
+		if _, err := pod.WriteToUDPAddrPort([]byte(payload), to); err != nil {
 			sendErr = err
 		}
 		from, err := readPayload(world, payload, 200*time.Millisecond)

@@ -35,6 +35,7 @@ func labUpFlags(fs *flag.FlagSet) *lab.Options {
 	fs.StringVar(&o.BinDir, "bin-dir", binDir, "folder with twilld, twillctl and the twill CNI plugin")
 	fs.StringVar(&o.CNIBinDir, "cni-bin-dir", filepath.Join(binDir, "cni"), "folder with the reference CNI plugins")
 	fs.BoolVar(&o.IPMasq, "ip-masq", true, "run twilld with --ip-masq")
+	fs.BoolVar(&o.NFTables, "nftables", false, `write the masquerade rules with nftables ("EnableNFTables": true in the network config) instead of iptables`)
 	fs.StringVar(&o.Datastore, "datastore", "etcd", "etcd, or kube: a real kube-apiserver, the DaemonSet manifest's RBAC, twilld --kube-subnet-mgr")
 	fs.StringVar(&o.KubeAPIServer, "kube-apiserver", filepath.Join(binDir, "tools", "kube-apiserver"), "the kube-apiserver binary, for --datastore kube (`make tools` builds it)")
 	fs.Func("network", "pod network (default 10.244.0.0/16)", func(s string) error {

@@ -40,7 +40,13 @@ type Options struct {
 	BinDir      string       // holds twilld, twillctl and twill
 	CNIBinDir   string       // holds bridge, host-local, loopback, portmap
 	IPMasq      bool
-	DaemonArgs  []string // extra twilld flags, e.g. a short --resync-interval in tests
+	// NFTables sets "EnableNFTables": true in the network config: twilld
+	// writes its rules with nftables.
+	NFTables   bool     `json:",omitempty"`
+	DaemonArgs []string // extra twilld flags, e.g. a short --resync-interval in tests
+	// DaemonEnv is added to twilld's environment (e.g. a PATH without
+	// iptables).
+	DaemonEnv []string `json:",omitempty"`
 	// Datastore is "etcd" (twilld leases from etcd) or "kube" (a real
 	// kube-apiserver on the lab's etcd; twilld --kube-subnet-mgr).
 	Datastore     string
@@ -111,6 +117,9 @@ func (o Options) NetConf() string {
 	}
 	if o.IPFamily == "ipv6" {
 		conf["EnableIPv4"] = false
+	}
+	if o.NFTables {
+		conf["EnableNFTables"] = true
 	}
 	b, _ := json.Marshal(conf)
 	return string(b)
@@ -341,7 +350,7 @@ func (l *Lab) StartDaemon(i int, extra ...string) error {
 		args = append(args, "--ip-masq")
 	}
 	args = append(append(args, l.DaemonArgs...), extra...)
-	return l.spawn(fmt.Sprintf("h%d/twilld", i), l.Topology().HostNS(i), filepath.Join(l.BinDir, "twilld"), args...)
+	return l.spawnEnv(fmt.Sprintf("h%d/twilld", i), l.Topology().HostNS(i), l.DaemonEnv, filepath.Join(l.BinDir, "twilld"), args...)
 }
 
 // WaitEnv waits for host i's subnet env file and returns it.
@@ -359,6 +368,11 @@ func (l *Lab) WaitEnv(ctx context.Context, i int) (subnet.Env, error) {
 // it outlives `lab up`. Its pid goes to <dir>/<name>.pid, its output to
 // <dir>/<name>.log.
 func (l *Lab) spawn(name, netns, bin string, args ...string) error {
+	return l.spawnEnv(name, netns, nil, bin, args...)
+}
+
+// spawnEnv is spawn with env added to the process's environment.
+func (l *Lab) spawnEnv(name, netns string, env []string, bin string, args ...string) error {
 	logf, err := os.OpenFile(filepath.Join(l.Dir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
@@ -366,6 +380,9 @@ func (l *Lab) spawn(name, netns, bin string, args ...string) error {
 	defer logf.Close()
 	cmd := exec.Command("ip", append([]string{"netns", "exec", netns, bin}, args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...) // the last of a name wins
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", name, err)
