@@ -112,7 +112,7 @@ func testDrift(t *testing.T, backend string) {
 		if !strings.Contains(iptablesS(t, h1, "filter", "FORWARD"), "-j TWILL-FWD") {
 			return fmt.Errorf("FORWARD does not jump to TWILL-FWD")
 		}
-		if r := repairs("rule"); r < 2 {
+		if r := repairs("iptables"); r < 2 {
 			return fmt.Errorf("rule repairs = %v, want at least 2", r)
 		}
 		return nil
@@ -280,15 +280,25 @@ func iptablesS(t *testing.T, netns, table, chain string) string {
 	return ""
 }
 
-// twilld --cleanup removes twill's device, routes and chains, and nothing else.
+// twilld --cleanup removes twill's device, routes and rules (iptables
+// chains, or the nftables table), and nothing else.
 func TestCleanup(t *testing.T) {
-	l := newLab(t, lab.Options{Hosts: 2, PodsPerHost: 1, Backend: "vxlan", IPMasq: true, IPFamily: "dual"})
+	for _, mode := range []string{"iptables", "nftables"} {
+		t.Run(mode, func(t *testing.T) { testCleanup(t, mode == "nftables") })
+	}
+}
+
+func testCleanup(t *testing.T, nftables bool) {
+	l := newLab(t, lab.Options{Hosts: 2, PodsPerHost: 1, Backend: "vxlan", IPMasq: true, IPFamily: "dual", NFTables: nftables})
 	ctx := ctxFor(t, time.Minute)
+	h1 := l.Topology().HostNS(1)
+	if nftables != (nftTable(t, h1) != "") || nftables == iptablesMentionsTwill(t, h1, false) {
+		t.Fatalf("before the cleanup: nftables table %t, iptables chains %t; want the %s mode's only", nftTable(t, h1) != "", iptablesMentionsTwill(t, h1, false), map[bool]string{false: "iptables", true: "nftables"}[nftables])
+	}
 	waitCounts(t, l, 1, lab.HostCounts{Routes: 2, FDB: 2, Neigh: 2}, 10*time.Second) // one per peer and family
 	if err := l.StopDaemon(ctx, 1); err != nil {
 		t.Fatal(err)
 	}
-	h1 := l.Topology().HostNS(1)
 	if out, err := lab.InNS(ctx, h1, l.BinDir+"/twilld", "--cleanup"); err != nil {
 		t.Fatalf("twilld --cleanup: %v\n%s", err, out)
 	}
@@ -305,6 +315,9 @@ func TestCleanup(t *testing.T) {
 		if out := ip6tablesS(t, h1, tc[0], ""); strings.Contains(out, "TWILL") {
 			t.Fatalf("ip6tables %s still mentions twill:\n%s", tc[0], out)
 		}
+	}
+	if table := nftTable(t, h1); table != "" {
+		t.Fatalf("the nftables table is still there:\n%s", table)
 	}
 	// The pod bridge and the lease are not twilld's to remove here.
 	if out := ipn(t, h1, "link", "show", "cni0"); !strings.Contains(out, "cni0") {
