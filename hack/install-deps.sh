@@ -6,6 +6,8 @@ set -euo pipefail
 declare -A pkg_of=(
 	[ip]=iproute2 [bridge]=iproute2
 	[iptables]=iptables
+	[nft]=nftables
+	[tcpdump]=tcpdump
 	[ping]=iputils-ping
 	[iperf3]=iperf3
 	[ps]=procps

@@ -63,9 +63,10 @@ func Cleanup(ctx context.Context, log *slog.Logger) error {
 			log.Info(name+" not available; nothing of it to remove", "err", err)
 			continue
 		}
-		if err := masq.Cleanup(ctx, ipt); err != nil {
+		switch removed, err := masq.Cleanup(ctx, ipt); {
+		case err != nil:
 			errs = append(errs, err)
-		} else {
+		case removed:
 			log.Info("deleted twill's " + name + " chains")
 		}
 	}

@@ -388,8 +388,7 @@ func (d *daemon) pass(ctx context.Context, full bool) {
 		d.met.leaseAcquired.Inc()
 	}
 	peers, synced := d.mgr.Peers()
-	d.ensureRules(ctx, own, full || !synced)
-	good := synced
+	good := d.ensureRules(ctx, own, full || !synced) && synced
 	skipped := 0
 	for _, p := range d.planes {
 		fown, ok := own.Family(p.v6)
@@ -628,10 +627,11 @@ func (p *plane) admit(own subnet.Lease, peers []subnet.Lease) []subnet.Lease {
 // ensureRules keeps the masquerade and forward rules (with --ip-masq) for
 // the own lease's subnets: on a full pass (full), and on any pass that finds
 // the subnets changed. What it writes while the subnets are those of its
-// last good Ensure is drift it repairs.
-func (d *daemon) ensureRules(ctx context.Context, own subnet.Lease, full bool) {
+// last good Ensure is drift it repairs. It returns false when the rules
+// could not be written: the node is not ready until they are.
+func (d *daemon) ensureRules(ctx context.Context, own subnet.Lease, full bool) bool {
 	if d.rules == nil {
-		return
+		return true
 	}
 	var cfgs []masq.Config
 	for _, p := range d.planes {
@@ -641,7 +641,7 @@ func (d *daemon) ensureRules(ctx context.Context, own subnet.Lease, full bool) {
 	}
 	same := slices.Equal(cfgs, d.rulesCfgs)
 	if !full && same {
-		return
+		return true
 	}
 	before := make([]uint64, len(d.planes))
 	for i, p := range d.planes {
@@ -650,9 +650,10 @@ func (d *daemon) ensureRules(ctx context.Context, own subnet.Lease, full bool) {
 	if err := d.rules.Ensure(ctx, cfgs); err != nil {
 		d.rulesCfgs = nil
 		if ctx.Err() == nil {
+			d.met.reconciles.WithLabelValues("error").Inc()
 			d.log.Error("ensure masquerade rules", "mode", d.rulesMode, "err", err)
 		}
-		return
+		return false
 	}
 	if same {
 		for i, p := range d.planes {
@@ -660,6 +661,7 @@ func (d *daemon) ensureRules(ctx context.Context, own subnet.Lease, full bool) {
 		}
 	}
 	d.rulesCfgs = cfgs
+	return true
 }
 
 // removeOtherRules removes the rules an earlier run may have left that this
@@ -670,12 +672,18 @@ func (d *daemon) removeOtherRules(ctx context.Context) {
 		if d.rulesMode == masq.ModeIPTables && slices.ContainsFunc(d.planes, func(p *plane) bool { return p.v6 == v6 }) {
 			continue
 		}
+		if !masq.IPTablesMayHoldChains(v6) {
+			continue
+		}
 		ipt, err := masq.NewIPTables(v6)
 		if err != nil {
 			continue // not installed: nothing of it to remove
 		}
-		if err := masq.Cleanup(ctx, ipt); err != nil && ctx.Err() == nil {
+		switch removed, err := masq.Cleanup(ctx, ipt); {
+		case err != nil && ctx.Err() == nil:
 			d.log.Warn("remove iptables rules of an earlier run", "family", subnet.FamilyName(v6), "err", err)
+		case removed:
+			d.log.Info("removed the iptables chains of an earlier run", "family", subnet.FamilyName(v6))
 		}
 	}
 	if d.rulesMode != masq.ModeNFTables {

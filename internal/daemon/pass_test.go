@@ -17,6 +17,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/twillnet/twill/backend/dataplane"
+	"github.com/twillnet/twill/internal/daemon/masq"
 	"github.com/twillnet/twill/subnet"
 )
 
@@ -284,5 +285,73 @@ func TestDualStackPlanes(t *testing.T) {
 	env, err := subnet.ReadEnv(d.c.SubnetFile)
 	if err != nil || env.Subnet.String() != "10.244.1.1/24" || env.IPv6Subnet.String() != "fd00:10:244:1::1/64" {
 		t.Fatalf("env file = %+v, %v", env, err)
+	}
+}
+
+// fakeKeeper is a masq.Keeper that records what it was asked to keep.
+type fakeKeeper struct {
+	err    error
+	drift  bool // the next Ensure finds the rules changed by hand
+	have   []masq.Config
+	writes [2]uint64
+}
+
+func (k *fakeKeeper) Ensure(_ context.Context, cfgs []masq.Config) error {
+	if k.err != nil {
+		return k.err
+	}
+	if k.drift || !slices.Equal(cfgs, k.have) {
+		for _, c := range cfgs {
+			if c.Network.Addr().Is6() {
+				k.writes[1]++
+			} else {
+				k.writes[0]++
+			}
+		}
+	}
+	k.drift, k.have = false, slices.Clone(cfgs)
+	return nil
+}
+
+func (k *fakeKeeper) Writes(v6 bool) uint64 {
+	if v6 {
+		return k.writes[1]
+	}
+	return k.writes[0]
+}
+
+// Rules that cannot be written keep the node not ready and count as failed
+// passes; once written, what a later pass writes for the same subnet is a
+// repair, and what it writes for a new subnet is not.
+func TestMasqueradeRulesInThePass(t *testing.T) {
+	own := subnet.Lease{Subnet: netip.MustParsePrefix("10.244.1.0/24"), Attrs: subnet.LeaseAttrs{PublicIP: netip.MustParseAddr("198.18.0.1"), BackendType: "vxlan"}}
+	mgr := &staticLeases{own: own}
+	d := testDaemon(mgr, &recordingBackend{})
+	k := &fakeKeeper{err: errors.New("nf_tables: operation not supported")}
+	d.rules, d.rulesMode, d.hl = k, masq.ModeNFTables, &health{notReady: "programming the datapath"}
+	repairs := func() float64 { return counter(t, d.met.repairs.WithLabelValues("nftables", "ipv4")) }
+
+	d.pass(context.Background(), true)
+	if gauge(t, d.met.ready) != 0 || counter(t, d.met.reconciles.WithLabelValues("error")) != 1 {
+		t.Fatalf("rules failing: twill_ready %v, failed passes %v; want not ready, 1", gauge(t, d.met.ready), counter(t, d.met.reconciles.WithLabelValues("error")))
+	}
+	k.err = nil
+	d.pass(context.Background(), true)
+	if gauge(t, d.met.ready) != 1 || k.writes[0] != 1 || repairs() != 0 {
+		t.Fatalf("rules written: twill_ready %v, writes %d, repairs %v; want ready, 1, 0", gauge(t, d.met.ready), k.writes[0], repairs())
+	}
+	want := []masq.Config{{Network: netip.MustParsePrefix("10.244.0.0/16"), Subnet: own.Subnet}}
+	if !slices.Equal(k.have, want) {
+		t.Fatalf("rules kept for %v, want %v", k.have, want)
+	}
+	k.drift = true
+	d.pass(context.Background(), true)
+	if repairs() != 1 {
+		t.Fatalf("drift repaired: repairs %v, want 1", repairs())
+	}
+	mgr.own.Subnet = netip.MustParsePrefix("10.244.9.0/24") // a new lease: the rules follow, at once
+	d.pass(context.Background(), false)
+	if k.have[0].Subnet != mgr.own.Subnet || repairs() != 1 {
+		t.Fatalf("after the subnet changed: rules for %v, repairs %v; want %v, 1", k.have[0].Subnet, repairs(), mgr.own.Subnet)
 	}
 }

@@ -210,8 +210,8 @@ func TestKernelEnsureAndCleanup(t *testing.T) {
 				if err := m.Cleanup(ctx); err != nil {
 					return err
 				}
-				if err := Cleanup(ctx, ipt); err != nil { // twice is fine
-					return err
+				if removed, err := Cleanup(ctx, ipt); err != nil || removed { // twice is fine
+					return fmt.Errorf("a second Cleanup: removed %v, %v", removed, err)
 				}
 				got, err := saveTables(v6)
 				if err != nil {
@@ -332,8 +332,8 @@ func TestKernelDualStackSideBySide(t *testing.T) {
 		}
 
 		// Cleaning up one family leaves the other alone.
-		if err := Cleanup(ctx, ipt6); err != nil {
-			return err
+		if removed, err := Cleanup(ctx, ipt6); err != nil || !removed {
+			return fmt.Errorf("Cleanup of IPv6: removed %v, %v", removed, err)
 		}
 		got6, err := saveTables(true)
 		if err != nil {
@@ -345,10 +345,16 @@ func TestKernelDualStackSideBySide(t *testing.T) {
 		if err := check("IPv6 cleaned up, IPv4 kept", m6, 2, want4, want6); err != nil { // two chains rewritten
 			return err
 		}
+		if !IPTablesMayHoldChains(false) {
+			t.Error("IPTablesMayHoldChains(IPv4) is false while twill's chains are there")
+		}
 		for _, ipt := range []IPTables{ipt4, ipt6} {
-			if err := Cleanup(ctx, ipt); err != nil {
+			if _, err := Cleanup(ctx, ipt); err != nil {
 				return err
 			}
+		}
+		if legacy, _ := os.ReadFile("/proc/net/ip_tables_names"); len(legacy) == 0 && IPTablesMayHoldChains(false) {
+			t.Error("IPTablesMayHoldChains(IPv4) is true after Cleanup, with iptables-nft")
 		}
 		for _, v6 := range []bool{false, true} {
 			got, err := saveTables(v6)

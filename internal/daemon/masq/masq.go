@@ -373,19 +373,29 @@ func (m *Manager) Cleanup(ctx context.Context) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	clear(m.listed)
-	return Cleanup(ctx, m.ipt)
+	_, err := Cleanup(ctx, m.ipt)
+	return err
 }
 
-// Cleanup removes everything twill put in the tables of ipt's family: for
-// `twilld --cleanup`, which may not know the network any more. Call it once
-// with an iptables and once with an ip6tables handle to clean both families.
-func Cleanup(ctx context.Context, ipt IPTables) error {
+// Cleanup removes everything twill put in the tables of ipt's family, and
+// says whether there was anything: for `twilld --cleanup`, which may not
+// know the network any more. Call it once with an iptables and once with an
+// ip6tables handle to clean both families.
+func Cleanup(ctx context.Context, ipt IPTables) (removed bool, err error) {
 	m := &Manager{ipt: ipt}
 	var errs []error
 	for _, c := range chains {
 		for _, name := range []string{c.chain, c.chain + newSuffix} {
 			if err := ctx.Err(); err != nil {
-				return fmt.Errorf("masq: cleanup: %w", err)
+				return removed, fmt.Errorf("masq: cleanup: %w", err)
+			}
+			exists, err := ipt.ChainExists(c.table, name)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if !exists {
+				continue
 			}
 			if err := m.removeJumps(c, name); err != nil {
 				errs = append(errs, err)
@@ -393,13 +403,15 @@ func Cleanup(ctx context.Context, ipt IPTables) error {
 			}
 			if err := ipt.ClearAndDeleteChain(c.table, name); err != nil {
 				errs = append(errs, fmt.Errorf("delete %s %s: %w", c.table, name, err))
+				continue
 			}
+			removed = true
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("masq: cleanup: %w", err)
+		return removed, fmt.Errorf("masq: cleanup: %w", err)
 	}
-	return nil
+	return removed, nil
 }
 
 // rulesOnly drops the "-N CHAIN" line of `iptables -S CHAIN`.

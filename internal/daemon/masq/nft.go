@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/google/nftables"
@@ -202,7 +204,11 @@ func (n *NFTables) Ensure(ctx context.Context, cfgs []Config) error {
 	if len(differ) == 0 {
 		return nil
 	}
-	n.log.Info("table differs; replacing it", "table", "inet "+NFTablesTable, "families", differ)
+	names := make([]string, len(differ))
+	for i, v6 := range differ {
+		names[i] = familyName(v6)
+	}
+	n.log.Info("table differs; replacing it", "table", "inet "+NFTablesTable, "families", strings.Join(names, ","))
 	err = replaceNFTable(n.conn, want)
 	if err != nil && n.fullyRandom && errors.Is(err, unix.EINVAL) {
 		// A kernel that predates fully-random masquerading refuses the flag.
@@ -444,4 +450,30 @@ func CleanupNFTables(ctx context.Context) (removed bool, err error) {
 		return false, fmt.Errorf("masq: delete table inet %s: %w", NFTablesTable, err)
 	}
 	return true, nil
+}
+
+// IPTablesMayHoldChains says whether twill's iptables chains of a family
+// (ip6tables' when v6) may exist, without running iptables, which on a host
+// with the legacy iptables would load its kernel modules just to look:
+// iptables-nft keeps its chains in nf_tables (tables of family ip or ip6),
+// where they are listed here; the legacy iptables has tables only while its
+// module is loaded, and lists them in /proc/net/ip_tables_names (or
+// ip6_tables_names). When it cannot tell, the answer is true.
+func IPTablesMayHoldChains(v6 bool) bool {
+	names, family := "/proc/net/ip_tables_names", nftables.TableFamilyIPv4
+	if v6 {
+		names, family = "/proc/net/ip6_tables_names", nftables.TableFamilyIPv6
+	}
+	if b, err := os.ReadFile(names); err == nil && len(bytes.TrimSpace(b)) > 0 {
+		return true // legacy tables are loaded: only iptables can list them
+	}
+	conn, err := nftables.New()
+	if err != nil {
+		return true
+	}
+	chains, err := conn.ListChainsOfTableFamily(family)
+	if err != nil {
+		return true
+	}
+	return slices.ContainsFunc(chains, func(c *nftables.Chain) bool { return strings.HasPrefix(c.Name, "TWILL-") })
 }

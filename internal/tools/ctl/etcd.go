@@ -127,7 +127,11 @@ func configSet(ctx context.Context, args []string, out, errOut io.Writer) error 
 	if err != nil {
 		return ef.explain(err)
 	}
-	fmt.Fprintf(out, "stored network config at %s: network %s, /%d subnets, backend %s\n", reg.ConfigKey(), cfg.Network, cfg.SubnetLen, cfg.Backend.Type)
+	rules := "iptables where installed, else nftables"
+	if cfg.EnableNFTables != nil {
+		rules = map[bool]string{false: "iptables", true: "nftables"}[*cfg.EnableNFTables]
+	}
+	fmt.Fprintf(out, "stored network config at %s: network %s, /%d subnets, backend %s, rules %s\n", reg.ConfigKey(), cfg.Network, cfg.SubnetLen, cfg.Backend.Type, rules)
 	return nil
 }
 
