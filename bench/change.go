@@ -3,6 +3,7 @@ package bench
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -10,6 +11,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/twillnet/twill/internal/daemon/masq"
 )
 
 // changeLatency is figure 2: with ChangePeers programmed, one peer is added,
@@ -24,7 +27,7 @@ func (h *Harness) changeLatency(ctx context.Context, e *etcdMode, sec *Section) 
 	var res *changeResult
 	err := h.profiled(ctx, fmt.Sprintf("changes-%d", n), func() error {
 		var err error
-		res, err = h.changeSeries(ctx, e, n, h.cfg.ChangeSamples)
+		res, err = h.changeSeries(ctx, e, n, h.cfg.ChangeSamples, "")
 		return err
 	})
 	if err != nil {
@@ -55,17 +58,76 @@ func (h *Harness) changeLatency(ctx context.Context, e *etcdMode, sec *Section) 
 	h.note(sec, "changes are made one at a time with a 20 ms pause; a resync pass (every 10 s) may coincide with a sample, as in production")
 
 	if h.cfg.MasqSamples > 0 {
-		h.say("  again with --ip-masq (the lab's default), %d samples", h.cfg.MasqSamples)
-		res, err := h.changeSeries(ctx, e, n, h.cfg.MasqSamples, "--ip-masq")
-		if err != nil {
-			return fmt.Errorf("with --ip-masq: %w", err)
+		if err := h.changeLatencyMasq(ctx, e, sec, n); err != nil {
+			return err
 		}
-		for _, kind := range []string{"add", "remove"} {
-			h.add(sec, &Figure{Name: fmt.Sprintf("%d peers, --ip-masq: one peer %s: write returned -> kernel matches", n, kind), Unit: "ms",
+	}
+	return nil
+}
+
+// changeLatencyMasq is figure 2 again with --ip-masq, once per rules mode
+// (iptables, then nftables: EnableNFTables false, then true), with the same
+// etcd and peers and MasqSamples samples per kind of change; then the cost
+// of the rules check itself in each mode, timed by the harness.
+func (h *Harness) changeLatencyMasq(ctx context.Context, e *etcdMode, sec *Section, n int) (err error) {
+	defer func() {
+		// The figures that follow on this etcd expect the config without
+		// the key.
+		if rerr := e.setRulesMode(context.Background(), ""); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+	}()
+	for _, mode := range rulesModes {
+		if mode == masq.ModeIPTables && !installed("iptables") {
+			h.note(sec, "--ip-masq, iptables: not measured, iptables is not installed")
+			continue
+		}
+		h.say("  again with --ip-masq in %s mode, %d samples", mode, h.cfg.MasqSamples)
+		if err := e.setRulesMode(ctx, mode); err != nil {
+			return err
+		}
+		res, err := h.changeSeries(ctx, e, n, h.cfg.MasqSamples, mode, "--ip-masq")
+		if err != nil {
+			return fmt.Errorf("with --ip-masq, %s: %w", mode, err)
+		}
+		prefix := fmt.Sprintf("%d peers, --ip-masq, %s", n, mode)
+		for _, kind := range []string{"add", "new public IP", "remove"} {
+			h.add(sec, &Figure{Name: fmt.Sprintf("%s: one peer %s: write returned -> kernel matches", prefix, kind), Unit: "ms",
 				Stats: Summarize(millis(res.lat[kind])), Targets: []Target{{"median", "<=", 10}, {"p99", "<=", 50}}})
 		}
-		h.add(sec, &Figure{Name: fmt.Sprintf("%d peers, --ip-masq: twilld reconcile pass (its log)", n), Unit: "ms", Stats: Summarize(millis(res.passes))})
+		h.add(sec, &Figure{Name: prefix + ": twilld reconcile pass (its log)", Unit: "ms", Stats: Summarize(millis(res.passes))})
+		h.add(sec, &Figure{Name: prefix + ": twilld CPU per change", Unit: "ms", Value: newValue(res.cpuPerChange * 1000)})
+		h.add(sec, &Figure{Name: fmt.Sprintf("%s: rule writes during the changes (twill_repairs_total{kind=%q})", prefix, mode), Unit: "count",
+			Value: newValue(res.rules.repairs), Targets: []Target{{"value", "<=", 0}},
+			Note: fmt.Sprintf("%.0f full passes checked the rules meanwhile", res.rules.fullPasses)})
+		h.note(sec, "--ip-masq, %s: twilld's start with %d peers in this series: env file %.3f s, all entries %.3f s (one start, not a figure)",
+			mode, n, res.start.Env.Seconds(), res.start.All.Seconds())
 	}
+	h.note(sec, "--ip-masq series: the same etcd and peers, twilld restarted with EnableNFTables false (iptables), then true (nftables) in the network config; its mode is checked in its metrics and in the host's tables")
+	h.note(sec, "twilld checks its rules on full passes only (start, resync every 10 s, own subnet changed); the update after a peer change does not touch them, in either mode")
+
+	if !installed("iptables") || !installed("nft") {
+		h.note(sec, "--ip-masq rules: the cost of one Ensure is measured when both iptables and nft are installed")
+		return nil
+	}
+	h.say("  masquerade rules: one Ensure per mode, %d samples of each kind", h.cfg.MasqSamples)
+	costs, err := measureRulesCost(ctx, h, h.cfg.MasqSamples)
+	if err != nil {
+		return fmt.Errorf("cost of the rules check: %w", err)
+	}
+	for _, k := range []struct {
+		what string
+		get  func(*rulesCost) []time.Duration
+	}{
+		{"nothing to change (every full pass)", func(c *rulesCost) []time.Duration { return c.Check }},
+		{"forward chain flushed by hand (a repair)", func(c *rulesCost) []time.Duration { return c.Repair }},
+		{"nothing there (a start, a new subnet)", func(c *rulesCost) []time.Duration { return c.Write }},
+	} {
+		for _, mode := range rulesModes {
+			h.add(sec, &Figure{Name: fmt.Sprintf("--ip-masq rules, %s: one Ensure, %s", mode, k.what), Unit: "ms", Stats: Summarize(millis(k.get(costs[mode])))})
+		}
+	}
+	h.note(sec, "one Ensure = twilld's rules keeper (masq.NewKeeper) run by the harness in a namespace of its own, for the rules twilld keeps here; modes alternate sample by sample. iptables runs the iptables program several times (a check lists each chain and tests its jump; a rewrite fills a new chain and renames it); nftables reads the table over netlink and replaces it in one transaction")
 	return nil
 }
 
@@ -73,12 +135,17 @@ type changeResult struct {
 	lat, write   map[string][]time.Duration
 	passes       []time.Duration
 	cpuPerChange float64
+	start        *coldStart
+	// rules is how twilld's rule counters moved over the changes (with
+	// --ip-masq only).
+	rules rulesCounters
 }
 
 // changeSeries starts twilld with n peers, waits for it to converge, then
 // adds `samples` peers one by one, gives each a new public IP, and removes
-// them again.
-func (h *Harness) changeSeries(ctx context.Context, e *etcdMode, n, samples int, extra ...string) (*changeResult, error) {
+// them again. With a rules mode (and --ip-masq among extra), it checks that
+// twilld keeps its rules in that mode and follows its rule counters.
+func (h *Harness) changeSeries(ctx context.Context, e *etcdMode, n, samples int, mode masq.Mode, extra ...string) (*changeResult, error) {
 	cs, err := e.coldStart(ctx, n, extra...)
 	if err != nil {
 		return nil, err
@@ -86,14 +153,25 @@ func (h *Harness) changeSeries(ctx context.Context, e *etcdMode, n, samples int,
 	w := cs.w
 	defer w.close()
 	defer e.reset(context.Background())
+	var rules0 rulesCounters
+	if mode != "" {
+		if err := h.checkRulesMode(ctx, e, mode); err != nil {
+			return nil, err
+		}
+	}
 	if err := sleep(ctx, time.Second); err != nil {
 		return nil, err
+	}
+	if mode != "" {
+		if rules0, err = h.rulesCounters(ctx, e, mode); err != nil {
+			return nil, err
+		}
 	}
 	u0, err := usage(e.twilld.Pid())
 	if err != nil {
 		return nil, err
 	}
-	res := &changeResult{lat: map[string][]time.Duration{}, write: map[string][]time.Duration{}}
+	res := &changeResult{lat: map[string][]time.Duration{}, write: map[string][]time.Duration{}, start: cs}
 	logOffset := fileSize(e.twilld.Log)
 	one := func(kind string, op func(context.Context) error, pred func(*kernelWatch) bool) error {
 		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -148,6 +226,13 @@ func (h *Harness) changeSeries(ctx context.Context, e *etcdMode, n, samples int,
 	}
 	if u1, err := usage(e.twilld.Pid()); err == nil {
 		res.cpuPerChange = (u1.CPUSeconds - u0.CPUSeconds) / float64(3*samples)
+	}
+	if mode != "" {
+		rules1, err := h.rulesCounters(ctx, e, mode)
+		if err != nil {
+			return nil, err
+		}
+		res.rules = rules1.sub(rules0)
 	}
 	res.passes = reconcileTimes(e.twilld.Log, logOffset)
 	return res, nil

@@ -101,14 +101,23 @@ var benchNetwork = netip.MustParsePrefix("10.0.0.0/8")
 // fd00:10:0:4001::/64).
 var benchNetworkV6 = netip.MustParsePrefix("fd00:10::/48")
 
-// setConfig writes the network config: IPv4 only, or dual-stack.
-func (e *etcdServer) setConfig(ctx context.Context, dual bool) error {
-	conf := fmt.Sprintf(`{"Network":%q,"SubnetLen":24,"Backend":{"Type":"vxlan"}}`, benchNetwork)
+// setConfig writes the network config: IPv4 only, or dual-stack; with
+// "EnableNFTables" set to *nftables, or without the key when nftables is nil
+// (twilld then keeps its --ip-masq rules with iptables when the program is
+// installed).
+func (e *etcdServer) setConfig(ctx context.Context, dual bool, nftables *bool) error {
+	conf := map[string]any{"Network": benchNetwork.String(), "SubnetLen": 24, "Backend": map[string]string{"Type": "vxlan"}}
 	if dual {
-		conf = fmt.Sprintf(`{"Network":%q,"SubnetLen":24,"EnableIPv6":true,"IPv6Network":%q,"IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}`,
-			benchNetwork, benchNetworkV6)
+		conf["EnableIPv6"], conf["IPv6Network"], conf["IPv6SubnetLen"] = true, benchNetworkV6.String(), 64
 	}
-	_, err := e.reg.SetConfig(ctx, []byte(conf))
+	if nftables != nil {
+		conf["EnableNFTables"] = *nftables
+	}
+	data, err := json.Marshal(conf)
+	if err != nil {
+		return err
+	}
+	_, err = e.reg.SetConfig(ctx, data)
 	return err
 }
 

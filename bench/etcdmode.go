@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/twillnet/twill/backend/vxlan"
@@ -21,6 +22,9 @@ type etcdMode struct {
 	etcd  *etcdServer
 	peers int  // fake peers now in etcd
 	dual  bool // the network and its peers are dual-stack
+	// nftables is the network config's EnableNFTables (nil: the key is
+	// left out), see setRulesMode.
+	nftables *bool
 }
 
 // benchHost is the one host of the etcd- and Kubernetes-mode set-ups: the
@@ -30,6 +34,9 @@ type benchHost struct {
 	topo   lab.Topology
 	dir    string
 	twilld *Proc
+	// ipMasq says that twilld was started with --ip-masq, so the host may
+	// hold its rules.
+	ipMasq bool
 }
 
 func newBenchHost(h *Harness, name string) benchHost {
@@ -49,17 +56,27 @@ func (b *benchHost) start(mode []string, extra ...string) error {
 	), extra...)
 	p, err := startInNSEnv(b.hostNS(), filepath.Join(b.dir, "h1", "twilld.log"), b.h.cfg.TwilldEnv, b.h.twilld(), args...)
 	b.twilld = p
+	b.ipMasq = b.ipMasq || slices.Contains(extra, "--ip-masq")
 	return err
 }
 
 // resetHost stops twilld and returns the host to a fresh machine's state:
-// no device, no twill routes, no env file.
+// no device, no twill routes, no env file, no masquerade rules.
 func (b *benchHost) resetHost(ctx context.Context) []error {
 	var errs []error
 	if err := b.twilld.Stop(); err != nil {
 		errs = append(errs, err)
 	}
 	b.twilld = nil
+	if b.ipMasq {
+		// twilld leaves its rules when it stops; the next one would
+		// otherwise remove those of the other mode beside its first pass.
+		if err := removeRules(ctx, b.hostNS()); err != nil {
+			errs = append(errs, err)
+		} else {
+			b.ipMasq = false
+		}
+	}
 	// The devices are absent after a failed start, and the IPv6 one
 	// unless the network was dual-stack: an error here is fine.
 	for _, v6 := range []bool{false, true} {
@@ -92,7 +109,7 @@ func newEtcdMode(ctx context.Context, h *Harness) (*etcdMode, error) {
 		e.topo.Down(context.Background())
 		return nil, err
 	}
-	if err := e.etcd.setConfig(ctx, false); err != nil {
+	if err := e.etcd.setConfig(ctx, false, nil); err != nil {
 		e.close()
 		return nil, err
 	}
@@ -133,7 +150,7 @@ func (e *etcdMode) setDualStack(ctx context.Context, dual bool, n int) error {
 	if err := e.setPeers(ctx, 0); err != nil {
 		return err
 	}
-	if err := e.etcd.setConfig(ctx, dual); err != nil {
+	if err := e.etcd.setConfig(ctx, dual, e.nftables); err != nil {
 		return fmt.Errorf("network config (dual-stack %t): %w", dual, err)
 	}
 	e.dual = dual

@@ -36,6 +36,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/twillnet/twill/internal/daemon/masq"
 	"github.com/twillnet/twill/internal/tools/lab"
 )
 
@@ -66,7 +67,7 @@ type Config struct {
 	DualStack      bool  // figure 1 also measures the largest size with dual-stack peers
 	ChangePeers    int   // peers present for figure 2
 	ChangeSamples  int   // samples per kind of change
-	MasqSamples    int   // change samples with --ip-masq (0: skip)
+	MasqSamples    int   // change samples with --ip-masq per rules mode, and Ensure samples per mode and kind (0: skip)
 	CNIPods        int
 	CNIParallel    int
 	CNIRounds      int
@@ -74,9 +75,12 @@ type Config struct {
 	KubeSamples    int // Nodes added (and removed) one by one in section 3
 	SteadyPeers    int
 	SteadyDuration time.Duration
-	IperfSeconds   int
-	IperfRepeats   int
-	PingCount      int
+	// SteadyMasq is the rules mode of twilld's --ip-masq in figure 6
+	// (masq.ModeIPTables or ModeNFTables), "" to run it without --ip-masq.
+	SteadyMasq   masq.Mode
+	IperfSeconds int
+	IperfRepeats int
+	PingCount    int
 }
 
 // Harness runs the sections and collects the report.

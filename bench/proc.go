@@ -98,10 +98,13 @@ type ProcUsage struct {
 	CPUSeconds  float64 // user + system, all threads
 	UserSeconds float64
 	SysSeconds  float64
-	RSSMiB      float64 // VmRSS
-	HWMMiB      float64 // VmHWM: peak RSS
-	AnonMiB     float64 // RssAnon: Go heap, stacks, runtime
-	FileMiB     float64 // RssFile + RssShmem: the binary's pages
+	// ChildSeconds is the user + system time of the process's children
+	// that it has waited for (cutime + cstime): the programs it ran.
+	ChildSeconds float64
+	RSSMiB       float64 // VmRSS
+	HWMMiB       float64 // VmHWM: peak RSS
+	AnonMiB      float64 // RssAnon: Go heap, stacks, runtime
+	FileMiB      float64 // RssFile + RssShmem: the binary's pages
 }
 
 // clockTick is USER_HZ, the unit of utime and stime in /proc/<pid>/stat;
@@ -122,14 +125,18 @@ func usage(pid int) (ProcUsage, error) {
 		return u, errors.New("unexpected /proc/pid/stat")
 	}
 	f := strings.Fields(s[i+1:])
-	// f[0] is field 3 (state); utime is field 14, stime 15.
-	if len(f) < 13 {
+	// f[0] is field 3 (state); utime is field 14, stime 15, cutime 16,
+	// cstime 17.
+	if len(f) < 15 {
 		return u, errors.New("short /proc/pid/stat")
 	}
 	ut, _ := strconv.ParseFloat(f[11], 64)
 	st, _ := strconv.ParseFloat(f[12], 64)
+	cut, _ := strconv.ParseFloat(f[13], 64)
+	cst, _ := strconv.ParseFloat(f[14], 64)
 	u.UserSeconds, u.SysSeconds = ut/clockTick, st/clockTick
 	u.CPUSeconds = (ut + st) / clockTick
+	u.ChildSeconds = (cut + cst) / clockTick
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return u, err

@@ -53,7 +53,7 @@ func run(args []string) error {
 	fs.BoolVar(&c.DualStack, "dual-stack", true, "convergence figure: the largest size again with dual-stack peers (6 entries per peer)")
 	fs.IntVar(&c.ChangePeers, "change-peers", 5000, "peers present while measuring change latency")
 	fs.IntVar(&c.ChangeSamples, "change-samples", 50, "samples per kind of change")
-	fs.IntVar(&c.MasqSamples, "masq-samples", 20, "change samples with --ip-masq (0: skip)")
+	fs.IntVar(&c.MasqSamples, "masq-samples", 20, "change latency figure: samples with --ip-masq in each rules mode (iptables, nftables), and of each kind of rules check (0: skip)")
 	fs.IntVar(&c.KubeNodes, "kube-nodes", 5000, "realistic peer Nodes in the kube-apiserver for the Kubernetes-mode figures")
 	fs.IntVar(&c.KubeSamples, "kube-samples", 20, "Nodes added and removed one by one in the Kubernetes-mode figures (0: skip)")
 	fs.IntVar(&c.CNIPods, "cni-pods", 100, "pods per CNI phase")
@@ -61,6 +61,7 @@ func run(args []string) error {
 	fs.IntVar(&c.CNIRounds, "cni-rounds", 4, "rounds of the CNI comparison (sides alternate)")
 	fs.IntVar(&c.SteadyPeers, "steady-peers", 1000, "peers for the steady-state figure")
 	fs.DurationVar(&c.SteadyDuration, "steady", 60*time.Second, "steady-state window")
+	steadyMasq := fs.String("steady-masq", "nftables", "steady-state figure: twilld with --ip-masq in this rules mode (iptables or nftables), or off")
 	fs.IntVar(&c.IperfSeconds, "iperf-time", 5, "seconds per iperf3 run")
 	fs.IntVar(&c.IperfRepeats, "iperf-repeats", 5, "iperf3 runs per case")
 	fs.IntVar(&c.PingCount, "ping-count", 200, "echo requests per RTT figure")
@@ -87,6 +88,11 @@ func run(args []string) error {
 	if c.KubeNodes < 1 || c.KubeNodes > 65000 || c.KubeSamples < 0 || c.KubeSamples > 65000 {
 		return fmt.Errorf("--kube-nodes %d, --kube-samples %d: want 1 to 65000 Nodes and 0 to 65000 samples", c.KubeNodes, c.KubeSamples)
 	}
+	steady, err := bench.ParseRulesMode(*steadyMasq)
+	if err != nil {
+		return fmt.Errorf("--steady-masq: %w", err)
+	}
+	c.SteadyMasq = steady
 	c.Sections = strings.Split(sections, ",")
 	root, err := filepath.Abs(c.RepoRoot)
 	if err != nil {
