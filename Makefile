@@ -64,7 +64,7 @@ $(CNI_BIN)/host-local: $(TOOLS_MOD)
 $(CNI_BIN)/portmap: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ github.com/containernetworking/plugins/plugins/meta/portmap
 
-deps: ## install the Debian packages the demo and tests use (iproute2, iptables, nftables, tcpdump, ping, iperf3, containerd, runc), when missing
+deps: ## install the Debian packages the demo and tests use (iproute2, iptables, nftables, tcpdump, wireguard-go, ping, iperf3, containerd, runc), when missing
 	@hack/install-deps.sh
 
 demo: deps build cni-plugins ## run the lab: 3 hosts, 2 pods each, every pod pings every other (needs root)

@@ -8,6 +8,7 @@ declare -A pkg_of=(
 	[iptables]=iptables
 	[nft]=nftables
 	[tcpdump]=tcpdump
+	[wireguard-go]=wireguard-go [wg]=wireguard-tools
 	[ping]=iputils-ping
 	[iperf3]=iperf3
 	[ps]=procps

@@ -9,6 +9,7 @@ package subnet
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -23,6 +24,8 @@ const (
 	BackendVXLAN  = "vxlan"
 	BackendHostGW = "host-gw"
 	BackendAlloc  = "alloc"
+	// BackendWireGuard encrypts pod traffic between nodes.
+	BackendWireGuard = "wireguard"
 )
 
 // Defaults applied by ParseConfig.
@@ -32,15 +35,21 @@ const (
 	DefaultBackend       = BackendVXLAN
 	DefaultVNI           = 1
 	DefaultVXLANPort     = 8472
+	// WireGuard's listen ports, flannel's defaults.
+	DefaultWireGuardPort   = 51820
+	DefaultWireGuardPortV6 = 51821
+	// WireGuardModeSeparate gives each IP family a device of its own.
+	WireGuardModeSeparate = "separate"
 )
 
 // backendOptions lists, per backend type, the options it accepts besides Type.
 // An option given to a backend that does not use it is an error, so a typo or a
 // setting meant for another backend is never silently ignored.
 var backendOptions = map[string][]string{
-	BackendVXLAN:  {"VNI", "Port", "DirectRouting", "MTU"},
-	BackendHostGW: {"MTU"},
-	BackendAlloc:  {},
+	BackendVXLAN:     {"VNI", "Port", "DirectRouting", "MTU"},
+	BackendHostGW:    {"MTU"},
+	BackendAlloc:     {},
+	BackendWireGuard: {"ListenPort", "ListenPortV6", "PSK", "PersistentKeepaliveInterval", "MTU", "Mode"},
 }
 
 // Config is the network configuration shared by every node of a twill network.
@@ -78,6 +87,27 @@ type BackendConfig struct {
 	Port          int
 	DirectRouting bool
 	MTU           int
+
+	// WireGuard's options, flannel's names. ListenPort and ListenPortV6
+	// are the UDP ports of the IPv4 and IPv6 devices; PSK is an optional
+	// pre-shared key (base64, as `wg genpsk` prints it) all nodes share;
+	// PersistentKeepaliveInterval is in seconds (0: none); Mode is
+	// "separate" (a device per family).
+	ListenPort                  int
+	ListenPortV6                int
+	PSK                         string
+	PersistentKeepaliveInterval int
+	Mode                        string
+}
+
+// String shows the options without the PSK's value, for logs.
+func (b BackendConfig) String() string {
+	psk := ""
+	if b.PSK != "" {
+		psk = "(set)"
+	}
+	return fmt.Sprintf("{Type:%s VNI:%d Port:%d DirectRouting:%t MTU:%d ListenPort:%d ListenPortV6:%d PSK:%s PersistentKeepaliveInterval:%d Mode:%s}",
+		b.Type, b.VNI, b.Port, b.DirectRouting, b.MTU, b.ListenPort, b.ListenPortV6, psk, b.PersistentKeepaliveInterval, b.Mode)
 }
 
 // flannelOnlyOptions are backend options flannel documents that twill does
@@ -93,7 +123,6 @@ var flannelOnlyOptions = map[string]string{
 var flannelOnlyBackends = map[string]string{
 	"udp":         "use vxlan, which the kernel encapsulates (flannel deprecates udp too)",
 	"ipsec":       "use vxlan; encryption is not in twill yet",
-	"wireguard":   "use vxlan; encryption is not in twill yet",
 	"extension":   "twill runs no external commands; use vxlan or host-gw",
 	"ali-vpc":     "let the cloud route the subnets and use twill's alloc backend",
 	"aws-vpc":     "let the cloud route the subnets and use twill's alloc backend",
@@ -123,6 +152,12 @@ type backendJSON struct {
 	Port          *int   `json:"Port,omitempty"`
 	DirectRouting *bool  `json:"DirectRouting,omitempty"`
 	MTU           *int   `json:"MTU,omitempty"`
+
+	ListenPort                  *int    `json:"ListenPort,omitempty"`
+	ListenPortV6                *int    `json:"ListenPortV6,omitempty"`
+	PSK                         *string `json:"PSK,omitempty"`
+	PersistentKeepaliveInterval *int    `json:"PersistentKeepaliveInterval,omitempty"`
+	Mode                        *string `json:"Mode,omitempty"`
 }
 
 // ParseConfig decodes and validates a network configuration. Unknown fields are
@@ -220,6 +255,24 @@ func parseBackend(data json.RawMessage) (BackendConfig, error) {
 			b.Port = DefaultVXLANPort
 		}
 	}
+	if b.Type == BackendWireGuard {
+		b.ListenPort, b.ListenPortV6, b.Mode = DefaultWireGuardPort, DefaultWireGuardPortV6, WireGuardModeSeparate
+		if raw.ListenPort != nil {
+			b.ListenPort = *raw.ListenPort
+		}
+		if raw.ListenPortV6 != nil {
+			b.ListenPortV6 = *raw.ListenPortV6
+		}
+		if raw.PSK != nil {
+			b.PSK = *raw.PSK
+		}
+		if raw.PersistentKeepaliveInterval != nil {
+			b.PersistentKeepaliveInterval = *raw.PersistentKeepaliveInterval
+		}
+		if raw.Mode != nil {
+			b.Mode = *raw.Mode
+		}
+	}
 	return b, nil
 }
 
@@ -243,6 +296,11 @@ func (c *Config) validate() error {
 		}
 		if b.Port < 1 || b.Port > 65535 {
 			return fmt.Errorf("Backend.Port: %d is not a UDP port", b.Port)
+		}
+	}
+	if b.Type == BackendWireGuard {
+		if err := validateWireGuard(c, b); err != nil {
+			return err
 		}
 	}
 	if b.MTU != 0 && (b.MTU < 576 || b.MTU > 65535) {
@@ -471,6 +529,37 @@ func decodeStrict(data []byte, v any) error {
 	}
 	if dec.More() {
 		return errors.New("invalid JSON: trailing data after the object")
+	}
+	return nil
+}
+
+func validateWireGuard(c *Config, b BackendConfig) error {
+	for _, p := range []struct {
+		name string
+		port int
+	}{{"ListenPort", b.ListenPort}, {"ListenPortV6", b.ListenPortV6}} {
+		if p.port < 1 || p.port > 65535 {
+			return fmt.Errorf("Backend.%s: %d is not a UDP port", p.name, p.port)
+		}
+	}
+	if c.EnableIPv4 && c.EnableIPv6 && b.ListenPort == b.ListenPortV6 {
+		return fmt.Errorf("Backend.ListenPortV6: %d is ListenPort too; the IPv4 and IPv6 devices need ports of their own", b.ListenPort)
+	}
+	if b.PSK != "" {
+		if k, err := base64.StdEncoding.DecodeString(b.PSK); err != nil || len(k) != 32 {
+			// The value is a secret: the error does not repeat it.
+			return errors.New("Backend.PSK: not a WireGuard key (the base64 of 32 bytes, as `wg genpsk` prints it)")
+		}
+	}
+	if b.PersistentKeepaliveInterval < 0 || b.PersistentKeepaliveInterval > 65535 {
+		return fmt.Errorf("Backend.PersistentKeepaliveInterval: %d is out of range (0 to 65535 seconds)", b.PersistentKeepaliveInterval)
+	}
+	switch b.Mode {
+	case WireGuardModeSeparate:
+	case "auto", "ipv4", "ipv6":
+		return fmt.Errorf("Backend.Mode: %q (one device for both families) is not implemented in twill; use %q (the default: a device per family)", b.Mode, WireGuardModeSeparate)
+	default:
+		return fmt.Errorf("Backend.Mode: unknown mode %q (%q is the one twill has)", b.Mode, WireGuardModeSeparate)
 	}
 	return nil
 }

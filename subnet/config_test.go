@@ -1,10 +1,14 @@
 package subnet
 
 import (
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
 )
+
+// testPSK is a pre-shared key as `wg genpsk` prints one.
+const testPSK = "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE="
 
 func TestParseConfig(t *testing.T) {
 	tests := []struct {
@@ -70,7 +74,7 @@ func TestParseConfig(t *testing.T) {
 		{name: "max unaligned", in: `{"Network":"10.1.0.0/16","SubnetMax":"10.1.5.7"}`, wantErr: "SubnetMax: 10.1.5.7 is not aligned to SubnetLen 24 (nearest: 10.1.5.0)"},
 		{name: "max below min", in: `{"Network":"10.1.0.0/16","SubnetMin":"10.1.9.0","SubnetMax":"10.1.5.0"}`, wantErr: "below SubnetMin"},
 		{name: "bad min", in: `{"Network":"10.1.0.0/16","SubnetMin":"ten"}`, wantErr: `SubnetMin: "ten" is not an IP address`},
-		{name: "unknown backend", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"bogus"}}`, wantErr: `Backend.Type: unknown backend "bogus" (known: alloc, host-gw, vxlan)`},
+		{name: "unknown backend", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"bogus"}}`, wantErr: `Backend.Type: unknown backend "bogus" (known: alloc, host-gw, vxlan, wireguard)`},
 		{name: "option of another backend", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"host-gw","VNI":3}}`, wantErr: `Backend.VNI: not an option of backend "host-gw"`},
 		{name: "unknown top-level field", in: `{"Network":"10.1.0.0/16","SubnetLenn":20}`, wantErr: `unknown field "SubnetLenn"`},
 		{name: "unknown backend field", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","GPB":true}}`, wantErr: `unknown field "GPB"`},
@@ -131,7 +135,26 @@ func TestParseConfig(t *testing.T) {
 		}},
 		{name: "not json", in: `Network: 10.1.0.0/16`, wantErr: "invalid JSON"},
 		{name: "flannel's udp backend", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"udp"}}`, wantErr: `Backend.Type: flannel's "udp" backend is not in twill: use vxlan`},
-		{name: "flannel's wireguard backend", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","PSK":"x"}}`, wantErr: `flannel's "wireguard" backend is not in twill`},
+		{name: "wireguard defaults", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard"}}`, check: func(t *testing.T, c *Config) {
+			b := c.Backend
+			if b.ListenPort != 51820 || b.ListenPortV6 != 51821 || b.Mode != "separate" || b.PSK != "" || b.PersistentKeepaliveInterval != 0 || b.VNI != 0 {
+				t.Errorf("wireguard defaults: %v", b)
+			}
+		}},
+		{name: "wireguard options", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","ListenPort":51000,"PSK":"` + testPSK + `","PersistentKeepaliveInterval":25,"MTU":1400}}`, check: func(t *testing.T, c *Config) {
+			b := c.Backend
+			if b.ListenPort != 51000 || b.PSK != testPSK || b.PersistentKeepaliveInterval != 25 || b.MTU != 1400 {
+				t.Errorf("wireguard options: %v", b)
+			}
+			if strings.Contains(b.String(), testPSK) || strings.Contains(fmt.Sprint(b), testPSK) || strings.Contains(fmt.Sprintf("%+v", b), testPSK) {
+				t.Errorf("the PSK shows in %v", b)
+			}
+		}},
+		{name: "wireguard PSK not a key", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","PSK":"c2VjcmV0"}}`, wantErr: "Backend.PSK: not a WireGuard key"},
+		{name: "wireguard one port for both families", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/56","Backend":{"Type":"wireguard","ListenPortV6":51820}}`, wantErr: "ListenPortV6: 51820 is ListenPort too"},
+		{name: "wireguard auto mode", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","Mode":"auto"}}`, wantErr: `Backend.Mode: "auto" (one device for both families) is not implemented`},
+		{name: "wireguard port out of range", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","ListenPort":70000}}`, wantErr: "Backend.ListenPort: 70000 is not a UDP port"},
+		{name: "wireguard option on vxlan", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","ListenPort":51820}}`, wantErr: `Backend.ListenPort: not an option of backend "vxlan"`},
 		{name: "trailing data", in: `{"Network":"10.1.0.0/16"} {}`, wantErr: "trailing data"},
 		{name: "backend not object", in: `{"Network":"10.1.0.0/16","Backend":"vxlan"}`, wantErr: "Backend: must be an object"},
 	}

@@ -250,6 +250,8 @@ func routeRequest(r Route, set bool) *netlink.Route {
 	}
 	if r.Gw.IsValid() {
 		nr.Gw = r.Gw.AsSlice()
+	} else {
+		nr.Scope = netlink.SCOPE_LINK // straight into a point-to-point device
 	}
 	if set && r.Onlink {
 		nr.Flags = int(netlink.FLAG_ONLINK)
@@ -292,4 +294,45 @@ func ignore(err error, errno unix.Errno) error {
 
 func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// EnsureAddr gives a tunnel device exactly one address of want's family:
+// want. The kernel's IPv6 link-local address is left alone. An IPv6 address
+// is added without duplicate address detection: nothing else on a tunnel
+// device has it, and a tentative address could not be the source of the
+// node's own traffic to pods for a second or two.
+func EnsureAddr(ctx context.Context, h *netlink.Handle, link netlink.Link, want netip.Prefix) error {
+	family := familyOf(want.Addr())
+	addrs, err := netlinkx.AddrList(ctx, h, link, family)
+	if err != nil {
+		return err
+	}
+	name := link.Attrs().Name
+	have := false
+	var errs []error
+	for _, a := range addrs {
+		ip, _ := netip.AddrFromSlice(a.IP)
+		ip = ip.Unmap()
+		ones, _ := a.Mask.Size()
+		if ip.Is6() && ip.IsLinkLocalUnicast() {
+			continue
+		}
+		if netip.PrefixFrom(ip, ones) == want {
+			have = true
+			continue
+		}
+		if err := h.AddrDel(link, &a); err != nil {
+			errs = append(errs, fmt.Errorf("remove stale address %s from %s: %w", a.IPNet, name, err))
+		}
+	}
+	if !have {
+		addr := &netlink.Addr{IPNet: &net.IPNet{IP: want.Addr().AsSlice(), Mask: net.CIDRMask(want.Bits(), want.Addr().BitLen())}}
+		if want.Addr().Is6() {
+			addr.Flags = unix.IFA_F_NODAD
+		}
+		if err := h.AddrReplace(link, addr); err != nil {
+			errs = append(errs, fmt.Errorf("set address %s on %s: %w", want, name, err))
+		}
+	}
+	return errors.Join(errs...)
 }

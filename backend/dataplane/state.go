@@ -338,11 +338,13 @@ func sortFDB(fs []FDB) {
 // around a pass whose inputs did not change to count repairs of drift.
 type Counters struct {
 	Routes, FDB, Neighs, Devices uint64
+	// Peers counts WireGuard peers configured or removed.
+	Peers uint64
 }
 
 // Sub returns c minus o, kind by kind.
 func (c Counters) Sub(o Counters) Counters {
-	return Counters{Routes: c.Routes - o.Routes, FDB: c.FDB - o.FDB, Neighs: c.Neighs - o.Neighs, Devices: c.Devices - o.Devices}
+	return Counters{Routes: c.Routes - o.Routes, FDB: c.FDB - o.FDB, Neighs: c.Neighs - o.Neighs, Devices: c.Devices - o.Devices, Peers: c.Peers - o.Peers}
 }
 
 // Tally keeps a backend's Counters; safe for concurrent use. Backends embed
@@ -366,6 +368,13 @@ func (t *Tally) DeviceCreated() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.c.Devices++
+}
+
+// PeersWritten counts WireGuard peers configured or removed.
+func (t *Tally) PeersWritten(n int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.c.Peers += uint64(n)
 }
 
 // Counters returns the counts so far.

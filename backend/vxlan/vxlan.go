@@ -32,7 +32,6 @@ import (
 	"sync"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/internal/netlinkx"
@@ -202,7 +201,7 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 		return err
 	}
 	dev := link.Attrs().Index
-	addrErr := b.ensureAddr(ctx, link, netip.PrefixFrom(own.Subnet.Masked().Addr(), b.hostBits()))
+	addrErr := dataplane.EnsureAddr(ctx, b.h, link, netip.PrefixFrom(own.Subnet.Masked().Addr(), b.hostBits()))
 	desired, peerErr := Desired(own, peers, Params{Dev: dev, VNI: b.vni, Ext: b.ext, DirectRouting: b.directRouting})
 	actual, err := dataplane.ReadActual(ctx, b.h, b.ext.Family(), dev)
 	if err != nil {
@@ -481,44 +480,4 @@ func (b *Backend) createDevice(ctx context.Context, mac dataplane.MAC) (*netlink
 	}
 	b.log.Info("created device", "index", vx.Index, "mac", vx.HardwareAddr.String(), "mtu", vx.MTU)
 	return vx, nil
-}
-
-// ensureAddr gives the device exactly one address of its family: want. The
-// kernel's IPv6 link-local address is left alone. An IPv6 address is added
-// without duplicate address detection: nothing else on a tunnel device has
-// it, and a tentative address could not be the source of the node's own
-// traffic to pods for a second or two.
-func (b *Backend) ensureAddr(ctx context.Context, link netlink.Link, want netip.Prefix) error {
-	h := b.h
-	addrs, err := netlinkx.AddrList(ctx, h, link, b.ext.Family())
-	if err != nil {
-		return err
-	}
-	have := false
-	var errs []error
-	for _, a := range addrs {
-		ip, _ := netip.AddrFromSlice(a.IP)
-		ip = ip.Unmap()
-		ones, _ := a.Mask.Size()
-		if ip.Is6() && ip.IsLinkLocalUnicast() {
-			continue
-		}
-		if netip.PrefixFrom(ip, ones) == want {
-			have = true
-			continue
-		}
-		if err := h.AddrDel(link, &a); err != nil {
-			errs = append(errs, fmt.Errorf("remove stale address %s from %s: %w", a.IPNet, b.Device(), err))
-		}
-	}
-	if !have {
-		addr := &netlink.Addr{IPNet: &net.IPNet{IP: want.Addr().AsSlice(), Mask: net.CIDRMask(want.Bits(), want.Addr().BitLen())}}
-		if b.v6 {
-			addr.Flags = unix.IFA_F_NODAD
-		}
-		if err := h.AddrReplace(link, addr); err != nil {
-			errs = append(errs, fmt.Errorf("set address %s on %s: %w", want, b.Device(), err))
-		}
-	}
-	return errors.Join(errs...)
 }

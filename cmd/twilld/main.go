@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/twillnet/twill/backend/wireguard"
 	"github.com/twillnet/twill/internal/daemon"
 	"github.com/twillnet/twill/internal/version"
 	"github.com/twillnet/twill/subnet"
@@ -53,6 +54,7 @@ func run(args []string) error {
 	fs.StringVar(&c.SubnetFile, "subnet-file", subnet.DefaultEnvFile, "where to write the subnet env file")
 	fs.StringVar(&c.FlannelSubnetFile, "flannel-subnet-file", "", "also write the subnet env file in flannel's format (FLANNEL_ keys) here, e.g. /run/flannel/subnet.env while flannel's CNI plugin is still installed")
 	fs.BoolVar(&c.IPMasq, "ip-masq", false, "masquerade pod traffic leaving the cluster network")
+	fs.StringVar(&c.WireGuardKeyFile, "wireguard-key-file", wireguard.DefaultKeyFile, "wireguard backend: the node's private key, made (mode 0600) when missing; under /run it lasts until a reboot")
 	fs.DurationVar(&c.LeaseTTL, "lease-ttl", 24*time.Hour, "TTL of the subnet lease; renewed while twilld runs")
 	fs.DurationVar(&c.ResyncInterval, "resync-interval", 10*time.Second, "how often the datapath is checked against the desired state")
 	fs.StringVar(&c.HTTPAddr, "http-addr", "127.0.0.1:9867", "address serving /healthz, /readyz and /metrics")

@@ -13,6 +13,7 @@ import (
 	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/backend/hostgw"
 	"github.com/twillnet/twill/backend/vxlan"
+	"github.com/twillnet/twill/backend/wireguard"
 	"github.com/twillnet/twill/subnet"
 )
 
@@ -59,10 +60,10 @@ type Backend interface {
 }
 
 // newBackend returns the backend cfg.Type names, chosen by an explicit
-// switch (no registry). h is a netlink handle in the
+// switch (no registry); wg are the node's WireGuard settings. h is a netlink handle in the
 // namespace to program (netlink.NewHandle() for twilld's own; tests use
 // netlink.NewHandleAt). The backend does not close it.
-func newBackend(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.Handle, log *slog.Logger) (Backend, error) {
+func newBackend(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.Handle, log *slog.Logger, wg wireguard.Options) (Backend, error) {
 	if h == nil {
 		return nil, errors.New("backend: no netlink handle")
 	}
@@ -71,10 +72,12 @@ func newBackend(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *ne
 		return vxlan.New(cfg, ext, h, log)
 	case subnet.BackendHostGW:
 		return hostgw.New(cfg, ext, h, log)
+	case subnet.BackendWireGuard:
+		return wireguard.New(cfg, ext, h, log, wg)
 	case subnet.BackendAlloc:
 		return newAlloc(cfg, ext)
 	default:
-		return nil, fmt.Errorf("backend: unknown type %q (known: %s, %s, %s)", cfg.Type, subnet.BackendVXLAN, subnet.BackendHostGW, subnet.BackendAlloc)
+		return nil, fmt.Errorf("backend: unknown type %q (known: %s, %s, %s, %s)", cfg.Type, subnet.BackendVXLAN, subnet.BackendHostGW, subnet.BackendWireGuard, subnet.BackendAlloc)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/backend/hostgw"
 	"github.com/twillnet/twill/backend/vxlan"
+	"github.com/twillnet/twill/backend/wireguard"
 	"github.com/twillnet/twill/subnet"
 )
 
@@ -26,20 +27,20 @@ func TestNew(t *testing.T) {
 		{subnet.BackendConfig{Type: subnet.BackendHostGW}, func(b Backend) bool { _, ok := b.(*hostgw.Backend); return ok }},
 		{subnet.BackendConfig{Type: subnet.BackendAlloc}, func(b Backend) bool { return b != nil }},
 	} {
-		b, err := newBackend(tc.cfg, ext, h, nil)
+		b, err := newBackend(tc.cfg, ext, h, nil, wireguard.Options{})
 		if err != nil || !tc.check(b) {
 			t.Errorf("New(%s) = %T, %v", tc.cfg.Type, b, err)
 		}
 	}
-	if _, err := newBackend(subnet.BackendConfig{Type: "udp"}, ext, h, nil); err == nil {
+	if _, err := newBackend(subnet.BackendConfig{Type: "udp"}, ext, h, nil, wireguard.Options{}); err == nil {
 		t.Error("unknown type accepted")
 	}
-	if _, err := newBackend(subnet.BackendConfig{Type: subnet.BackendAlloc}, ext, nil, nil); err == nil {
+	if _, err := newBackend(subnet.BackendConfig{Type: subnet.BackendAlloc}, ext, nil, nil, wireguard.Options{}); err == nil {
 		t.Error("nil handle accepted")
 	}
 	bad := ext
 	bad.Index = 0
-	if _, err := newBackend(subnet.BackendConfig{Type: subnet.BackendVXLAN}, bad, h, nil); err == nil {
+	if _, err := newBackend(subnet.BackendConfig{Type: subnet.BackendVXLAN}, bad, h, nil, wireguard.Options{}); err == nil {
 		t.Error("external interface without index accepted")
 	}
 }
@@ -47,7 +48,7 @@ func TestNew(t *testing.T) {
 func TestAlloc(t *testing.T) {
 	ctx := context.Background()
 	for cfgMTU, want := range map[int]int{0: 1500, 1400: 1400} {
-		b, err := newBackend(subnet.BackendConfig{Type: subnet.BackendAlloc, MTU: cfgMTU}, ext, &netlink.Handle{}, nil)
+		b, err := newBackend(subnet.BackendConfig{Type: subnet.BackendAlloc, MTU: cfgMTU}, ext, &netlink.Handle{}, nil, wireguard.Options{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -65,7 +66,7 @@ func TestAlloc(t *testing.T) {
 }
 
 func TestHostGWMTU(t *testing.T) {
-	b, err := newBackend(subnet.BackendConfig{Type: subnet.BackendHostGW, MTU: 1300}, ext, &netlink.Handle{}, nil)
+	b, err := newBackend(subnet.BackendConfig{Type: subnet.BackendHostGW, MTU: 1300}, ext, &netlink.Handle{}, nil, wireguard.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,13 +11,15 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/twillnet/twill/backend/dataplane"
+	"github.com/twillnet/twill/backend/wireguard"
 	"github.com/twillnet/twill/internal/daemon/masq"
 	"github.com/twillnet/twill/internal/netlinkx"
 	"github.com/twillnet/twill/subnet"
 )
 
 // Cleanup removes what twilld made in this network namespace: VXLAN devices
-// named twill.* and twill-v6.*, routes of both families with twill's route
+// named twill.* and twill-v6.*, the WireGuard devices twill-wg and
+// twill-wg-v6 (a wireguard-go daemon exits with its device), routes of both families with twill's route
 // protocol, twill's iptables and ip6tables chains and its nftables table
 // (both modes: the node may have switched). It needs neither the datastore
 // nor the network config, so it works on a node whose config is gone. The
@@ -34,7 +36,9 @@ func Cleanup(ctx context.Context, log *slog.Logger) error {
 		return err
 	}
 	for _, l := range links {
-		if _, ok := l.(*netlink.Vxlan); ok && (strings.HasPrefix(l.Attrs().Name, "twill.") || strings.HasPrefix(l.Attrs().Name, "twill-v6.")) {
+		name := l.Attrs().Name
+		_, vx := l.(*netlink.Vxlan)
+		if vx && (strings.HasPrefix(name, "twill.") || strings.HasPrefix(name, "twill-v6.")) || name == wireguard.DeviceName(false) || name == wireguard.DeviceName(true) {
 			if err := h.LinkDel(l); err != nil {
 				errs = append(errs, fmt.Errorf("delete %s: %w", l.Attrs().Name, err))
 			} else {

@@ -28,6 +28,7 @@ import (
 
 	"github.com/twillnet/twill/backend/dataplane"
 	"github.com/twillnet/twill/backend/vxlan"
+	"github.com/twillnet/twill/backend/wireguard"
 	"github.com/twillnet/twill/internal/daemon/iface"
 	"github.com/twillnet/twill/internal/daemon/masq"
 	"github.com/twillnet/twill/subnet"
@@ -49,11 +50,14 @@ type Config struct {
 	// format (FLANNEL_ keys), for flannel's CNI plugin during a migration.
 	FlannelSubnetFile string
 	IPMasq            bool
-	LeaseTTL          time.Duration
-	ResyncInterval    time.Duration
-	HTTPAddr          string
-	ReleaseOnExit     bool
-	NodeName          string
+	// WireGuardKeyFile holds the node's WireGuard private key (wireguard
+	// backend; wireguard.DefaultKeyFile when empty).
+	WireGuardKeyFile string
+	LeaseTTL         time.Duration
+	ResyncInterval   time.Duration
+	HTTPAddr         string
+	ReleaseOnExit    bool
+	NodeName         string
 
 	// Kubernetes mode: the lease is the Node's podCIDR.
 	KubeSubnetMgr        bool
@@ -154,7 +158,7 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	// once, and only if a backend has to make its device.
 	published := sync.OnceValues(func() (subnet.LeaseAttrs, bool) { return store.Published(ctx, cfg, attrs) })
 	for _, v6 := range cfg.Families() {
-		be, err := newBackend(cfg.Backend, ext.Get(v6), nl, log)
+		be, err := newBackend(cfg.Backend, ext.Get(v6), nl, log, wireguard.Options{KeyFile: c.WireGuardKeyFile})
 		if err != nil {
 			return err
 		}
@@ -505,6 +509,9 @@ func (p *plane) reconcile(ctx context.Context, own subnet.Lease, all []subnet.Le
 		d.met.repairs.WithLabelValues("fdb", fam).Add(float64(w.FDB))
 		d.met.repairs.WithLabelValues("neigh", fam).Add(float64(w.Neighs))
 		d.met.repairs.WithLabelValues("device", fam).Add(float64(w.Devices))
+		if p.d.cfg.Backend.Type == subnet.BackendWireGuard {
+			d.met.repairs.WithLabelValues("peer", fam).Add(float64(w.Peers))
+		}
 	}
 	p.filter = nil
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/twillnet/twill/backend/dataplane"
+	"github.com/twillnet/twill/subnet"
 	"github.com/twillnet/twill/subnet/etcd"
 )
 
@@ -112,15 +113,19 @@ func (m *metrics) registerLeaseStats(stats func() etcd.Stats) {
 func (m *metrics) registerPlanes(planes []*plane) {
 	for _, p := range planes {
 		fam := familyLabel(p.v6)
-		for _, kind := range []string{"route", "fdb", "neigh", "device"} {
-			m.repairs.WithLabelValues(kind, fam)
-		}
-		for kind, get := range map[string]func(dataplane.Counters) uint64{
+		kinds := map[string]func(dataplane.Counters) uint64{
 			"route":  func(c dataplane.Counters) uint64 { return c.Routes },
 			"fdb":    func(c dataplane.Counters) uint64 { return c.FDB },
 			"neigh":  func(c dataplane.Counters) uint64 { return c.Neighs },
 			"device": func(c dataplane.Counters) uint64 { return c.Devices },
-		} {
+		}
+		if p.d.cfg.Backend.Type == subnet.BackendWireGuard {
+			kinds["peer"] = func(c dataplane.Counters) uint64 { return c.Peers }
+		}
+		for kind := range kinds {
+			m.repairs.WithLabelValues(kind, fam)
+		}
+		for kind, get := range kinds {
 			m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 				Name:        "twill_kernel_writes_total",
 				Help:        "Kernel entries the backend set or deleted (devices: created) since twilld started, by kind and IP family.",
