@@ -89,13 +89,12 @@ func Desired(own subnet.Lease, leases []subnet.Lease, s settings) (map[wgtypes.K
 	return peers, routes, errors.Join(errs...)
 }
 
-// peerOf is one lease's peer, checked as far as the lease alone allows.
+// peerOf is one lease's peer, checked as far as the lease alone allows. The
+// lease is the family's view (subnet.Lease.Family): an IPv6 peer's public
+// IP and key are in PublicIP and BackendData.
 func peerOf(own, l subnet.Lease, s settings) (Peer, error) {
 	sn, ip := l.Subnet, l.Attrs.PublicIP
 	data := l.Attrs.BackendData
-	if s.v6 {
-		ip, data = l.Attrs.PublicIPv6, l.Attrs.BackendV6Data
-	}
 	switch {
 	case !sn.IsValid() || sn.Addr().Is6() != s.v6 || sn.Masked() != sn:
 		return Peer{}, fmt.Errorf("subnet %v is not an %s network address", sn, subnet.FamilyName(s.v6))

@@ -132,3 +132,27 @@ func TestDiffPeers(t *testing.T) {
 		t.Errorf("equal peers gave %+v", got)
 	}
 }
+
+// An IPv6 device is given the family's view of a lease (subnet.Lease.Family:
+// the IPv6 subnet, public IP and backend data in the plain fields), and
+// makes its peer from that.
+func TestDesiredIPv6(t *testing.T) {
+	k := testKey(t)
+	dual := wgLease(t, "10.244.2.0/24", "198.18.0.2", testKey(t), 51820)
+	dual.IPv6Subnet = netip.MustParsePrefix("fd00:10:244:2::/64")
+	dual.Attrs.PublicIPv6 = netip.MustParseAddr("fd00:198:18::2")
+	dual.Attrs.BackendV6Data, _ = json.Marshal(Data{PublicKey: k.String(), Port: 51821})
+	v6, ok := dual.Family(true)
+	if !ok {
+		t.Fatal("no IPv6 view of a dual-stack lease")
+	}
+	own := subnet.Lease{Subnet: netip.MustParsePrefix("fd00:10:244:1::/64")}
+	peers, routes, err := Desired(own, []subnet.Lease{v6}, settings{v6: true, ownKey: testKey(t), ownPort: 51821, link: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Peer{Key: k, Endpoint: netip.MustParseAddrPort("[fd00:198:18::2]:51821"), Subnet: netip.MustParsePrefix("fd00:10:244:2::/64")}
+	if len(peers) != 1 || peers[k] != want || len(routes.Routes) != 1 {
+		t.Fatalf("peers %+v, routes %v; want %+v", peers, routes.Routes, want)
+	}
+}

@@ -74,7 +74,7 @@ func waitCounts(t *testing.T, l *lab.Lab, i int, want lab.HostCounts, d time.Dur
 	deadline := time.Now().Add(d)
 	for {
 		got, err := l.Counts(ctx, i)
-		if err == nil && got.Routes == want.Routes && got.FDB == want.FDB && got.Neigh == want.Neigh {
+		if err == nil && got.Routes == want.Routes && got.FDB == want.FDB && got.Neigh == want.Neigh && got.Peers == want.Peers {
 			return
 		}
 		if time.Now().After(deadline) {
@@ -100,6 +100,17 @@ func podsOn(l *lab.Lab, i int) []lab.Pod {
 // receiver saw. Sockets are made on threads inside the namespaces.
 func tcpTransfer(t *testing.T, fromNS, toNS string, to netip.Addr, size int) netip.Addr {
 	t.Helper()
+	payload := make([]byte, size)
+	for i := range payload {
+		payload[i] = byte(i*7 + i/251)
+	}
+	return tcpSend(t, fromNS, toNS, to, payload)
+}
+
+// tcpSend is tcpTransfer of the given bytes.
+func tcpSend(t *testing.T, fromNS, toNS string, to netip.Addr, payload []byte) netip.Addr {
+	t.Helper()
+	size := len(payload)
 	var ln net.Listener
 	err := ns.WithNetNSPath("/run/netns/"+toNS, func(ns.NetNS) error {
 		var err error
@@ -133,10 +144,6 @@ func tcpTransfer(t *testing.T, fromNS, toNS string, to netip.Addr, size int) net
 		g.peer = c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
 		done <- g
 	}()
-	payload := make([]byte, size)
-	for i := range payload {
-		payload[i] = byte(i*7 + i/251)
-	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	err = ns.WithNetNSPath("/run/netns/"+fromNS, func(ns.NetNS) error {
 		c, err := net.DialTimeout("tcp", net.JoinHostPort(to.String(), fmt.Sprint(port)), 5*time.Second)

@@ -31,7 +31,7 @@ func commands() []command {
 		{"leases show", "SUBNET", "show one lease", leasesShow},
 		{"leases delete", "SUBNET", "delete a lease (its node acquires one again)", leasesDelete},
 		{"status", "[--addr 127.0.0.1:9867]", "summarise the local twilld: readiness, subnet, lease, peers, last reconcile, repairs", status},
-		{"lab up", "[--hosts N] [--pods-per-host M] [--backend vxlan|host-gw|alloc]", "build the lab: hosts in namespaces, etcd, twilld, pods", labUp},
+		{"lab up", "[--hosts N] [--pods-per-host M] [--backend vxlan|host-gw|alloc|wireguard]", "build the lab: hosts in namespaces, etcd, twilld, pods", labUp},
 		{"lab status", "", "show the lab's leases and each host's route/FDB/neighbour counts", labStatus},
 		{"lab check", "", "ping every pod from every other pod", labCheck},
 		{"lab down", "[--keep-logs]", "remove everything the lab made", labDown},

@@ -30,7 +30,7 @@ func labUpFlags(fs *flag.FlagSet) *lab.Options {
 	binDir := filepath.Dir(self)
 	fs.IntVar(&o.Hosts, "hosts", 3, "number of hosts")
 	fs.IntVar(&o.PodsPerHost, "pods-per-host", 2, "pods on each host")
-	fs.StringVar(&o.Backend, "backend", "vxlan", "vxlan, host-gw or alloc")
+	fs.StringVar(&o.Backend, "backend", "vxlan", "vxlan, host-gw, alloc or wireguard (each host's twilld and wireguard-go in a mount namespace of its own, with its own /run/wireguard)")
 	fs.StringVar(&o.Prefix, "prefix", "twill-", "namespace name prefix")
 	fs.StringVar(&o.BinDir, "bin-dir", binDir, "folder with twilld, twillctl and the twill CNI plugin")
 	fs.StringVar(&o.CNIBinDir, "cni-bin-dir", filepath.Join(binDir, "cni"), "folder with the reference CNI plugins")

@@ -31,7 +31,7 @@ type Options struct {
 	Prefix      string // namespace name prefix
 	Hosts       int
 	PodsPerHost int
-	Backend     string // vxlan, host-gw or alloc
+	Backend     string // vxlan, host-gw, alloc or wireguard
 	// IPFamily is the pod network's: "ipv4" (the default when empty),
 	// "ipv6" or "dual".
 	IPFamily    string `json:",omitempty"`
@@ -270,6 +270,15 @@ func (l *Lab) preflight(ctx context.Context) error {
 			return fmt.Errorf("etcd binary for a %d-member cluster not found at %q: run `make tools`", l.EtcdMembers, l.EtcdBinary)
 		}
 	}
+	switch l.Backend {
+	case subnet.BackendVXLAN, subnet.BackendHostGW, subnet.BackendAlloc:
+	case subnet.BackendWireGuard:
+		if err := wireGuardPreflight(); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("--backend %q: want vxlan, host-gw, alloc or wireguard", l.Backend)
+	}
 	switch l.IPFamily {
 	case "", "ipv4", "ipv6", "dual":
 	default:
@@ -349,8 +358,15 @@ func (l *Lab) StartDaemon(i int, extra ...string) error {
 	if l.IPMasq {
 		args = append(args, "--ip-masq")
 	}
+	if l.isWireGuard() {
+		// A key of its own, and its own /run/wireguard (see wireguard.go).
+		if err := os.MkdirAll(l.WireGuardDir(i), 0o700); err != nil {
+			return err
+		}
+		args = append(args, "--wireguard-key-file", l.WireGuardKeyFile(i))
+	}
 	args = append(append(args, l.DaemonArgs...), extra...)
-	return l.spawnEnv(fmt.Sprintf("h%d/twilld", i), l.Topology().HostNS(i), l.DaemonEnv, filepath.Join(l.BinDir, "twilld"), args...)
+	return l.spawnCmd(fmt.Sprintf("h%d/twilld", i), l.DaemonEnv, l.hostCommand(i, filepath.Join(l.BinDir, "twilld"), args...))
 }
 
 // WaitEnv waits for host i's subnet env file and returns it.
@@ -373,12 +389,18 @@ func (l *Lab) spawn(name, netns, bin string, args ...string) error {
 
 // spawnEnv is spawn with env added to the process's environment.
 func (l *Lab) spawnEnv(name, netns string, env []string, bin string, args ...string) error {
+	return l.spawnCmd(name, env, append([]string{"ip", "netns", "exec", netns, bin}, args...))
+}
+
+// spawnCmd is spawn of a whole command line, which must end in the program
+// through exec (as `ip netns exec` does), so that its pid is the program's.
+func (l *Lab) spawnCmd(name string, env []string, argv []string) error {
 	logf, err := os.OpenFile(filepath.Join(l.Dir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.Command("ip", append([]string{"netns", "exec", netns, bin}, args...)...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if len(env) > 0 {
 		cmd.Env = append(os.Environ(), env...) // the last of a name wins
@@ -423,6 +445,10 @@ func (l *Lab) Down(ctx context.Context, removeDir bool) error {
 			errs = append(errs, err)
 		}
 	}
+	// wireguard-go outlives twilld, and keeps its namespace while it runs.
+	if err := l.stopWireGuard(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	names, err := ListNS(ctx)
 	if err != nil {
 		errs = append(errs, err)
@@ -433,6 +459,9 @@ func (l *Lab) Down(ctx context.Context, removeDir bool) error {
 				errs = append(errs, err)
 			}
 		}
+	}
+	if err := l.checkWireGuardGone(); err != nil {
+		errs = append(errs, err)
 	}
 	if removeDir {
 		if err := os.RemoveAll(l.Dir); err != nil {

@@ -12,18 +12,22 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/twillnet/twill/backend/dataplane"
+	"github.com/twillnet/twill/backend/wireguard"
 	"github.com/twillnet/twill/internal/netlinkx"
 )
 
 // HostCounts is what twill programmed on one host, both families together.
 type HostCounts struct {
 	Routes, FDB, Neigh int
-	Device             string // the VXLAN devices, if any, comma-separated
+	// Peers counts the peers of the WireGuard devices.
+	Peers  int
+	Device string // the VXLAN or WireGuard devices, if any, comma-separated
 }
 
 // Counts reads host i's twill routes of both families (by twill's route
-// protocol), and the FDB and permanent neighbour entries on its VXLAN
-// devices (twill's, or flanneld's).
+// protocol), the FDB and permanent neighbour entries on its VXLAN devices
+// (twill's, or flanneld's), and the peers of its WireGuard devices (twill-wg
+// and twill-wg-v6, read with WG).
 func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
 	var c HostCounts
 	handle, err := netns.GetFromName(l.Topology().HostNS(i))
@@ -50,9 +54,23 @@ func (l *Lab) Counts(ctx context.Context, i int) (HostCounts, error) {
 		return c, err
 	}
 	for _, link := range links {
+		name := link.Attrs().Name
+		if name == wireguard.DeviceName(false) || name == wireguard.DeviceName(true) {
+			// A kernel device, or wireguard-go's tun device: one that wg
+			// cannot read (its wireguard-go gone) is marked, not counted.
+			if c.Device != "" {
+				c.Device += ","
+			}
+			c.Device += name
+			n, err := l.wgPeers(ctx, i, name)
+			if err != nil {
+				c.Device += "(unreadable)"
+			}
+			c.Peers += n
+			continue
+		}
 		// twill's devices, and flanneld's (a flannel node of the lab, or one
 		// twilld adopted).
-		name := link.Attrs().Name
 		v4 := strings.HasPrefix(name, "twill.") || strings.HasPrefix(name, "flannel.")
 		v6 := strings.HasPrefix(name, "twill-v6.") || strings.HasPrefix(name, "flannel-v6.")
 		if _, ok := link.(*netlink.Vxlan); !ok || !v4 && !v6 {
@@ -103,7 +121,11 @@ func (l *Lab) Status(ctx context.Context, w io.Writer) error {
 		fmt.Fprintf(w, "leases (etcd %s):\n%s\n", EtcdURL(), out)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "HOST\tNAMESPACE\tUNDERLAY\tDEVICE\tROUTES\tFDB\tNEIGHBOURS\tPODS")
+	if l.isWireGuard() {
+		fmt.Fprintln(tw, "HOST\tNAMESPACE\tUNDERLAY\tDEVICE\tROUTES\tWG PEERS\tPODS")
+	} else {
+		fmt.Fprintln(tw, "HOST\tNAMESPACE\tUNDERLAY\tDEVICE\tROUTES\tFDB\tNEIGHBOURS\tPODS")
+	}
 	for i := 1; i <= l.Hosts; i++ {
 		c, err := l.Counts(ctx, i)
 		if err != nil {
@@ -118,6 +140,10 @@ func (l *Lab) Status(ctx context.Context, w io.Writer) error {
 		dev := c.Device
 		if dev == "" {
 			dev = "-"
+		}
+		if l.isWireGuard() {
+			fmt.Fprintf(tw, "h%d\t%s\t%s\t%s\t%d\t%d\t%d\n", i, l.Topology().HostNS(i), l.Topology().HostAddr(i), dev, c.Routes, c.Peers, pods)
+			continue
 		}
 		fmt.Fprintf(tw, "h%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\n", i, l.Topology().HostNS(i), l.Topology().HostAddr(i), dev, c.Routes, c.FDB, c.Neigh, pods)
 	}
