@@ -92,7 +92,8 @@ type BackendConfig struct {
 	// are the UDP ports of the IPv4 and IPv6 devices; PSK is an optional
 	// pre-shared key (base64, as `wg genpsk` prints it) all nodes share;
 	// PersistentKeepaliveInterval is in seconds (0: none); Mode is
-	// "separate" (a device per family).
+	// "separate" (a device per family) or, for one device carrying both
+	// families, "auto", "ipv4" or "ipv6" (which family reaches the peers).
 	ListenPort                  int
 	ListenPortV6                int
 	PSK                         string
@@ -555,11 +556,17 @@ func validateWireGuard(c *Config, b BackendConfig) error {
 		return fmt.Errorf("Backend.PersistentKeepaliveInterval: %d is out of range (0 to 65535 seconds)", b.PersistentKeepaliveInterval)
 	}
 	switch b.Mode {
-	case WireGuardModeSeparate:
-	case "auto", "ipv4", "ipv6":
-		return fmt.Errorf("Backend.Mode: %q (one device for both families) is not implemented in twill; use %q (the default: a device per family)", b.Mode, WireGuardModeSeparate)
+	case WireGuardModeSeparate, "auto":
+	case "ipv4":
+		if !c.EnableIPv4 {
+			return errors.New(`Backend.Mode: "ipv4" reaches peers over IPv4, and EnableIPv4 is false`)
+		}
+	case "ipv6":
+		if !c.EnableIPv6 {
+			return errors.New(`Backend.Mode: "ipv6" reaches peers over IPv6, and EnableIPv6 is not true`)
+		}
 	default:
-		return fmt.Errorf("Backend.Mode: unknown mode %q (%q is the one twill has)", b.Mode, WireGuardModeSeparate)
+		return fmt.Errorf(`Backend.Mode: unknown mode %q (separate: a device per family; auto, ipv4, ipv6: one device for both, peers reached over the family auto picks, over IPv4, over IPv6)`, b.Mode)
 	}
 	return nil
 }

@@ -152,7 +152,13 @@ func TestParseConfig(t *testing.T) {
 		}},
 		{name: "wireguard PSK not a key", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","PSK":"c2VjcmV0"}}`, wantErr: "Backend.PSK: not a WireGuard key"},
 		{name: "wireguard one port for both families", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/56","Backend":{"Type":"wireguard","ListenPortV6":51820}}`, wantErr: "ListenPortV6: 51820 is ListenPort too"},
-		{name: "wireguard auto mode", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","Mode":"auto"}}`, wantErr: `Backend.Mode: "auto" (one device for both families) is not implemented`},
+		{name: "wireguard auto mode", in: `{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/56","Backend":{"Type":"wireguard","Mode":"auto"}}`, check: func(t *testing.T, c *Config) {
+			if c.Backend.Mode != "auto" {
+				t.Errorf("Mode %q", c.Backend.Mode)
+			}
+		}},
+		{name: "wireguard ipv6 mode without IPv6", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv6"}}`, wantErr: `"ipv6" reaches peers over IPv6, and EnableIPv6 is not true`},
+		{name: "wireguard unknown mode", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","Mode":"both"}}`, wantErr: `Backend.Mode: unknown mode "both"`},
 		{name: "wireguard port out of range", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","ListenPort":70000}}`, wantErr: "Backend.ListenPort: 70000 is not a UDP port"},
 		{name: "wireguard option on vxlan", in: `{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","ListenPort":51820}}`, wantErr: `Backend.ListenPort: not an option of backend "vxlan"`},
 		{name: "trailing data", in: `{"Network":"10.1.0.0/16"} {}`, wantErr: "trailing data"},

@@ -38,13 +38,29 @@ func ParseData(raw json.RawMessage) (wgtypes.Key, uint16, error) {
 }
 
 // Peer is one WireGuard peer of the device: a node, reached at Endpoint,
-// whose pods (AllowedIPs: its subnet) are behind it.
+// whose pods (its subnets: the allowed IPs) are behind it.
 type Peer struct {
-	Key       wgtypes.Key
-	Endpoint  netip.AddrPort
-	Subnet    netip.Prefix // the only allowed IP
-	PSK       wgtypes.Key  // zero: none
+	Key      wgtypes.Key
+	Endpoint netip.AddrPort
+	// Subnets are the allowed IPs: the IPv4 subnet first, then the IPv6
+	// one; zero where the peer has none on this device. A device per
+	// family has one of them, the single device of the other modes both.
+	Subnets   [2]netip.Prefix
+	PSK       wgtypes.Key // zero: none
 	Keepalive time.Duration
+	// odd marks a peer read from the device with allowed IPs twill never
+	// sets (more than one per family): no wanted peer equals it.
+	odd bool
+}
+
+// Subnet is the peer's subnet of a family.
+func (p Peer) Subnet(v6 bool) netip.Prefix { return p.Subnets[familyIndex(v6)] }
+
+func familyIndex(v6 bool) int {
+	if v6 {
+		return 1
+	}
+	return 0
 }
 
 // settings are what Desired needs to know of this node.
@@ -75,7 +91,7 @@ func Desired(own subnet.Lease, leases []subnet.Lease, s settings) (map[wgtypes.K
 		p, err := peerOf(own, l, s)
 		if err == nil {
 			if other, dup := peers[p.Key]; dup {
-				err = fmt.Errorf("public key %s is also the key of the lease for %s, seen first", p.Key, other.Subnet)
+				err = fmt.Errorf("public key %s is also the key of the lease for %s, seen first", p.Key, other.Subnet(s.v6))
 			}
 		}
 		if err != nil {
@@ -83,7 +99,7 @@ func Desired(own subnet.Lease, leases []subnet.Lease, s settings) (map[wgtypes.K
 			continue
 		}
 		peers[p.Key] = p
-		r := routeOf(p, s.link)
+		r := routeOf(p, s.v6, s.link)
 		routes.Routes[r.Key()] = r
 	}
 	return peers, routes, errors.Join(errs...)
@@ -113,30 +129,35 @@ func peerOf(own, l subnet.Lease, s settings) (Peer, error) {
 	if port == 0 {
 		port = s.ownPort
 	}
-	return Peer{Key: key, Endpoint: netip.AddrPortFrom(ip, port), Subnet: sn, PSK: s.psk, Keepalive: s.keepalive}, nil
+	p := Peer{Key: key, Endpoint: netip.AddrPortFrom(ip, port), PSK: s.psk, Keepalive: s.keepalive}
+	p.Subnets[familyIndex(s.v6)] = sn
+	return p, nil
 }
 
-// routeOf is the route of a peer's subnet into the device. WireGuard picks
-// the peer by the destination address among the allowed IPs; the route only
-// brings the packet to the device.
-func routeOf(p Peer, link int) dataplane.Route {
-	return dataplane.Route{Dst: p.Subnet, LinkIndex: link, Peer: p.Subnet}
+// routeOf is the route of a peer's subnet of a family into the device.
+// WireGuard picks the peer by the destination address among the allowed
+// IPs; the route only brings the packet to the device.
+func routeOf(p Peer, v6 bool, link int) dataplane.Route {
+	sn := p.Subnet(v6)
+	return dataplane.Route{Dst: sn, LinkIndex: link, Peer: sn}
 }
 
-// peerFromDevice reads a peer as the device reports it. A peer with other
-// than exactly one allowed IP gets an invalid Subnet, which no wanted peer
-// has.
+// peerFromDevice reads a peer as the device reports it.
 func peerFromDevice(p wgtypes.Peer) Peer {
 	out := Peer{Key: p.PublicKey, PSK: p.PresharedKey, Keepalive: p.PersistentKeepaliveInterval}
 	if p.Endpoint != nil {
 		out.Endpoint = p.Endpoint.AddrPort()
 		out.Endpoint = netip.AddrPortFrom(out.Endpoint.Addr().Unmap(), out.Endpoint.Port())
 	}
-	if len(p.AllowedIPs) == 1 {
-		a := p.AllowedIPs[0]
+	for _, a := range p.AllowedIPs {
 		ip, _ := netip.AddrFromSlice(a.IP)
+		ip = ip.Unmap()
 		ones, _ := a.Mask.Size()
-		out.Subnet = netip.PrefixFrom(ip.Unmap(), ones)
+		i := familyIndex(ip.Is6())
+		if out.Subnets[i].IsValid() {
+			out.odd = true
+		}
+		out.Subnets[i] = netip.PrefixFrom(ip, ones)
 	}
 	return out
 }
@@ -164,11 +185,28 @@ func peerConfig(p Peer) wgtypes.PeerConfig {
 	return wgtypes.PeerConfig{
 		PublicKey:                   p.Key,
 		PresharedKey:                &psk, // a zero key clears one
-		Endpoint:                    net.UDPAddrFromAddrPort(p.Endpoint),
+		Endpoint:                    endpoint(p.Endpoint),
 		PersistentKeepaliveInterval: &keepalive,
 		ReplaceAllowedIPs:           true,
-		AllowedIPs:                  []net.IPNet{{IP: p.Subnet.Addr().AsSlice(), Mask: net.CIDRMask(p.Subnet.Bits(), p.Subnet.Addr().BitLen())}},
+		AllowedIPs:                  allowedIPs(p),
 	}
+}
+
+func endpoint(a netip.AddrPort) *net.UDPAddr {
+	if !a.IsValid() {
+		return nil // none known: the device keeps what it has
+	}
+	return net.UDPAddrFromAddrPort(a)
+}
+
+func allowedIPs(p Peer) []net.IPNet {
+	var out []net.IPNet
+	for _, sn := range p.Subnets {
+		if sn.IsValid() {
+			out = append(out, net.IPNet{IP: sn.Addr().AsSlice(), Mask: net.CIDRMask(sn.Bits(), sn.Addr().BitLen())})
+		}
+	}
+	return out
 }
 
 func sortedKeys(m map[wgtypes.Key]Peer) []wgtypes.Key {

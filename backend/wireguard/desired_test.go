@@ -56,9 +56,9 @@ func TestDesired(t *testing.T) {
 
 	peers, routes, err := Desired(own, leases, s)
 	want := map[wgtypes.Key]Peer{
-		k2: {Key: k2, Endpoint: netip.MustParseAddrPort("198.18.0.2:51820"), Subnet: netip.MustParsePrefix("10.244.2.0/24"), Keepalive: 25 * time.Second},
-		k3: {Key: k3, Endpoint: netip.MustParseAddrPort("198.18.0.3:51999"), Subnet: netip.MustParsePrefix("10.244.3.0/24"), Keepalive: 25 * time.Second},
-		k4: {Key: k4, Endpoint: netip.MustParseAddrPort("198.18.0.4:51820"), Subnet: netip.MustParsePrefix("10.244.4.0/24"), Keepalive: 25 * time.Second},
+		k2: {Key: k2, Endpoint: netip.MustParseAddrPort("198.18.0.2:51820"), Subnets: [2]netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")}, Keepalive: 25 * time.Second},
+		k3: {Key: k3, Endpoint: netip.MustParseAddrPort("198.18.0.3:51999"), Subnets: [2]netip.Prefix{netip.MustParsePrefix("10.244.3.0/24")}, Keepalive: 25 * time.Second},
+		k4: {Key: k4, Endpoint: netip.MustParseAddrPort("198.18.0.4:51820"), Subnets: [2]netip.Prefix{netip.MustParsePrefix("10.244.4.0/24")}, Keepalive: 25 * time.Second},
 	}
 	if len(peers) != len(want) {
 		t.Fatalf("peers %v, want %v", peers, want)
@@ -106,7 +106,7 @@ func unwrapAll(err error) []error {
 func TestDiffPeers(t *testing.T) {
 	k1, k2, k3 := testKey(t), testKey(t), testKey(t)
 	p := func(k wgtypes.Key, ep, sn string) Peer {
-		return Peer{Key: k, Endpoint: netip.MustParseAddrPort(ep), Subnet: netip.MustParsePrefix(sn)}
+		return Peer{Key: k, Endpoint: netip.MustParseAddrPort(ep), Subnets: [2]netip.Prefix{netip.MustParsePrefix(sn)}}
 	}
 	want := map[wgtypes.Key]Peer{k1: p(k1, "198.18.0.2:51820", "10.244.2.0/24"), k2: p(k2, "198.18.0.3:51820", "10.244.3.0/24")}
 	have := map[wgtypes.Key]Peer{k1: p(k1, "198.18.0.2:51820", "10.244.2.0/24"), k2: p(k2, "198.18.0.9:51820", "10.244.3.0/24"), k3: p(k3, "198.18.0.4:51820", "10.244.4.0/24")}
@@ -151,7 +151,7 @@ func TestDesiredIPv6(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Peer{Key: k, Endpoint: netip.MustParseAddrPort("[fd00:198:18::2]:51821"), Subnet: netip.MustParsePrefix("fd00:10:244:2::/64")}
+	want := Peer{Key: k, Endpoint: netip.MustParseAddrPort("[fd00:198:18::2]:51821"), Subnets: [2]netip.Prefix{1: netip.MustParsePrefix("fd00:10:244:2::/64")}}
 	if len(peers) != 1 || peers[k] != want || len(routes.Routes) != 1 {
 		t.Fatalf("peers %+v, routes %v; want %+v", peers, routes.Routes, want)
 	}

@@ -65,6 +65,9 @@ type Options struct {
 	// on the same machine (wireguard-go's control sockets are named after
 	// the device, in one folder for the whole machine).
 	Device string
+	// Joint is shared by the two families' backends in the single-device
+	// modes (Backend.Mode auto, ipv4, ipv6); nil in separate mode.
+	Joint *Joint
 }
 
 // Backend programs one family's WireGuard device, peers and routes.
@@ -82,6 +85,7 @@ type Backend struct {
 
 	key    wgtypes.Key // private; loaded by Prepare
 	client *wgctrl.Client
+	joint  *Joint // the single device of both families; nil: a device per family
 
 	dataplane.Tally
 
@@ -102,9 +106,12 @@ func New(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.H
 	}
 	v6 := ext.IPv6()
 	b := &Backend{v6: v6, name: DeviceName(v6), port: cfg.ListenPort, keyFile: opt.KeyFile,
-		keepalive: time.Duration(cfg.PersistentKeepaliveInterval) * time.Second, ext: ext, h: h, log: log}
-	if v6 {
+		keepalive: time.Duration(cfg.PersistentKeepaliveInterval) * time.Second, ext: ext, h: h, log: log, joint: opt.Joint}
+	if v6 && b.joint == nil {
 		b.port = cfg.ListenPortV6
+	}
+	if b.joint != nil {
+		b.name = DeviceName(false) // one device, on ListenPort, for both
 	}
 	if opt.Device != "" {
 		b.name = opt.Device
@@ -124,7 +131,9 @@ func New(cfg subnet.BackendConfig, ext dataplane.ExternalInterface, h *netlink.H
 		outer = ext.MTU
 	}
 	b.mtu = outer - OverheadIPv4
-	if v6 {
+	if v6 && b.joint == nil || b.joint != nil && b.joint.mode != ModeIPv4 {
+		// Over IPv6, or possibly so (the single device of modes auto and
+		// ipv6 reaches peers over either family).
 		b.mtu = outer - OverheadIPv6
 	}
 	if b.mtu < 576 {
@@ -206,7 +215,8 @@ func (b *Backend) ensureDevice(ctx context.Context) (netlink.Link, error) {
 			return nil, fmt.Errorf("wireguard backend: set the key and listen port %d of %s: %w", b.port, b.name, err)
 		}
 	}
-	if link.Attrs().MTU != b.mtu {
+	// The single device of both families takes the smaller of their MTUs.
+	if link.Attrs().MTU != b.mtu && (b.joint == nil || link.Attrs().MTU > b.mtu) {
 		if err := b.h.LinkSetMTU(link, b.mtu); err != nil {
 			return nil, fmt.Errorf("wireguard backend: set the MTU of %s to %d: %w", b.name, b.mtu, err)
 		}
@@ -289,7 +299,13 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 	for _, p := range dev.Peers {
 		have[p.PublicKey] = peerFromDevice(p)
 	}
-	changes := diffPeers(wantPeers, have)
+	devicePeers := wantPeers
+	if b.joint != nil {
+		b.joint.mu.Lock()
+		defer b.joint.mu.Unlock()
+		devicePeers = b.joint.want(b.v6, b.ext.Addr, wantPeers, have)
+	}
+	changes := diffPeers(devicePeers, have)
 	var peersErr error
 	if len(changes) > 0 {
 		peersErr = b.client.ConfigureDevice(b.name, wgtypes.Config{Peers: changes})
@@ -314,9 +330,12 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 	}
 	b.prog.Reset(own.Subnet, wantRoutes, actual.Foreign)
 	b.link = link.Attrs().Index
+	if b.joint != nil {
+		return nil // Update declines: a change is a full pass (see Update)
+	}
 	b.peers = make(map[netip.Prefix]Peer, len(wantPeers))
 	for _, p := range wantPeers {
-		b.peers[p.Subnet] = p
+		b.peers[p.Subnet(b.v6)] = p
 	}
 	return nil
 }
@@ -328,7 +347,8 @@ func (b *Backend) settings(link int) settings {
 // Update programs the peers and routes of a few changed leases on top of
 // the last full pass (see the Backend interface in internal/daemon). It
 // declines, writing nothing, when a changed lease cannot be programmed or
-// its key is another programmed peer's.
+// its key is another programmed peer's, and always for the single device
+// of both families, whose peers join what both families' passes give.
 func (b *Backend) Update(ctx context.Context, own subnet.Lease, changed []subnet.Lease, removed []netip.Prefix) (bool, error) {
 	if b.peers == nil || !b.prog.Usable(own.Subnet) {
 		return false, nil
@@ -385,7 +405,7 @@ func (b *Backend) Update(ctx context.Context, own subnet.Lease, changed []subnet
 			}
 			changes = append(changes, peerConfig(p))
 		}
-		routes[sn] = dataplane.PeerEntries{Route: routeOf(p, b.link)}
+		routes[sn] = dataplane.PeerEntries{Route: routeOf(p, b.v6, b.link)}
 	}
 	if len(changes) > 0 {
 		if err := b.client.ConfigureDevice(b.name, wgtypes.Config{Peers: changes}); err != nil {

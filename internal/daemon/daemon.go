@@ -157,8 +157,12 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	// device made again after a reboot carries the MAC peers know. Read
 	// once, and only if a backend has to make its device.
 	published := sync.OnceValues(func() (subnet.LeaseAttrs, bool) { return store.Published(ctx, cfg, attrs) })
+	wg := wireguard.Options{KeyFile: c.WireGuardKeyFile}
+	if cfg.Backend.Type == subnet.BackendWireGuard && cfg.Backend.Mode != wireguard.ModeSeparate {
+		wg.Joint = wireguard.NewJoint(cfg.Backend.Mode)
+	}
 	for _, v6 := range cfg.Families() {
-		be, err := newBackend(cfg.Backend, ext.Get(v6), nl, log, wireguard.Options{KeyFile: c.WireGuardKeyFile})
+		be, err := newBackend(cfg.Backend, ext.Get(v6), nl, log, wg)
 		if err != nil {
 			return err
 		}

@@ -624,3 +624,69 @@ func parsePcap(data []byte) ([]packet, error) {
 	}
 	return out, nil
 }
+
+// Mode "auto" (and ipv4, ipv6): one device, twill-wg on ListenPort, for
+// both families; each peer is allowed both of its subnets and reached over
+// the family the mode picks (here IPv4: the lab's IPv6 underlay is a ULA);
+// pods reach each other in both families, and a restart of twilld takes
+// nothing away from the IPv6 half while its IPv4 pass runs first.
+func TestWireGuardSingleDevice(t *testing.T) {
+	const hosts = 3
+	// With --ip-masq twilld masquerades only traffic leaving the cluster
+	// network (without it the bridge plugin masquerades pod-to-pod too).
+	l := newWireGuardLab(t, lab.Options{Hosts: hosts, PodsPerHost: 1, IPFamily: "dual", IPMasq: true, BackendOptions: map[string]any{"Mode": "auto"}})
+	for i := 1; i <= hosts; i++ {
+		waitCounts(t, l, i, lab.HostCounts{Routes: 2 * (hosts - 1), Peers: hosts - 1}, 10*time.Second)
+	}
+	if env := hostEnv(t, l, 1); env.MTU != 1500-80 {
+		t.Errorf("pod MTU %d, want 1420 (auto may reach peers over IPv6)", env.MTU)
+	}
+	for i := 1; i <= hosts; i++ {
+		if devs := strings.Fields(wg(t, l, i, "show", "interfaces")); !slices.Equal(devs, []string{"twill-wg"}) {
+			t.Fatalf("h%d: WireGuard devices %v, want twill-wg only", i, devs)
+		}
+		var wantIPs, wantEndpoints []string
+		for j := 1; j <= hosts; j++ {
+			if j != i {
+				env := hostEnv(t, l, j)
+				wantIPs = append(wantIPs, env.Subnet.Masked().String()+" "+env.IPv6Subnet.Masked().String())
+				wantEndpoints = append(wantEndpoints, netip.AddrPortFrom(l.Topology().HostAddr(j), 51820).String())
+			}
+		}
+		slices.Sort(wantIPs)
+		slices.Sort(wantEndpoints)
+		var gotIPs []string
+		for _, line := range strings.Split(strings.TrimSpace(wg(t, l, i, "show", "twill-wg", "allowed-ips")), "\n") {
+			f := strings.Fields(line)
+			slices.Sort(f[1:]) // IPv4 sorts before IPv6 as text: "1" < "f"
+			gotIPs = append(gotIPs, strings.Join(f[1:], " "))
+		}
+		slices.Sort(gotIPs)
+		if gotEndpoints := secondColumn(wg(t, l, i, "show", "twill-wg", "endpoints")); !slices.Equal(gotIPs, wantIPs) || !slices.Equal(gotEndpoints, wantEndpoints) {
+			t.Errorf("h%d: allowed IPs %v, endpoints %v; want %v, %v", i, gotIPs, gotEndpoints, wantIPs, wantEndpoints)
+		}
+	}
+	requireWGMatrix(t, l)
+
+	a, b := podsOn(l, 2)[0], podsOn(l, 1)[0]
+	ping := startPing(t, a.NS, b.Addr, 20*time.Millisecond) // the pinger speaks ICMPv4
+	ctx := ctxFor(t, time.Minute)
+	if err := l.KillDaemon(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StartDaemon(1); err != nil {
+		t.Fatal(err)
+	}
+	waitReconciles(t, l, []int{1}, 3, 20*time.Second)
+	requireNoLoss(t, "twilld restart with one device for both families", []*pinger{ping})
+	if w := wgWrites(t, l, 1, "ipv4"); w["peer"] != 0 {
+		t.Errorf("the restarted twilld rewrote %v IPv4 peers", w["peer"])
+	}
+	if w := wgWrites(t, l, 1, "ipv6"); w["peer"] != 0 {
+		t.Errorf("the restarted twilld rewrote %v peers in its IPv6 pass", w["peer"])
+	}
+	if src := tcpTransfer(t, a.NS, b.NS, b.AddrV6, 256<<10); src != a.AddrV6 {
+		t.Fatalf("IPv6 pod to pod after the restart: source %s, want %s", src, a.AddrV6)
+	}
+	downWireGuardLab(t, l)
+}

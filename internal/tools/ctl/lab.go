@@ -2,6 +2,7 @@ package ctl
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -35,6 +36,9 @@ func labUpFlags(fs *flag.FlagSet) *lab.Options {
 	fs.StringVar(&o.BinDir, "bin-dir", binDir, "folder with twilld, twillctl and the twill CNI plugin")
 	fs.StringVar(&o.CNIBinDir, "cni-bin-dir", filepath.Join(binDir, "cni"), "folder with the reference CNI plugins")
 	fs.BoolVar(&o.IPMasq, "ip-masq", true, "run twilld with --ip-masq")
+	fs.Func("backend-options", `options added to the network config's Backend object, as JSON, e.g. '{"Mode":"auto"}' for --backend wireguard`, func(s string) error {
+		return json.Unmarshal([]byte(s), &o.BackendOptions)
+	})
 	fs.BoolVar(&o.NFTables, "nftables", false, `write the masquerade rules with nftables ("EnableNFTables": true in the network config) instead of iptables`)
 	fs.StringVar(&o.Datastore, "datastore", "etcd", "etcd, or kube: a real kube-apiserver, the DaemonSet manifest's RBAC, twilld --kube-subnet-mgr")
 	fs.StringVar(&o.KubeAPIServer, "kube-apiserver", filepath.Join(binDir, "tools", "kube-apiserver"), "the kube-apiserver binary, for --datastore kube (`make tools` builds it)")

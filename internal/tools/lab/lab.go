@@ -32,6 +32,9 @@ type Options struct {
 	Hosts       int
 	PodsPerHost int
 	Backend     string // vxlan, host-gw, alloc or wireguard
+	// BackendOptions are added to the network config's Backend object,
+	// e.g. {"Mode": "auto"} for the wireguard backend.
+	BackendOptions map[string]any `json:",omitempty"`
 	// IPFamily is the pod network's: "ipv4" (the default when empty),
 	// "ipv6" or "dual".
 	IPFamily    string `json:",omitempty"`
@@ -107,7 +110,11 @@ var DefaultIPv6Network = netip.MustParsePrefix("fd00:10:244::/56")
 
 // NetConf is the lab's network config (net-conf.json).
 func (o Options) NetConf() string {
-	conf := map[string]any{"Backend": map[string]any{"Type": o.Backend}}
+	backend := map[string]any{"Type": o.Backend}
+	for k, v := range o.BackendOptions {
+		backend[k] = v
+	}
+	conf := map[string]any{"Backend": backend}
 	for _, v6 := range o.Families() {
 		if v6 {
 			conf["EnableIPv6"], conf["IPv6Network"] = true, o.ipv6Network().String()
