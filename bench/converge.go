@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"slices"
 	"time"
+
+	"github.com/twillnet/twill/subnet"
 )
 
 // runEtcdMode measures figures 1, 6 and 2, which share one etcd and one host.
@@ -71,10 +73,24 @@ func (h *Harness) convergence(ctx context.Context, e *etcdMode, sec *Section) er
 			return fmt.Errorf("dual-stack, %d peers: %w", n, err)
 		}
 	}
+	if h.cfg.WireGuard {
+		n := slices.Max(h.cfg.Sizes)
+		err := h.convergeWireGuard(ctx, e, sec, n)
+		// Sections 6 and 2 follow on the same etcd, with vxlan.
+		if rerr := e.setNetwork(ctx, false, "", 0); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("back to the vxlan backend: %w", rerr))
+		}
+		if err != nil {
+			return fmt.Errorf("wireguard, %d peers: %w", n, err)
+		}
+	}
 	h.note(sec, "start = fork of twilld in the host namespace; entries = kernel notifications of twill's routes, permanent neighbours and FDB entries; the tables are dumped afterwards to check the counts")
 	h.note(sec, "limit = the same entries written by `bridge -batch` (FDB) + `ip -batch` (neighbours, routes) into a fresh VXLAN device in a fresh namespace, measured between twilld's runs")
 	if h.cfg.DualStack {
 		h.note(sec, "dual-stack: the largest size again with every peer lease dual-stack (one key per peer, IPv4 /24 and IPv6 /64, a VTEP MAC per family); entries = 3N on twill.1 and 3N on twill-v6.1; limit = the same 6N in batch mode, twill.1's then twill-v6.1's (the order of twilld's planes), in one fresh namespace with both devices; issue 6's targets are for IPv4 and are not applied")
+	}
+	if h.cfg.WireGuard {
+		h.note(sec, "wireguard: the largest size again with the wireguard backend (IPv4; every lease {\"PublicKey\":...,\"Port\":51820}): twilld writes every peer in one wgctrl request, then one route per peer into %s; the start ends at the last route (the peers are not in rtnetlink; they are checked afterwards with `wg show`, and twill_kernel_writes_total{kind=\"peer\"} read). limit = the same peers by `wg addconf` (one request, as twilld) + the same routes by `ip -batch`, into a fresh device in a fresh namespace (making the device is timed apart). Without WireGuard in the kernel both run wireguard-go. Issue 6's targets are for vxlan and are not applied", wgDevice)
 	}
 	if h.cfg.PerfDir != "" {
 		h.note(sec, "the last IPv4 run of the largest size ran under a system-wide perf record (--perf): it is slower than the others")
@@ -105,6 +121,7 @@ func (h *Harness) convergeSize(ctx context.Context, e *etcdMode, sec *Section, n
 		label, entries = fmt.Sprintf("%d dual-stack peers", n), 6*n
 	}
 	s := &convergeSamples{kinds: map[string][]time.Duration{}, limKinds: map[string][]time.Duration{}, phases: map[string][]time.Duration{}}
+	var steady *resyncWindow
 	for r := range h.cfg.Runs {
 		var cs *coldStart
 		start := func() error {
@@ -122,6 +139,11 @@ func (h *Harness) convergeSize(ctx context.Context, e *etcdMode, sec *Section, n
 			return fmt.Errorf("%s, run %d: %w", label, r+1, err)
 		}
 		cs.w.close()
+		if r == h.cfg.Runs-1 && n == slices.Max(h.cfg.Sizes) && !dual && h.cfg.ResyncWindow > 0 {
+			if steady, err = h.measureResync(ctx, e, false); err != nil {
+				return fmt.Errorf("%s, resync passes: %w", label, err)
+			}
+		}
 		s.env, s.all = append(s.env, cs.Env), append(s.all, cs.All)
 		v4, v6 := max(cs.FDB, cs.Neigh, cs.Route), max(cs.FDB6, cs.Neigh6, cs.Route6)
 		for k, d := range map[string]time.Duration{"fdb": cs.FDB, "neigh": cs.Neigh, "route": cs.Route,
@@ -154,6 +176,9 @@ func (h *Harness) convergeSize(ctx context.Context, e *etcdMode, sec *Section, n
 			label, r+1, cs.Env.Seconds(), entries, cs.All.Seconds(), families, l.Total.Seconds(), cs.CPU, cs.UserCPU, cs.HWM, cs.HarnessCPU)
 	}
 	h.convergeFigures(sec, n, dual, label, entries, s)
+	if steady != nil {
+		steady.figures(h, sec, label)
+	}
 	return nil
 }
 
@@ -217,4 +242,72 @@ func (h *Harness) convergeFigures(sec *Section, n int, dual bool, label string, 
 			h.add(sec, &Figure{Name: fmt.Sprintf("%s, twilld log: start -> %s", label, ph), Unit: "s", Stats: Summarize(seconds(ds))})
 		}
 	}
+}
+
+// convergeWireGuard is figure 1's wireguard row: cold starts of twilld with
+// n wireguard peers, each beside the limit of the `wg` and `ip` programs;
+// after the last start, the full passes of the resync timer.
+func (h *Harness) convergeWireGuard(ctx context.Context, e *etcdMode, sec *Section, n int) error {
+	if err := checkWGSocketFree(wgDevice); err != nil {
+		return err
+	}
+	if err := e.setNetwork(ctx, false, subnet.BackendWireGuard, n); err != nil {
+		return err
+	}
+	label := fmt.Sprintf("%d WireGuard peers", n)
+	var env, all, limTotal, limPeers, limRoutes, limDevice []time.Duration
+	var cpu, ucpu, hcpu, hwm, wgCPU, wgRSS, writes []float64
+	phases := map[string][]time.Duration{}
+	var steady *resyncWindow
+	for r := range h.cfg.Runs {
+		cs, err := e.coldStart(ctx, n)
+		if err != nil {
+			return fmt.Errorf("%s, run %d: %w", label, r+1, err)
+		}
+		cs.w.close()
+		env, all = append(env, cs.Env), append(all, cs.All)
+		cpu, ucpu, hcpu, hwm = append(cpu, cs.CPU), append(ucpu, cs.UserCPU), append(hcpu, cs.HarnessCPU), append(hwm, cs.HWM)
+		wgCPU, wgRSS, writes = append(wgCPU, cs.WGCPU), append(wgRSS, cs.WGRSS), append(writes, cs.PeerWrites)
+		for k, v := range cs.Phases {
+			phases[k] = append(phases[k], v)
+		}
+		if r == h.cfg.Runs-1 && h.cfg.ResyncWindow > 0 {
+			if steady, err = h.measureResync(ctx, e, true); err != nil {
+				return fmt.Errorf("%s, resync passes: %w", label, err)
+			}
+		}
+		if err := e.reset(ctx); err != nil {
+			return err
+		}
+		l, err := measureWGLimit(ctx, h, n)
+		if err != nil {
+			return fmt.Errorf("WireGuard limit, %d peers: %w", n, err)
+		}
+		limTotal, limPeers, limRoutes, limDevice = append(limTotal, l.Total), append(limPeers, l.Peers), append(limRoutes, l.Routes), append(limDevice, l.Device)
+		h.say("  %s, run %d: env file %.3f s, all %d peers and routes %.3f s (limit %.3f s: wg addconf %.3f + ip -batch %.3f; device %.3f s), CPU %.2f s (user %.2f), peak RSS %.1f MiB; wireguard-go CPU %.2f s, RSS %.1f MiB; peer writes %.0f",
+			label, r+1, cs.Env.Seconds(), n, cs.All.Seconds(), l.Total.Seconds(), l.Peers.Seconds(), l.Routes.Seconds(), l.Device.Seconds(),
+			cs.CPU, cs.UserCPU, cs.HWM, cs.WGCPU, cs.WGRSS, cs.PeerWrites)
+	}
+	lim := &Limit{Name: "wg addconf + ip -batch", Stats: Summarize(seconds(limTotal))}
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: start -> env file", label), Unit: "s", Stats: Summarize(seconds(env))})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: start -> all %d peers and %d routes", label, n, n), Unit: "s", Stats: Summarize(seconds(all)), Limit: lim})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: limit, wg addconf of %d peers (one request)", label, n), Unit: "s", Stats: Summarize(seconds(limPeers))})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: limit, ip -batch of %d routes", label, n), Unit: "s", Stats: Summarize(seconds(limRoutes))})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: making a device (not in the limit)", label), Unit: "s", Stats: Summarize(seconds(limDevice))})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: twilld CPU seconds to converge", label), Unit: "s", Stats: Summarize(cpu)})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: of which user space", label), Unit: "s", Stats: Summarize(ucpu)})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: wireguard-go CPU seconds meanwhile", label), Unit: "s", Stats: Summarize(wgCPU)})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: harness CPU meanwhile (notifications)", label), Unit: "s", Stats: Summarize(hcpu)})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: twilld peak RSS (VmHWM)", label), Unit: "MiB", Stats: Summarize(hwm)})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: wireguard-go RSS after the start", label), Unit: "MiB", Stats: Summarize(wgRSS)})
+	h.add(sec, &Figure{Name: fmt.Sprintf("%s: twill_kernel_writes_total{kind=\"peer\"} after the start", label), Unit: "count", Stats: Summarize(writes)})
+	for _, ph := range phaseNames(false) {
+		if ds := phases[ph]; len(ds) > 0 {
+			h.add(sec, &Figure{Name: fmt.Sprintf("%s, twilld log: start -> %s", label, ph), Unit: "s", Stats: Summarize(seconds(ds))})
+		}
+	}
+	if steady != nil {
+		steady.figures(h, sec, label)
+	}
+	return nil
 }

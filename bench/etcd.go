@@ -2,6 +2,8 @@ package bench
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -104,9 +106,12 @@ var benchNetworkV6 = netip.MustParsePrefix("fd00:10::/48")
 // setConfig writes the network config: IPv4 only, or dual-stack; with
 // "EnableNFTables" set to *nftables, or without the key when nftables is nil
 // (twilld then keeps its --ip-masq rules with iptables when the program is
-// installed).
-func (e *etcdServer) setConfig(ctx context.Context, dual bool, nftables *bool) error {
-	conf := map[string]any{"Network": benchNetwork.String(), "SubnetLen": 24, "Backend": map[string]string{"Type": "vxlan"}}
+// installed); with the backend ("" for vxlan).
+func (e *etcdServer) setConfig(ctx context.Context, dual bool, nftables *bool, backend string) error {
+	if backend == "" {
+		backend = subnet.BackendVXLAN
+	}
+	conf := map[string]any{"Network": benchNetwork.String(), "SubnetLen": 24, "Backend": map[string]string{"Type": backend}}
 	if dual {
 		conf["EnableIPv6"], conf["IPv6Network"], conf["IPv6SubnetLen"] = true, benchNetworkV6.String(), 64
 	}
@@ -123,11 +128,16 @@ func (e *etcdServer) setConfig(ctx context.Context, dual bool, nftables *bool) e
 
 // fakePeer is a peer lease that exists only in etcd: nothing answers at its
 // public IPs and no traffic is ever sent there. The IPv6 fields are used
-// only in a dual-stack network.
+// only in a dual-stack network, WGKey only with the wireguard backend.
 type fakePeer struct {
 	Subnet   netip.Prefix
 	PublicIP netip.Addr
 	MAC      dataplane.MAC
+	// WGKey is the peer's WireGuard public key, in base64: 32 bytes of a
+	// hash of the peer's number, distinct per peer. Any 32 bytes are a
+	// Curve25519 public key to WireGuard; no private key exists for them,
+	// which does not matter since no handshake is ever attempted.
+	WGKey string
 
 	IPv6Subnet netip.Prefix
 	PublicIPv6 netip.Addr
@@ -149,6 +159,7 @@ func peerAt(series, i int) fakePeer {
 		Subnet:   netip.PrefixFrom(netip.AddrFrom4([4]byte{10, base + byte(i>>8), byte(i), 0}), 24),
 		PublicIP: netip.AddrFrom4([4]byte{198, 19 + byte(series), byte(n >> 8), byte(n)}),
 		MAC:      dataplane.MAC{0x02, 0x62, byte(series), 0, byte(n >> 8), byte(n)},
+		WGKey:    fakeWGKey(series, i),
 
 		IPv6Subnet: netip.PrefixFrom(netip.AddrFrom16(v6), 64),
 		PublicIPv6: netip.AddrFrom16([16]byte{0xfd, 0, 0x01, 0x98, 0, 0x19 + byte(series), 14: byte(n >> 8), 15: byte(n)}),
@@ -165,10 +176,22 @@ func (p fakePeer) key(reg *etcd.Registry, dual bool) string {
 	return reg.SubnetsPrefix() + subnet.LeaseKeyName(p.Subnet, p.IPv6Subnet)
 }
 
-// value is the lease value twilld on that peer would have written.
-func (p fakePeer) value(dual bool) string {
+// value is the lease value twilld on that peer would have written, with
+// the vxlan backend.
+func (p fakePeer) value(dual bool) string { return p.valueFor(subnet.BackendVXLAN, dual) }
+
+// valueFor is the peer's lease value with backend: vxlan's
+// {"VNI":1,"VtepMAC":"..."}, or wireguard's {"PublicKey":"...","Port":51820}
+// (flannel's form, as backend/wireguard writes it; IPv4 only here).
+func (p fakePeer) valueFor(backend string, dual bool) string {
+	if backend == "" {
+		backend = subnet.BackendVXLAN
+	}
 	data, _ := json.Marshal(vxlan.Data{VNI: 1, VtepMAC: p.MAC})
-	a := subnet.LeaseAttrs{PublicIP: p.PublicIP, BackendType: subnet.BackendVXLAN, BackendData: data,
+	if backend == subnet.BackendWireGuard {
+		data, _ = json.Marshal(map[string]any{"PublicKey": p.WGKey, "Port": subnet.DefaultWireGuardPort})
+	}
+	a := subnet.LeaseAttrs{PublicIP: p.PublicIP, BackendType: backend, BackendData: data,
 		NodeName: "fake-" + p.Subnet.Addr().String()}
 	if dual {
 		a.PublicIPv6 = p.PublicIPv6
@@ -178,15 +201,21 @@ func (p fakePeer) value(dual bool) string {
 	return string(v)
 }
 
+// fakeWGKey is fake peer i's WireGuard public key (see fakePeer.WGKey).
+func fakeWGKey(series, i int) string {
+	sum := sha256.Sum256(fmt.Appendf(nil, "twbench peer %d/%d", series, i))
+	return base64.StdEncoding.EncodeToString(sum[:])
+}
+
 // putPeers writes peers [from, to) of series 0, IPv4-only or dual-stack,
-// 128 per transaction (etcd's default limit of operations in one
-// transaction).
-func (e *etcdServer) putPeers(ctx context.Context, from, to int, dual bool) error {
+// with backend's lease data ("" for vxlan), 128 per transaction (etcd's
+// default limit of operations in one transaction).
+func (e *etcdServer) putPeers(ctx context.Context, from, to int, dual bool, backend string) error {
 	for start := from; start < to; start += 128 {
 		var ops []clientv3.Op
 		for i := start; i < min(start+128, to); i++ {
 			p := peerAt(0, i)
-			ops = append(ops, clientv3.OpPut(p.key(e.reg, dual), p.value(dual)))
+			ops = append(ops, clientv3.OpPut(p.key(e.reg, dual), p.valueFor(backend, dual)))
 		}
 		if _, err := e.cli.Txn(ctx).Then(ops...).Commit(); err != nil {
 			return fmt.Errorf("write fake peers %d..%d: %w", start, start+len(ops), err)

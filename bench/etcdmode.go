@@ -22,6 +22,9 @@ type etcdMode struct {
 	etcd  *etcdServer
 	peers int  // fake peers now in etcd
 	dual  bool // the network and its peers are dual-stack
+	// backend is the network's backend and the fake peers' ("": vxlan,
+	// or subnet.BackendWireGuard), see setNetwork.
+	backend string
 	// nftables is the network config's EnableNFTables (nil: the key is
 	// left out), see setRulesMode.
 	nftables *bool
@@ -45,6 +48,10 @@ func newBenchHost(h *Harness, name string) benchHost {
 
 func (b *benchHost) hostNS() string  { return b.topo.HostNS(1) }
 func (b *benchHost) envFile() string { return filepath.Join(b.dir, "h1", "subnet.env") }
+
+// wgKeyFile is twilld's --wireguard-key-file: in the work folder, not the
+// machine's /run/twill.
+func (b *benchHost) wgKeyFile() string { return filepath.Join(b.dir, "h1", "wireguard.key") }
 
 // start starts twilld in the host namespace with the flags of its datastore
 // (mode) and extra.
@@ -82,6 +89,20 @@ func (b *benchHost) resetHost(ctx context.Context) []error {
 	for _, v6 := range []bool{false, true} {
 		ipCmd(ctx, "-n", b.hostNS(), "link", "del", vxlan.DeviceName(subnet.DefaultVNI, v6))
 	}
+	// A WireGuard device left by the wireguard backend: deleting it ends
+	// its wireguard-go, which then removes its control socket. The next
+	// wireguard-go of that name cannot start before it has.
+	for _, dev := range []string{wgDevice, wgDeviceV6} {
+		if _, err := ipCmd(ctx, "-n", b.hostNS(), "link", "del", dev); err == nil {
+			if err := waitWGSocketGone(ctx, dev); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	// A fresh machine has no key yet (the default key file is under /run).
+	if err := os.Remove(b.wgKeyFile()); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
 	for _, family := range []string{"-4", "-6"} {
 		if _, err := ipCmd(ctx, "-n", b.hostNS(), family, "route", "flush", "proto", "116"); err != nil {
 			errs = append(errs, err)
@@ -109,7 +130,7 @@ func newEtcdMode(ctx context.Context, h *Harness) (*etcdMode, error) {
 		e.topo.Down(context.Background())
 		return nil, err
 	}
-	if err := e.etcd.setConfig(ctx, false, nil); err != nil {
+	if err := e.etcd.setConfig(ctx, false, nil, ""); err != nil {
 		e.close()
 		return nil, err
 	}
@@ -130,7 +151,7 @@ func (e *etcdMode) setPeers(ctx context.Context, n int) error {
 	var err error
 	switch {
 	case n > e.peers:
-		err = e.etcd.putPeers(ctx, e.peers, n, e.dual)
+		err = e.etcd.putPeers(ctx, e.peers, n, e.dual, e.backend)
 	case n < e.peers:
 		err = e.etcd.deletePeers(ctx, n, e.peers, e.dual)
 	}
@@ -144,21 +165,32 @@ func (e *etcdMode) setPeers(ctx context.Context, n int) error {
 // peers of its families: an IPv4 lease and a dual-stack one have different
 // keys, so the peers are written again.
 func (e *etcdMode) setDualStack(ctx context.Context, dual bool, n int) error {
-	if dual == e.dual {
+	return e.setNetwork(ctx, dual, e.backend, n)
+}
+
+// setNetwork gives the network the families (dual-stack or IPv4 only) and
+// the backend ("" for vxlan, or subnet.BackendWireGuard), with n peers of
+// those families and that backend: their keys or values change, so the
+// peers are written again.
+func (e *etcdMode) setNetwork(ctx context.Context, dual bool, backend string, n int) error {
+	if dual == e.dual && backend == e.backend {
 		return e.setPeers(ctx, n)
 	}
 	if err := e.setPeers(ctx, 0); err != nil {
 		return err
 	}
-	if err := e.etcd.setConfig(ctx, dual, e.nftables); err != nil {
-		return fmt.Errorf("network config (dual-stack %t): %w", dual, err)
+	if err := e.etcd.setConfig(ctx, dual, e.nftables, backend); err != nil {
+		return fmt.Errorf("network config (dual-stack %t, backend %q): %w", dual, backend, err)
 	}
-	e.dual = dual
+	e.dual, e.backend = dual, backend
 	return e.setPeers(ctx, n)
 }
 
 // startTwilld starts twilld in the host namespace.
 func (e *etcdMode) startTwilld(extra ...string) error {
+	if e.backend == subnet.BackendWireGuard {
+		extra = append([]string{"--wireguard-key-file", e.wgKeyFile()}, extra...)
+	}
 	return e.start([]string{"--etcd-endpoints", e.etcd.url}, extra...)
 }
 
@@ -196,7 +228,13 @@ type coldStart struct {
 	// with twilld for the machine's cores.
 	HarnessCPU float64
 	Phases     map[string]time.Duration
-	w          *kernelWatch
+	// The wireguard backend's daemon, wireguard-go (when the kernel has
+	// no WireGuard): its CPU since it started, and its memory, read just
+	// after the last route; and twilld's own count of peers written
+	// (twill_kernel_writes_total{kind="peer"}).
+	WGCPU, WGRSS, WGHWM float64
+	PeerWrites          float64
+	w                   *kernelWatch
 }
 
 func (e *etcdMode) coldStart(ctx context.Context, n int, extra ...string) (*coldStart, error) {
@@ -213,7 +251,16 @@ func (e *etcdMode) coldStart(ctx context.Context, n int, extra ...string) (*cold
 			w.close()
 		}
 	}()
-	r, err := timeStart(ctx, w, n, e.dual, e.envFile(), 30*time.Second, 2*time.Minute, func() (*Proc, error) {
+	until, what := allAtLeast(n, e.dual), fmt.Sprintf("%d routes, neighbours and FDB entries", n)
+	if e.dual {
+		what += " of each family"
+	}
+	if e.backend == subnet.BackendWireGuard {
+		// The peers are not in rtnetlink (wgctrl sets them, all in one
+		// request, before the first route): the last route ends the start.
+		until, what = routesAtLeast(n), fmt.Sprintf("%d routes into %s", n, wgDevice)
+	}
+	r, err := timeStart(ctx, w, until, what, n, e.envFile(), 30*time.Second, 2*time.Minute, func() (*Proc, error) {
 		err := e.startTwilld(append([]string{"--log-level", "debug"}, extra...)...)
 		return e.twilld, err
 	})
@@ -221,6 +268,11 @@ func (e *etcdMode) coldStart(ctx context.Context, n int, extra ...string) (*cold
 		return nil, err
 	}
 	p := e.twilld
+	if e.backend == subnet.BackendWireGuard {
+		if err := e.wireGuardUsage(ctx, r); err != nil {
+			return nil, err
+		}
+	}
 	// The peak may come just after the last entry (the pass's own
 	// bookkeeping); look again a moment later.
 	if err := sleep(ctx, 300*time.Millisecond); err != nil {
@@ -238,10 +290,11 @@ func (e *etcdMode) coldStart(ctx context.Context, n int, extra ...string) (*cold
 }
 
 // timeStart forks twilld (start) while w follows the kernel, and times it to
-// the env file and to n entries of each kind (of each family when dual);
-// the figures of the usage of twilld and of the harness are read at the last
-// entry.
-func timeStart(ctx context.Context, w *kernelWatch, n int, dual bool, envFile string, envTimeout, allTimeout time.Duration, start func() (*Proc, error)) (*coldStart, error) {
+// the env file and to the moment until holds (what says what it waits for:
+// allAtLeast for n entries of each kind, of each family when dual); the
+// moment each kind reaches n entries is recorded on the way. The figures of
+// the usage of twilld and of the harness are read when until holds.
+func timeStart(ctx context.Context, w *kernelWatch, until func(*kernelWatch) bool, what string, n int, envFile string, envTimeout, allTimeout time.Duration, start func() (*Proc, error)) (*coldStart, error) {
 	w.trackCount(n)
 	self0, _ := usage(os.Getpid())
 	p, err := start()
@@ -262,11 +315,7 @@ func timeStart(ctx context.Context, w *kernelWatch, n int, dual bool, envFile st
 	if err != nil {
 		return nil, err
 	}
-	what := fmt.Sprintf("%d routes, neighbours and FDB entries", n)
-	if dual {
-		what += " of each family"
-	}
-	allAt, err := w.await(ctx, allTimeout, what, allAtLeast(n, dual))
+	allAt, err := w.await(ctx, allTimeout, what, until)
 	if err != nil {
 		return nil, fmt.Errorf("%w (twilld log: %s)", err, p.Log)
 	}
@@ -290,5 +339,8 @@ func timeStart(ctx context.Context, w *kernelWatch, n int, dual bool, envFile st
 // they hold exactly n entries of each kind, of each family when the network
 // is dual-stack.
 func (e *etcdMode) verify(ctx context.Context, n int) error {
+	if e.backend == subnet.BackendWireGuard {
+		return verifyWireGuard(ctx, e.hostNS(), n)
+	}
 	return verifyHost(ctx, e.topo, n, e.dual)
 }

@@ -65,6 +65,7 @@ type Config struct {
 	Sizes          []int // peers for figure 1
 	Runs           int   // cold starts per size
 	DualStack      bool  // figure 1 also measures the largest size with dual-stack peers
+	WireGuard      bool  // figures 1 and 5 also measure the wireguard backend
 	ChangePeers    int   // peers present for figure 2
 	ChangeSamples  int   // samples per kind of change
 	MasqSamples    int   // change samples with --ip-masq per rules mode, and Ensure samples per mode and kind (0: skip)
@@ -81,6 +82,10 @@ type Config struct {
 	IperfSeconds int
 	IperfRepeats int
 	PingCount    int
+	// ResyncWindow is how long figure 1 watches twilld at rest after the
+	// last start at the largest size (vxlan, and wireguard), for its resync
+	// passes and idle CPU (0: not).
+	ResyncWindow time.Duration
 }
 
 // Harness runs the sections and collects the report.
@@ -237,6 +242,15 @@ func preflight(cfg Config) error {
 	for _, p := range []string{"ip", "bridge", "ping", "iperf3"} {
 		if _, err := exec.LookPath(p); err != nil {
 			missing = append(missing, p+" (in PATH)")
+		}
+	}
+	if cfg.WireGuard && (slices.Contains(cfg.Sections, "1") || slices.Contains(cfg.Sections, "5")) {
+		// wg for the limit and the checks; wireguard-go for kernels
+		// without WireGuard (twilld runs it too).
+		for _, p := range []string{"wg", "wireguard-go"} {
+			if _, err := exec.LookPath(p); err != nil {
+				missing = append(missing, p+" (in PATH, for the wireguard rows of figures 1 and 5; or --wireguard=false)")
+			}
 		}
 	}
 	if cfg.Twilld != "" {

@@ -250,7 +250,7 @@ func (k *kubeMode) coldStart(ctx context.Context, n int, extra ...string) (*kube
 	}()
 	api0, _ := usage(k.api.Pid())
 	etcd0, _ := usage(k.etcd.proc.Pid())
-	cs, err := timeStart(ctx, w, n, false, k.envFile(), 60*time.Second, 3*time.Minute, func() (*Proc, error) {
+	cs, err := timeStart(ctx, w, allAtLeast(n, false), fmt.Sprintf("%d routes, neighbours and FDB entries", n), n, k.envFile(), 60*time.Second, 3*time.Minute, func() (*Proc, error) {
 		err := k.startTwilld(extra...)
 		return k.twilld, err
 	})

@@ -52,7 +52,7 @@ func (e *etcdMode) setRulesMode(ctx context.Context, mode masq.Mode) error {
 	default:
 		return fmt.Errorf("unknown rules mode %q", mode)
 	}
-	if err := e.etcd.setConfig(ctx, e.dual, nft); err != nil {
+	if err := e.etcd.setConfig(ctx, e.dual, nft, e.backend); err != nil {
 		return fmt.Errorf("network config for rules mode %q: %w", mode, err)
 	}
 	e.nftables = nft

@@ -23,9 +23,15 @@ var phaseMessages = []struct {
 	{"network config", "", "network config read", 0},
 	{"created device", " device=twill.1 ", "VXLAN device created", 4},
 	{"created device", " device=twill-v6.1 ", "VXLAN device created", 6},
+	// The wireguard backend (IPv4): its key, its device (in the kernel or
+	// by wireguard-go), and its "reconciling" line, which comes once the
+	// peers are written and the routes diffed.
+	{"made a new WireGuard key", "", "WireGuard key made", 0},
+	{"created device", " device=" + wgDevice + " ", "WireGuard device created", 4},
 	{"lease acquired", "", "lease acquired", 0},
 	{"wrote subnet env file", "", "env file written", 0},
 	{"reconciling", " device=twill.1 ", "first reconcile: diff computed", 4},
+	{"reconciling", " device=" + wgDevice + " ", "first reconcile: peers written, routes diffed", 4},
 	{"reconciled", " family=IPv4 ", "first reconcile: done", 4},
 	{"reconciling", " device=twill-v6.1 ", "first reconcile: diff computed", 6},
 	{"reconciled", " family=IPv6 ", "first reconcile: done", 6},

@@ -123,7 +123,7 @@ var flannelOnlyOptions = map[string]string{
 // what to use instead.
 var flannelOnlyBackends = map[string]string{
 	"udp":         "use vxlan, which the kernel encapsulates (flannel deprecates udp too)",
-	"ipsec":       "use vxlan; encryption is not in twill yet",
+	"ipsec":       "use wireguard, which encrypts pod traffic between nodes",
 	"extension":   "twill runs no external commands; use vxlan or host-gw",
 	"ali-vpc":     "let the cloud route the subnets and use twill's alloc backend",
 	"aws-vpc":     "let the cloud route the subnets and use twill's alloc backend",
@@ -515,10 +515,20 @@ func (c Config) MarshalJSON() ([]byte, error) {
 	if c.Backend.Type == BackendVXLAN {
 		b["VNI"], b["Port"], b["DirectRouting"] = c.Backend.VNI, c.Backend.Port, c.Backend.DirectRouting
 	}
+	if c.Backend.Type == BackendWireGuard {
+		b["ListenPort"], b["ListenPortV6"], b["Mode"] = c.Backend.ListenPort, c.Backend.ListenPortV6, c.Backend.Mode
+		b["PersistentKeepaliveInterval"] = c.Backend.PersistentKeepaliveInterval
+		if c.Backend.PSK != "" {
+			b["PSK"] = c.Backend.PSK
+		}
+	}
 	if c.Backend.MTU != 0 {
 		b["MTU"] = c.Backend.MTU
 	}
 	out["Backend"] = b
+	if c.EnableNFTables != nil {
+		out["EnableNFTables"] = *c.EnableNFTables
+	}
 	return json.Marshal(out)
 }
 
@@ -543,7 +553,7 @@ func validateWireGuard(c *Config, b BackendConfig) error {
 			return fmt.Errorf("Backend.%s: %d is not a UDP port", p.name, p.port)
 		}
 	}
-	if c.EnableIPv4 && c.EnableIPv6 && b.ListenPort == b.ListenPortV6 {
+	if c.EnableIPv4 && c.EnableIPv6 && b.Mode == WireGuardModeSeparate && b.ListenPort == b.ListenPortV6 {
 		return fmt.Errorf("Backend.ListenPortV6: %d is ListenPort too; the IPv4 and IPv6 devices need ports of their own", b.ListenPort)
 	}
 	if b.PSK != "" {

@@ -190,6 +190,8 @@ func TestConfigRoundTrip(t *testing.T) {
 		`{"Network":"10.1.0.0/16","SubnetLen":26,"SubnetMin":"10.1.1.0","SubnetMax":"10.1.2.192","Backend":{"Type":"vxlan","VNI":42,"Port":4789,"DirectRouting":true,"MTU":1400}}`,
 		`{"Network":"172.16.0.0/12","Backend":{"Type":"host-gw","MTU":9000}}`,
 		`{"EnableIPv4":true,"Network":"10.1.0.0/16","EnableIPv6":false,"IPv6Network":"fd00:10::/56","IPv6SubnetLen":72,"IPv6SubnetMin":"fd00:10:0:1::"}`,
+		`{"Network":"10.1.0.0/16","EnableNFTables":true,"Backend":{"Type":"wireguard","ListenPort":51999,"PSK":"` + testPSK + `","PersistentKeepaliveInterval":25,"MTU":1400}}`,
+		`{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10::/56","EnableNFTables":false,"Backend":{"Type":"wireguard","Mode":"auto","ListenPortV6":51820}}`,
 	} {
 		c, err := ParseConfig([]byte(in))
 		if err != nil {
@@ -203,6 +205,10 @@ func TestConfigRoundTrip(t *testing.T) {
 		if err != nil {
 			t.Fatalf("reparse %s: %v", out, err)
 		}
+		if (c.EnableNFTables == nil) != (c2.EnableNFTables == nil) || c.EnableNFTables != nil && *c.EnableNFTables != *c2.EnableNFTables {
+			t.Errorf("round trip of %s: EnableNFTables %v != %v", in, c.EnableNFTables, c2.EnableNFTables)
+		}
+		c.EnableNFTables, c2.EnableNFTables = nil, nil
 		if *c != *c2 {
 			t.Errorf("round trip of %s: %+v != %+v", in, c, c2)
 		}

@@ -51,6 +51,8 @@ func run(args []string) error {
 	fs.StringVar(&sizes, "sizes", "100,1000,5000", "peer counts for the convergence figure")
 	fs.IntVar(&c.Runs, "runs", 7, "cold starts per size (and batch-limit runs)")
 	fs.BoolVar(&c.DualStack, "dual-stack", true, "convergence figure: the largest size again with dual-stack peers (6 entries per peer)")
+	fs.BoolVar(&c.WireGuard, "wireguard", true, "convergence figure: the largest size again with the wireguard backend; datapath figure: a second lab with it (needs wg, and wireguard-go where the kernel has no WireGuard)")
+	fs.DurationVar(&c.ResyncWindow, "resync-window", 30*time.Second, "convergence figure: watch twilld at rest this long after the last start at the largest size (vxlan, wireguard) for its resync passes and idle CPU (0: skip)")
 	fs.IntVar(&c.ChangePeers, "change-peers", 5000, "peers present while measuring change latency")
 	fs.IntVar(&c.ChangeSamples, "change-samples", 50, "samples per kind of change")
 	fs.IntVar(&c.MasqSamples, "masq-samples", 20, "change latency figure: samples with --ip-masq in each rules mode (iptables, nftables), and of each kind of rules check (0: skip)")
@@ -77,6 +79,7 @@ func run(args []string) error {
 		c.KubeNodes, c.KubeSamples = 500, 5
 		c.CNIPods, c.CNIRounds, c.SteadyDuration = 20, 1, 10*time.Second
 		c.IperfSeconds, c.IperfRepeats, c.PingCount = 2, 1, 50
+		c.ResyncWindow = 12 * time.Second
 	}
 	for _, s := range strings.Split(sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
