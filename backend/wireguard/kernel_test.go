@@ -3,6 +3,7 @@ package wireguard_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -327,4 +328,56 @@ func TestKeyFileErrors(t *testing.T) {
 	if err != nil || created || k2 != k1 {
 		t.Fatalf("reading the key back: created %v, same %v, %v", created, k2 == k1, err)
 	}
+}
+
+// A device made again (here: deleted by hand, then repaired) starts a
+// handshake with every peer itself, so peers that still hold a session with
+// the old device learn the new one at once instead of after their own
+// timeout. The test sends no traffic after the repair: only the backend's
+// prompt can cause the handshake.
+func TestKernelRecreatedDevicePromptsHandshakes(t *testing.T) {
+	a, b := twoNodes(t, wgConfig)
+	ctx := context.Background()
+	a.in(t, func() error { return a.be.Reconcile(ctx, a.lease, []subnet.Lease{b.lease}) })
+	b.in(t, func() error { return b.be.Reconcile(ctx, b.lease, []subnet.Lease{a.lease}) })
+	if err := a.ping(t, "10.244.2.0"); err != nil {
+		t.Fatal(err)
+	}
+	handshake := func() time.Time {
+		for _, p := range devicePeers(t, b.be.Device()) {
+			if p.PublicKey == a.be.PublicKey() {
+				return p.LastHandshakeTime
+			}
+		}
+		t.Fatal("b has no peer for a")
+		return time.Time{}
+	}
+	if handshake().IsZero() {
+		t.Fatal("no handshake after the ping")
+	}
+	before := time.Now()
+	link, err := a.h.LinkByName(a.be.Device())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.h.LinkDel(link); err != nil {
+		t.Fatal(err)
+	}
+	backendtest.WaitFor(t, 5*time.Second, func() error {
+		if _, err := os.Stat("/var/run/wireguard/" + a.be.Device() + ".sock"); err == nil {
+			return errors.New("the old wireguard-go is still there")
+		}
+		return nil
+	})
+	created := a.be.Counters().Devices
+	a.in(t, func() error { return a.be.Reconcile(ctx, a.lease, []subnet.Lease{b.lease}) })
+	if a.be.Counters().Devices != created+1 {
+		t.Fatalf("the device was not made again: %+v", a.be.Counters())
+	}
+	backendtest.WaitFor(t, 5*time.Second, func() error {
+		if h := handshake(); !h.After(before) {
+			return fmt.Errorf("b's last handshake with a is %s, before the repair at %s", h, before)
+		}
+		return nil
+	})
 }

@@ -85,6 +85,7 @@ type Backend struct {
 
 	key    wgtypes.Key // private; loaded by Prepare
 	client *wgctrl.Client
+	fresh  bool // the device was made since the last good pass: prompt handshakes
 	joint  *Joint // the single device of both families; nil: a device per family
 
 	dataplane.Tally
@@ -202,6 +203,7 @@ func (b *Backend) ensureDevice(ctx context.Context) (netlink.Link, error) {
 			return nil, err
 		}
 		b.DeviceCreated()
+		b.fresh = true
 		if dev, err = b.client.Device(b.name); err != nil {
 			return nil, fmt.Errorf("wireguard backend: configure %s: %w", b.name, err)
 		}
@@ -330,6 +332,10 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 	}
 	b.prog.Reset(own.Subnet, wantRoutes, actual.Foreign)
 	b.link = link.Attrs().Index
+	if b.fresh {
+		b.prompt(wantPeers)
+		b.fresh = false
+	}
 	if b.joint != nil {
 		return nil // Update declines: a change is a full pass (see Update)
 	}
@@ -338,6 +344,28 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 		b.peers[p.Subnet(b.v6)] = p
 	}
 	return nil
+}
+
+// prompt sends one empty UDP datagram into the device towards every peer
+// (to the first address of its subnet, the peer's device address, port 9),
+// so that the device starts a handshake with each at once. A peer that had
+// a session with this node's earlier device (the same key: a device made
+// again after a crash of wireguard-go or a repair) would otherwise go on
+// sending on that session, which the new device cannot read, until its own
+// timeout some 15 s later. The datagrams themselves are dropped by the
+// peers; nothing waits for them.
+func (b *Backend) prompt(peers map[wgtypes.Key]Peer) {
+	c, err := net.ListenUDP("udp", nil)
+	if err != nil {
+		b.log.Warn("prompting handshakes", "err", err)
+		return
+	}
+	defer c.Close()
+	for _, p := range peers {
+		if sn := p.Subnet(b.v6); sn.IsValid() {
+			_, _ = c.WriteToUDPAddrPort(nil, netip.AddrPortFrom(sn.Addr(), 9))
+		}
+	}
 }
 
 func (b *Backend) settings(link int) settings {
