@@ -85,7 +85,7 @@ type Backend struct {
 
 	key    wgtypes.Key // private; loaded by Prepare
 	client *wgctrl.Client
-	fresh  bool // the device was made since the last good pass: prompt handshakes
+	fresh  bool   // the device was made since the last good pass: prompt handshakes
 	joint  *Joint // the single device of both families; nil: a device per family
 
 	dataplane.Tally
