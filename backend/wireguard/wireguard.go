@@ -169,7 +169,7 @@ func (b *Backend) Prepare(ctx context.Context) (json.RawMessage, int, error) {
 			return nil, 0, fmt.Errorf("wireguard backend: open wgctrl: %w", err)
 		}
 	}
-	if _, err := b.ensureDevice(ctx); err != nil {
+	if _, _, err := b.ensureDevice(ctx); err != nil {
 		return nil, 0, err
 	}
 	data, err := json.Marshal(Data{PublicKey: key.PublicKey().String(), Port: uint16(b.port)})
@@ -178,11 +178,13 @@ func (b *Backend) Prepare(ctx context.Context) (json.RawMessage, int, error) {
 
 // ensureDevice makes the device when it is missing (or cannot be
 // configured), then gives it the key, the port, the MTU and the up state
-// where it has others. It returns the device.
-func (b *Backend) ensureDevice(ctx context.Context) (netlink.Link, error) {
+// where it has others. It returns the link and the device as WireGuard
+// reported it (its peers are current; its key and port may have been set
+// since), so that a pass reads neither twice.
+func (b *Backend) ensureDevice(ctx context.Context) (netlink.Link, *wgtypes.Device, error) {
 	link, err := netlinkx.LinkByName(ctx, b.h, b.name)
 	if err != nil && !netlinkx.IsNotFound(err) {
-		return nil, fmt.Errorf("wireguard backend: %w", err)
+		return nil, nil, fmt.Errorf("wireguard backend: %w", err)
 	}
 	var dev *wgtypes.Device
 	if err == nil {
@@ -191,7 +193,7 @@ func (b *Backend) ensureDevice(ctx context.Context) (netlink.Link, error) {
 			// device whose wireguard-go died, or someone else's.
 			b.log.Warn("the device is not a working WireGuard device; making it again", "type", link.Type(), "err", err)
 			if err := b.h.LinkDel(link); err != nil {
-				return nil, fmt.Errorf("wireguard backend: delete %s: %w", b.name, err)
+				return nil, nil, fmt.Errorf("wireguard backend: delete %s: %w", b.name, err)
 			}
 			link = nil
 		}
@@ -200,12 +202,12 @@ func (b *Backend) ensureDevice(ctx context.Context) (netlink.Link, error) {
 	}
 	if link == nil {
 		if link, err = b.createDevice(ctx); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		b.DeviceCreated()
 		b.fresh = true
 		if dev, err = b.client.Device(b.name); err != nil {
-			return nil, fmt.Errorf("wireguard backend: configure %s: %w", b.name, err)
+			return nil, nil, fmt.Errorf("wireguard backend: configure %s: %w", b.name, err)
 		}
 	}
 	if dev.PrivateKey != b.key || dev.ListenPort != b.port {
@@ -214,21 +216,29 @@ func (b *Backend) ensureDevice(ctx context.Context) (netlink.Link, error) {
 		}
 		port := b.port
 		if err := b.client.ConfigureDevice(b.name, wgtypes.Config{PrivateKey: &b.key, ListenPort: &port}); err != nil {
-			return nil, fmt.Errorf("wireguard backend: set the key and listen port %d of %s: %w", b.port, b.name, err)
+			return nil, nil, fmt.Errorf("wireguard backend: set the key and listen port %d of %s: %w", b.port, b.name, err)
 		}
 	}
+	changed := false
 	// The single device of both families takes the smaller of their MTUs.
 	if link.Attrs().MTU != b.mtu && (b.joint == nil || link.Attrs().MTU > b.mtu) {
 		if err := b.h.LinkSetMTU(link, b.mtu); err != nil {
-			return nil, fmt.Errorf("wireguard backend: set the MTU of %s to %d: %w", b.name, b.mtu, err)
+			return nil, nil, fmt.Errorf("wireguard backend: set the MTU of %s to %d: %w", b.name, b.mtu, err)
 		}
+		changed = true
 	}
 	if link.Attrs().Flags&net.FlagUp == 0 {
 		if err := b.h.LinkSetUp(link); err != nil {
-			return nil, fmt.Errorf("wireguard backend: set %s up: %w", b.name, err)
+			return nil, nil, fmt.Errorf("wireguard backend: set %s up: %w", b.name, err)
+		}
+		changed = true
+	}
+	if changed {
+		if link, err = netlinkx.LinkByName(ctx, b.h, b.name); err != nil {
+			return nil, nil, err
 		}
 	}
-	return netlinkx.LinkByName(ctx, b.h, b.name)
+	return link, dev, nil
 }
 
 // createDevice makes the device in the kernel, or with wireguard-go when
@@ -287,16 +297,12 @@ func (b *Backend) Reconcile(ctx context.Context, own subnet.Lease, peers []subne
 	if !own.Subnet.IsValid() || own.Subnet.Addr().Is6() != b.v6 {
 		return fmt.Errorf("wireguard backend: own subnet %v is not %s", own.Subnet, subnet.FamilyName(b.v6))
 	}
-	link, err := b.ensureDevice(ctx)
+	link, dev, err := b.ensureDevice(ctx)
 	if err != nil {
 		return err
 	}
 	addrErr := dataplane.EnsureAddr(ctx, b.h, link, netip.PrefixFrom(own.Subnet.Masked().Addr(), own.Subnet.Addr().BitLen()))
 	wantPeers, wantRoutes, peerErr := Desired(own, peers, b.settings(link.Attrs().Index))
-	dev, err := b.client.Device(b.name)
-	if err != nil {
-		return fmt.Errorf("wireguard backend: read %s: %w", b.name, err)
-	}
 	have := make(map[wgtypes.Key]Peer, len(dev.Peers))
 	for _, p := range dev.Peers {
 		have[p.PublicKey] = peerFromDevice(p)

@@ -57,7 +57,7 @@ func TestEtcdMemberLoss(t *testing.T) {
 	for i := 1; i <= hosts; i++ {
 		waitCounts(t, l, i, expected("vxlan", hosts-1), 10*time.Second)
 	}
-	waitReconciles(t, l, allHosts(hosts), 1, 10*time.Second)
+	waitReconciles(t, l, l.Topology().HostNumbers(), 1, 10*time.Second)
 	for i := 1; i <= hosts; i++ {
 		writes[i] = kernelWrites(t, l, i)
 	}

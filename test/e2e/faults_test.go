@@ -64,15 +64,6 @@ func waitReconciles(t *testing.T, l *lab.Lab, hosts []int, n float64, d time.Dur
 	})
 }
 
-// allHosts is 1..n.
-func allHosts(n int) []int {
-	out := make([]int, n)
-	for i := range out {
-		out[i] = i + 1
-	}
-	return out
-}
-
 // leaseOf returns the lease (from twillctl) carrying public IP ip.
 func leaseOf(t *testing.T, l *lab.Lab, ip netip.Addr) (leaseJSON, bool) {
 	t.Helper()
@@ -149,7 +140,7 @@ func TestEtcdOutage(t *testing.T) {
 	for i := 1; i <= hosts; i++ {
 		waitCounts(t, l, i, expected("vxlan", hosts-1), 10*time.Second)
 	}
-	waitReconciles(t, l, allHosts(hosts), 1, 10*time.Second)
+	waitReconciles(t, l, l.Topology().HostNumbers(), 1, 10*time.Second)
 	for i := 1; i <= hosts; i++ {
 		envs[i] = hostEnv(t, l, i)
 		writes[i] = kernelWrites(t, l, i)
@@ -215,7 +206,7 @@ func TestEtcdOutage(t *testing.T) {
 	}
 	t.Logf("every node ready %s after etcd was back (outage %s)", time.Since(back).Round(100*time.Millisecond), outage)
 
-	waitReconciles(t, l, allHosts(hosts), 2, 15*time.Second)
+	waitReconciles(t, l, l.Topology().HostNumbers(), 2, 15*time.Second)
 	for i := 1; i <= hosts; i++ {
 		if env := hostEnv(t, l, i); env != envs[i] {
 			t.Errorf("h%d's env changed: %+v -> %+v", i, envs[i], env)

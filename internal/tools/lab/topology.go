@@ -45,6 +45,15 @@ type Topology struct {
 // UnderlayNS is the underlay namespace's name.
 func (t Topology) UnderlayNS() string { return t.Prefix + "u" }
 
+// HostNumbers are the hosts' numbers, 1 to Hosts.
+func (t Topology) HostNumbers() []int {
+	out := make([]int, t.Hosts)
+	for i := range out {
+		out[i] = i + 1
+	}
+	return out
+}
+
 // HostNS is host i's namespace name (i from 1).
 func (t Topology) HostNS(i int) string { return fmt.Sprintf("%sh%d", t.Prefix, i) }
 

@@ -158,7 +158,7 @@ func (l *Lab) wireGuardProcs(hosts []int) (map[int][]int, error) {
 // it. SIGTERM makes wireguard-go delete its device and socket and exit;
 // what is still there after a bounded wait is killed.
 func (l *Lab) stopWireGuard(ctx context.Context) error {
-	procs, err := l.wireGuardProcs(allHosts(l.Hosts))
+	procs, err := l.wireGuardProcs(l.Topology().HostNumbers())
 	if err != nil {
 		return err
 	}
@@ -186,7 +186,7 @@ func (l *Lab) stopWireGuard(ctx context.Context) error {
 
 // checkWireGuardGone fails if a wireguard-go of the lab is still running.
 func (l *Lab) checkWireGuardGone() error {
-	procs, err := l.wireGuardProcs(allHosts(l.Hosts))
+	procs, err := l.wireGuardProcs(l.Topology().HostNumbers())
 	if err != nil {
 		return err
 	}
@@ -207,14 +207,6 @@ func waitGone(ctx context.Context, pids []int, d time.Duration) error {
 		}
 		return nil
 	})
-}
-
-func allHosts(n int) []int {
-	out := make([]int, n)
-	for i := range out {
-		out[i] = i + 1
-	}
-	return out
 }
 
 // wireGuardPreflight checks what the wireguard backend needs on this
