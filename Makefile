@@ -29,7 +29,7 @@ TOOLS_MOD := hack/tools/go.mod hack/tools/go.sum
 TOOLS_GO  := cd hack/tools && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD)
 CNI_PLUGINS := bridge host-local loopback portmap
 
-tools: $(TOOLS_BIN)/etcd $(TOOLS_BIN)/etcdctl $(TOOLS_BIN)/kube-apiserver $(TOOLS_BIN)/crictl $(TOOLS_BIN)/pause containerd2 cni-plugins ## build etcd, etcdctl, kube-apiserver, crictl, containerd 2, the test pods' pause program and the reference CNI plugins
+tools: $(TOOLS_BIN)/etcd $(TOOLS_BIN)/etcdctl $(TOOLS_BIN)/kube-apiserver $(TOOLS_BIN)/kube-controller-manager $(TOOLS_BIN)/crictl $(TOOLS_BIN)/pause containerd2 cni-plugins ## build etcd, etcdctl, kube-apiserver, kube-controller-manager, crictl, containerd 2, the test pods' pause program and the reference CNI plugins
 
 cni-plugins: $(addprefix $(CNI_BIN)/,$(CNI_PLUGINS)) ## build only the reference CNI plugins (what the lab needs)
 
@@ -39,6 +39,8 @@ $(TOOLS_BIN)/etcdctl: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ go.etcd.io/etcd/etcdctl/v3
 $(TOOLS_BIN)/kube-apiserver: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ k8s.io/kubernetes/cmd/kube-apiserver
+$(TOOLS_BIN)/kube-controller-manager: $(TOOLS_MOD)
+	$(TOOLS_GO) -o ../../$@ k8s.io/kubernetes/cmd/kube-controller-manager
 $(TOOLS_BIN)/crictl: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ sigs.k8s.io/cri-tools/cmd/crictl
 # The sandbox program of the containerd test's pods (nothing can be pulled here).

@@ -25,6 +25,7 @@ import (
 // the network config a file (a ConfigMap in the DaemonSet).
 type kubeStore struct {
 	client   kube.NodeClient
+	records  kube.RecordClient // nil in the annotations mode
 	c        Config
 	log      *slog.Logger
 	notReady func(string) // from Config: /readyz says why twilld still waits
@@ -34,6 +35,13 @@ type kubeStore struct {
 func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
 	if c.NodeName == "" {
 		return nil, errors.New("--kube-subnet-mgr needs the node name: --node-name or NODE_NAME")
+	}
+	switch c.KubeMode {
+	case "":
+		c.KubeMode = KubeModeNodeNetwork
+	case KubeModeNodeNetwork, KubeModeAnnotations:
+	default:
+		return nil, fmt.Errorf("--kube-mode %q: want %s or %s", c.KubeMode, KubeModeNodeNetwork, KubeModeAnnotations)
 	}
 	var rc *rest.Config
 	var err error
@@ -52,7 +60,14 @@ func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
 	if err != nil {
 		return nil, fmt.Errorf("Kubernetes client: %w", err)
 	}
-	return &kubeStore{client: client, c: c, log: log, reach: reach}, nil
+	s := &kubeStore{client: client, c: c, log: log, reach: reach}
+	if c.KubeMode == KubeModeNodeNetwork {
+		if s.records, err = kube.NewRecordClient(rc); err != nil {
+			return nil, fmt.Errorf("Kubernetes client: %w", err)
+		}
+	}
+	log.Info("Kubernetes mode", "kubeMode", c.KubeMode)
+	return s, nil
 }
 
 func (s *kubeStore) Close() {}
@@ -73,6 +88,15 @@ func (s *kubeStore) nodePublicIPs(ctx context.Context) (v4, v6 netip.Addr, err e
 func (s *kubeStore) Published(ctx context.Context, _ *subnet.Config, _ subnet.LeaseAttrs) (subnet.LeaseAttrs, bool) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
+	if s.records != nil {
+		r, err := s.records.Get(ctx, s.c.NodeName, metav1.GetOptions{})
+		if err != nil {
+			s.log.Debug("read the NodeNetwork record published before", "err", err)
+			return subnet.LeaseAttrs{}, false
+		}
+		l, ok, err := kube.RecordToLease(r)
+		return l.Attrs, ok && err == nil
+	}
 	node, err := s.client.Get(ctx, s.c.NodeName, metav1.GetOptions{})
 	if err != nil {
 		s.log.Debug("read the Node's annotations published before", "err", err)
@@ -159,6 +183,7 @@ func (s *kubeStore) Config(ctx context.Context, notReady func(string)) (*subnet.
 func (s *kubeStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, _ subnet.Lease) (leaseManager, error) {
 	return kube.NewManager(kube.Options{
 		Client:           s.client,
+		Records:          s.records,
 		NodeName:         s.c.NodeName,
 		AnnotationPrefix: s.c.KubeAnnotationPrefix,
 		SetNodeCondition: s.c.SetNodeCondition,

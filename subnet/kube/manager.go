@@ -35,6 +35,13 @@ type Options struct {
 	// Client talks to the API server (NewNodeClient). It needs nodes get,
 	// list and watch, and nodes/status patch; nothing else.
 	Client NodeClient
+	// Records, when set, selects the nodenetwork mode: the node publishes
+	// its lease in its NodeNetwork record and learns its peers from theirs,
+	// reading only its own Node (NewRecordClient; nodenetworks get, list,
+	// watch, create, update and delete). Nil selects the annotations mode:
+	// the lease is published in annotations of the own Node and the peers
+	// are read from every Node.
+	Records RecordClient
 	// NodeName is the Node this twilld runs on (--node-name, NODE_NAME).
 	NodeName string
 	// AnnotationPrefix prefixes twill's annotations; default "twill.io".
@@ -49,11 +56,14 @@ type Options struct {
 }
 
 // Manager is the Kubernetes lease manager of one node: the lease is the
-// Node's podCIDRs (one per family the network config enables), the
-// attributes are published as Node annotations and the peers are learnt
-// from a Node informer.
+// Node's podCIDRs (one per family the network config enables). In the
+// nodenetwork mode the lease is published in the node's NodeNetwork record
+// and the peers are learnt from a record informer; in the annotations mode
+// it is published as annotations of the Node and the peers are learnt from a
+// Node informer.
 type Manager struct {
 	client  NodeClient
+	records RecordClient // nil in the annotations mode
 	node    string
 	prefix  string
 	keys    AnnotationKeys
@@ -79,8 +89,10 @@ type Manager struct {
 	changed <-chan struct{}
 
 	// store is the informer's Node cache, read by the worker. Run sets it;
-	// unit tests seed one.
-	store cache.Store
+	// unit tests seed one. In the nodenetwork mode it holds the own Node
+	// alone, and recStore the records.
+	store    cache.Store
+	recStore cache.Store
 }
 
 // NewManager checks the options and returns a manager that will publish
@@ -116,7 +128,7 @@ func NewManager(o Options, cfg *subnet.Config, attrs subnet.LeaseAttrs) (*Manage
 	attrs.NodeName = o.NodeName
 	cache := subnet.NewCache()
 	return &Manager{
-		client: o.Client, node: o.NodeName, prefix: o.AnnotationPrefix, keys: Keys(o.AnnotationPrefix),
+		client: o.Client, records: o.Records, node: o.NodeName, prefix: o.AnnotationPrefix, keys: Keys(o.AnnotationPrefix),
 		setCond: o.SetNodeCondition, log: o.Log.With("node", o.NodeName), waiting: o.Waiting,
 		cfg: cfg, attrs: attrs, want: writtenFor(attrs),
 		retryMin: 200 * time.Millisecond, retryMax: 5 * time.Second,
@@ -209,6 +221,12 @@ func (m *Manager) tryAcquire(ctx context.Context) (subnet.Lease, string) {
 	l, err := m.ownLease(own)
 	if err != nil {
 		return subnet.Lease{}, err.Error()
+	}
+	if m.records != nil {
+		if err := m.publishRecord(ctx, recordSpec(l), node.UID); err != nil {
+			return subnet.Lease{}, err.Error()
+		}
+		return l, ""
 	}
 	if !m.published(own) {
 		if err := m.publish(ctx); err != nil {
@@ -343,20 +361,29 @@ func (m *Manager) Peers() ([]subnet.Lease, bool) { return m.cache.Peers("") }
 // Changed signals, coalesced, that Own or Peers changed.
 func (m *Manager) Changed() <-chan struct{} { return m.changed }
 
-// Release removes the annotations twilld writes (backend type, and backend
-// data and public address of each family) from the own Node, so peers drop
-// this node; an operator's overwrite annotations stay. The podCIDRs are the
-// cluster's and stay too. Call it after Run has returned (--release-on-exit);
-// a running Run would restore the annotations otherwise, so Release also
-// stops that.
+// Release removes what the node publishes, so peers drop it: its
+// NodeNetwork record, or in the annotations mode the annotations twilld
+// writes (backend type, and backend data and public address of each family)
+// from the own Node; an operator's overwrite annotations stay. The podCIDRs
+// are the cluster's and stay too. Call it after Run has returned
+// (--release-on-exit); a running Run would publish again otherwise, so
+// Release also stops that.
 func (m *Manager) Release(ctx context.Context) error {
 	m.mu.Lock()
 	m.released = true
 	m.mu.Unlock()
-	remove := m.keys.patch(written{})
+	release := func() error { return m.patchAnnotations(ctx, m.keys.patch(written{})) }
+	if m.records != nil {
+		release = func() error {
+			if err := m.records.Delete(ctx, m.node, metav1.DeleteOptions{}); err != nil {
+				return fmt.Errorf("delete NodeNetwork %s: %w", m.node, err)
+			}
+			return nil
+		}
+	}
 	bo := retry.Backoff{Min: m.retryMin, Max: m.retryMax}
 	for {
-		err := m.patchAnnotations(ctx, remove)
+		err := release()
 		if err == nil || apierrors.IsNotFound(err) {
 			return nil
 		}

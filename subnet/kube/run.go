@@ -19,9 +19,11 @@ import (
 	"github.com/twillnet/twill/subnet"
 )
 
-// Run follows the Nodes until ctx ends: it fills the peer cache, keeps the
-// own lease in step with the own Node and restores the node's annotations if
-// someone removes or changes them. Acquire must have succeeded first.
+// Run follows the Nodes (or, in the nodenetwork mode, the records and the
+// own Node) until ctx ends: it fills the peer cache, keeps the own lease in
+// step with the own Node and publishes the node's annotations (or record)
+// again if someone removes or changes them. Acquire must have succeeded
+// first.
 func (m *Manager) Run(ctx context.Context) error {
 	m.mu.Lock()
 	acquired := m.acquired
@@ -31,6 +33,9 @@ func (m *Manager) Run(ctx context.Context) error {
 	}
 	// client-go's reflector logs through the context's logger: ours.
 	ctx = klog.NewContext(ctx, logr.FromSlogHandler(m.log.Handler()))
+	if m.records != nil {
+		return m.runRecords(ctx)
+	}
 
 	inf := m.nodeInformer()
 	queue := workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]())

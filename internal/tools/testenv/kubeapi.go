@@ -20,8 +20,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/twillnet/twill/internal/tools/kubeapi"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+
+	"github.com/twillnet/twill/internal/tools/kubeapi"
 	"k8s.io/client-go/rest"
 )
 
@@ -398,4 +402,60 @@ func tail(path string, n int) string {
 		}
 	}
 	return strings.Join(lines, "\n")
+}
+
+// BoundServiceAccountToken returns a one-hour token of an existing service
+// account bound to a Pod, as the kubelet projects it into the pod: the API
+// server adds the Pod's node (authentication.kubernetes.io/node-name) to the
+// token's user info, and the token dies with the Pod.
+func (k *KubeAPI) BoundServiceAccountToken(t testing.TB, ns, name string, pod *corev1.Pod) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	exp := int64(3600)
+	tr, err := k.AdminClient(t).CoreV1().ServiceAccounts(ns).CreateToken(ctx, name, &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
+		ExpirationSeconds: &exp,
+		BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID},
+	}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("token of service account %s/%s bound to pod %s: %v", ns, name, pod.Name, err)
+	}
+	return tr.Status.Token
+}
+
+// StartControllerManager runs the real kube-controller-manager (from `make
+// tools`) against the server as its admin, with only the given controllers
+// (such as "garbagecollector"), no leader election and no serving port. It
+// is killed when the test ends; its log is printed if the test failed.
+func (k *KubeAPI) StartControllerManager(t testing.TB, controllers ...string) {
+	t.Helper()
+	bin := Tool(t, "kube-controller-manager")
+	dir := t.TempDir()
+	kubeconfig := filepath.Join(dir, "admin.kubeconfig")
+	if err := k.Kubeconfig(kubeconfig, k.adminToken); err != nil {
+		t.Fatal(err)
+	}
+	logPath := filepath.Join(dir, "kube-controller-manager.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := append(append([]string{}, k.opts.Wrap...), bin,
+		"--kubeconfig="+kubeconfig, "--controllers="+strings.Join(controllers, ","),
+		"--leader-elect=false", "--secure-port=0", "--use-service-account-credentials=false")
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := startProcess(cmd); err != nil {
+		logf.Close()
+		t.Fatalf("start kube-controller-manager: %v", err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); logf.Close(); close(done) }()
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+		if t.Failed() {
+			t.Logf("kube-controller-manager log (%s), last lines:\n%s", logPath, tail(logPath, 40))
+		}
+	})
 }

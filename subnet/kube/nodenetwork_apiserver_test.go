@@ -1,0 +1,269 @@
+package kube
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/twillnet/twill/deploy"
+	"github.com/twillnet/twill/internal/tools/kubeapi"
+	"github.com/twillnet/twill/internal/tools/testenv"
+)
+
+// The namespace and ServiceAccount of deploy/kube-twill.yaml.
+const (
+	deployNamespace = "kube-twill"
+	deploySA        = "twill"
+)
+
+// recordCluster is a real kube-apiserver with deploy/kube-twill.yaml applied
+// as shipped: the NodeNetwork CRD, the ClusterRole and the
+// ValidatingAdmissionPolicy.
+type recordCluster struct {
+	api     *testenv.KubeAPI
+	admin   kubernetes.Interface
+	records RecordClient // the admin's
+}
+
+func newRecordCluster(t *testing.T) *recordCluster {
+	t.Helper()
+	api := testenv.StartKubeAPI(t, testenv.KubeAPIOptions{})
+	ctx := ctxT(t)
+	if _, err := kubeapi.Apply(ctx, api.AdminConfig(), deploy.KubeManifest, false); err != nil {
+		t.Fatalf("apply deploy/kube-twill.yaml: %v", err)
+	}
+	c := &recordCluster{api: api, admin: api.AdminClient(t)}
+	var err error
+	if c.records, err = NewRecordClient(api.AdminConfig()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the NodeNetwork CRD to be served", 30*time.Second, func() bool {
+		_, err := c.records.List(ctx, metav1.ListOptions{})
+		return err == nil
+	})
+	return c
+}
+
+// node creates a Node with a podCIDR.
+func (c *recordCluster) node(t *testing.T, name, podCIDR string) *corev1.Node {
+	t.Helper()
+	n, err := c.admin.CoreV1().Nodes().Create(ctxT(t), node(name, podCIDR, nil), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// twilldOn returns the clients of a twilld on a node: authenticated with a
+// token of the DaemonSet's ServiceAccount bound to a Pod scheduled there, as
+// the kubelet gives the twilld pod (the Pod stays Pending: no kubelet runs).
+func (c *recordCluster) twilldOn(t *testing.T, nodeName string) (NodeClient, RecordClient) {
+	t.Helper()
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "twill-" + nodeName, Namespace: deployNamespace},
+		Spec: corev1.PodSpec{
+			NodeName: nodeName, ServiceAccountName: deploySA,
+			Containers: []corev1.Container{{Name: "twilld", Image: "twill:test"}},
+		},
+	}
+	pod, err := c.admin.CoreV1().Pods(deployNamespace).Create(ctxT(t), pod, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.clients(t, c.api.BoundServiceAccountToken(t, deployNamespace, deploySA, pod))
+}
+
+func (c *recordCluster) clients(t *testing.T, token string) (NodeClient, RecordClient) {
+	t.Helper()
+	cfg := c.api.ConfigForToken(token)
+	nodes, err := NewNodeClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	records, err := NewRecordClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nodes, records
+}
+
+// recordManager is a nodenetwork-mode manager of a node with the given public
+// address, using a twilld's clients.
+func recordManager(t *testing.T, nodes NodeClient, records RecordClient, name, ip string) (*Manager, *logRecorder) {
+	t.Helper()
+	m, rec := newManagerFor(t, nodes, name, Options{Records: records}, testConfig(t), vxlanAttrs(ip))
+	m.retryMax = 200 * time.Millisecond
+	return m, rec
+}
+
+// waitPolicy waits until the admission policy denies a twilld's write to
+// another node's record (a dry run: nothing is stored either way). The API
+// server learns a new policy through an informer.
+func waitPolicy(t *testing.T, records RecordClient, other string) {
+	t.Helper()
+	r := &NodeNetwork{ObjectMeta: metav1.ObjectMeta{Name: other}, Spec: NodeNetworkSpec{BackendType: "vxlan"}}
+	waitFor(t, "the ValidatingAdmissionPolicy to take effect", 30*time.Second, func() bool {
+		_, err := records.Create(ctxT(t), r, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		return apierrors.IsForbidden(err) || apierrors.IsInvalid(err)
+	})
+}
+
+// TestNodeNetworkOnAPIServer runs the nodenetwork mode on a real API server
+// under deploy/kube-twill.yaml as shipped, each twilld with a token bound to
+// its node: join, a public address change, a record deleted by hand, writes
+// to another node's objects refused, and a Node leaving (its record
+// collected by a real kube-controller-manager's garbage collector).
+func TestNodeNetworkOnAPIServer(t *testing.T) {
+	c := newRecordCluster(t)
+	ctx := ctxT(t)
+	nodeA := c.node(t, "a", "10.244.1.0/24")
+	c.node(t, "b", "10.244.2.0/24")
+	nodesA, recordsA := c.twilldOn(t, "a")
+	nodesB, recordsB := c.twilldOn(t, "b")
+	waitPolicy(t, recordsA, "b")
+
+	ma, _ := recordManager(t, nodesA, recordsA, "a", "192.0.2.1")
+	mb, recB := recordManager(t, nodesB, recordsB, "b", "192.0.2.2")
+	for _, m := range []*Manager{ma, mb} {
+		if _, err := m.Acquire(ctx); err != nil {
+			t.Fatal(err)
+		}
+		runManager(t, m)
+	}
+	peersAre := func(m *Manager, want map[string]string) func() bool {
+		return func() bool {
+			got, synced := peerMap(m)
+			return synced && fmt.Sprint(got) == fmt.Sprint(want)
+		}
+	}
+	waitFor(t, "a and b to see each other", 10*time.Second, peersAre(ma, map[string]string{"b": "10.244.2.0/24 192.0.2.2"}))
+	waitFor(t, "b to see a", 10*time.Second, peersAre(mb, map[string]string{"a": "10.244.1.0/24 192.0.2.1"}))
+
+	// The record as stored: the lease, owned by the Node.
+	ra, err := c.records.Get(ctx, "a", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantSpec := NodeNetworkSpec{BackendType: "vxlan", Subnet: "10.244.1.0/24", PublicIP: "192.0.2.1", BackendData: json.RawMessage(vxlanData)}
+	if !sameSpec(ra.Spec, wantSpec) {
+		t.Errorf("record a: spec %+v, want %+v", ra.Spec, wantSpec)
+	}
+	if got := nodeOwner(ra.OwnerReferences); got != nodeA.UID {
+		t.Errorf("record a: Node owner %q, want Node a's UID %q (%+v)", got, nodeA.UID, ra.OwnerReferences)
+	}
+
+	t.Run("another node's objects are refused", func(t *testing.T) {
+		rb, err := recordsA.Get(ctx, "b", metav1.GetOptions{})
+		if err != nil {
+			t.Fatalf("a twilld reads every record: %v", err)
+		}
+		rb.Spec.PublicIP = "192.0.2.66"
+		_, err = recordsA.Update(ctx, rb, metav1.UpdateOptions{})
+		wantForbidden(t, "a's token updates b's record", err, "the twilld of node a may not write the objects of node b")
+		err = recordsA.Delete(ctx, "b", metav1.DeleteOptions{})
+		wantForbidden(t, "a's token deletes b's record", err, "may not write the objects of node b")
+		_, err = recordsA.Create(ctx, &NodeNetwork{ObjectMeta: metav1.ObjectMeta{Name: "c"}, Spec: NodeNetworkSpec{BackendType: "vxlan"}}, metav1.CreateOptions{})
+		wantForbidden(t, "a's token creates a record of node c", err, "may not write the objects of node c")
+		patch := []byte(`{"metadata":{"annotations":{"twill.io/public-ip":"192.0.2.66"}}}`)
+		_, err = nodesA.Patch(ctx, "b", types.MergePatchType, patch, metav1.PatchOptions{}, "status")
+		wantForbidden(t, "a's token patches b's nodes/status", err, "may not write the objects of node b")
+
+		// Its own record, owned by another Node: refused.
+		own, err := recordsA.Get(ctx, "a", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		own.OwnerReferences = withNodeOwner(own.OwnerReferences, "b", "0000")
+		_, err = recordsA.Update(ctx, own, metav1.UpdateOptions{})
+		wantForbidden(t, "a's token makes its record owned by Node b", err, "owned by its own Node only")
+
+		// A token of the ServiceAccount bound to no node writes nothing,
+		// not even a record named after the node it claims.
+		_, unbound := c.clients(t, c.api.ServiceAccountToken(t, deployNamespace, deploySA))
+		own, err = unbound.Get(ctx, "a", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		own.Spec.PublicIP = "192.0.2.66"
+		_, err = unbound.Update(ctx, own, metav1.UpdateOptions{})
+		wantForbidden(t, "an unbound token updates record a", err, "bound to no node")
+
+		// Nothing changed: b is still reached at its address.
+		if got, _ := peerMap(ma); got["b"] != "10.244.2.0/24 192.0.2.2" {
+			t.Errorf("a's peers after the refused writes: %v", got)
+		}
+	})
+
+	t.Run("the CRD refuses a malformed record", func(t *testing.T) {
+		bad := &NodeNetwork{ObjectMeta: metav1.ObjectMeta{Name: "bad"}, Spec: NodeNetworkSpec{BackendType: "vxlan", Subnet: "10.244.9.1/24", PublicIP: "192.0.2.9"}}
+		_, err := c.records.Create(ctx, bad, metav1.CreateOptions{})
+		if !apierrors.IsInvalid(err) || !strings.Contains(err.Error(), "an IPv4 network address") {
+			t.Errorf("record with host bits in its subnet: %v, want Invalid naming the rule", err)
+		}
+	})
+
+	t.Run("a record outside the network is skipped", func(t *testing.T) {
+		x := &NodeNetwork{ObjectMeta: metav1.ObjectMeta{Name: "x"}, Spec: NodeNetworkSpec{BackendType: "vxlan", Subnet: "10.99.0.0/24", PublicIP: "192.0.2.99"}}
+		if _, err := c.records.Create(ctx, x, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "b to skip record x", 10*time.Second, func() bool { return recB.count("skipping node", "peer=x", "outside the Network") == 1 })
+		if got, _ := peerMap(mb); got["x"] != "" {
+			t.Errorf("b programs x: %v", got)
+		}
+		if err := c.records.Delete(ctx, "x", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("public address change", func(t *testing.T) {
+		// An operator moves node a behind NAT: the overwrite annotation on
+		// its Node. a's twilld sees its own Node change and rewrites its
+		// record; b follows the record.
+		patch := []byte(`{"metadata":{"annotations":{"twill.io/public-ip-overwrite":"192.0.2.11"}}}`)
+		if _, err := c.admin.CoreV1().Nodes().Patch(ctx, "a", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "b to reach a at the new address", 10*time.Second, peersAre(mb, map[string]string{"a": "10.244.1.0/24 192.0.2.11"}))
+	})
+
+	t.Run("a record deleted by hand comes back", func(t *testing.T) {
+		if err := c.records.Delete(ctx, "a", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "a's twilld to write its record again", 10*time.Second, func() bool {
+			r, err := c.records.Get(ctx, "a", metav1.GetOptions{})
+			return err == nil && r.Spec.PublicIP == "192.0.2.11" && nodeOwner(r.OwnerReferences) == nodeA.UID
+		})
+		waitFor(t, "b to see a again", 10*time.Second, peersAre(mb, map[string]string{"a": "10.244.1.0/24 192.0.2.11"}))
+	})
+
+	t.Run("a Node that leaves takes its record along", func(t *testing.T) {
+		c.api.StartControllerManager(t, "garbagecollector")
+		if err := c.admin.CoreV1().Nodes().Delete(ctx, "b", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "the garbage collector to delete b's record", 60*time.Second, func() bool {
+			_, err := c.records.Get(ctx, "b", metav1.GetOptions{})
+			return apierrors.IsNotFound(err)
+		})
+		waitFor(t, "a to drop b", 10*time.Second, peersAre(ma, map[string]string{}))
+	})
+}
+
+// wantForbidden checks that a write was refused by twill's admission policy
+// with a message containing msg.
+func wantForbidden(t *testing.T, what string, err error, msg string) {
+	t.Helper()
+	if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), msg) {
+		t.Errorf("%s: %v; want Forbidden by twill's policy (%q)", what, err, msg)
+	}
+}
