@@ -67,18 +67,7 @@ func (c *recordCluster) node(t *testing.T, name, podCIDR string) *corev1.Node {
 // the kubelet gives the twilld pod (the Pod stays Pending: no kubelet runs).
 func (c *recordCluster) twilldOn(t *testing.T, nodeName string) (NodeClient, RecordClient) {
 	t.Helper()
-	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "twill-" + nodeName, Namespace: deployNamespace},
-		Spec: corev1.PodSpec{
-			NodeName: nodeName, ServiceAccountName: deploySA,
-			Containers: []corev1.Container{{Name: "twilld", Image: "twill:test"}},
-		},
-	}
-	pod, err := c.admin.CoreV1().Pods(deployNamespace).Create(ctxT(t), pod, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c.clients(t, c.api.BoundServiceAccountToken(t, deployNamespace, deploySA, pod))
+	return c.clients(t, c.api.PodBoundToken(t, deployNamespace, deploySA, "twill-"+nodeName, nodeName))
 }
 
 func (c *recordCluster) clients(t *testing.T, token string) (NodeClient, RecordClient) {

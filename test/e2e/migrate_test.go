@@ -32,7 +32,7 @@ func TestMigrateFromFlannel(t *testing.T) {
 	})
 	t.Run("kube", func(t *testing.T) {
 		testMigrateFromFlannel(t, lab.Options{Hosts: 3, PodsPerHost: 1, Backend: "vxlan", Datastore: "kube",
-			KubeAPIServer: testenv.Tool(t, "kube-apiserver"), KubeAnnotationPrefix: "flannel.alpha.coreos.com",
+			KubeAPIServer: testenv.Tool(t, "kube-apiserver"), KubeAnnotationPrefix: "flannel.alpha.coreos.com", KubeMode: "annotations",
 			DaemonArgs: []string{"--resync-interval", "1s"}})
 	})
 }

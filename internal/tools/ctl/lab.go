@@ -41,6 +41,7 @@ func labUpFlags(fs *flag.FlagSet) *lab.Options {
 	})
 	fs.BoolVar(&o.NFTables, "nftables", false, `write the masquerade rules with nftables ("EnableNFTables": true in the network config) instead of iptables`)
 	fs.StringVar(&o.Datastore, "datastore", "etcd", "etcd, or kube: a real kube-apiserver, the DaemonSet manifest's RBAC, twilld --kube-subnet-mgr")
+	fs.StringVar(&o.KubeMode, "kube-mode", "nodenetwork", "with --datastore kube: twilld's --kube-mode, nodenetwork (NodeNetwork records; the lab runs kube-controller-manager's garbage collector, built by `make tools` beside kube-apiserver) or annotations (Node annotations, as flannel)")
 	fs.StringVar(&o.KubeAPIServer, "kube-apiserver", filepath.Join(binDir, "tools", "kube-apiserver"), "the kube-apiserver binary, for --datastore kube (`make tools` builds it)")
 	fs.Func("network", "pod network (default 10.244.0.0/16)", func(s string) error {
 		p, err := netip.ParsePrefix(s)

@@ -20,6 +20,8 @@ import (
 	"time"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -167,6 +169,44 @@ func ServiceAccountToken(ctx context.Context, cs kubernetes.Interface, ns, name 
 		&authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &exp}}, metav1.CreateOptions{})
 	if err != nil {
 		return "", fmt.Errorf("token of service account %s/%s: %w", ns, name, err)
+	}
+	return tr.Status.Token, nil
+}
+
+// PodBoundToken issues a token of a service account bound to a Pod that
+// runs on node, as the kubelet projects one into a twilld pod: the API server
+// adds the Pod's node (authentication.kubernetes.io/node-name) to the
+// token's user info, which deploy/kube-twill.yaml's admission policy
+// compares with the objects the token writes, and the token is valid while
+// the Pod exists. Where no kubelet runs (the lab, the bench, tests) the Pod,
+// named pod, is created with spec.nodeName set and stays Pending; an existing
+// one is reused.
+func PodBoundToken(ctx context.Context, cs kubernetes.Interface, ns, sa, pod, node string, ttl time.Duration) (string, error) {
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: pod, Namespace: ns},
+		Spec: corev1.PodSpec{
+			NodeName: node, ServiceAccountName: sa,
+			// Never started: no kubelet runs where this is used.
+			Containers: []corev1.Container{{Name: "twilld", Image: "twill"}},
+		},
+	}
+	got, err := cs.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) {
+		got, err = cs.CoreV1().Pods(ns).Get(ctx, pod, metav1.GetOptions{})
+	}
+	if err != nil {
+		return "", fmt.Errorf("pod %s/%s for a token bound to node %s: %w", ns, pod, node, err)
+	}
+	if got.Spec.NodeName != node {
+		return "", fmt.Errorf("pod %s/%s runs on node %q, not %s", ns, pod, got.Spec.NodeName, node)
+	}
+	exp := int64(ttl.Seconds())
+	tr, err := cs.CoreV1().ServiceAccounts(ns).CreateToken(ctx, sa, &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
+		ExpirationSeconds: &exp,
+		BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: got.Name, UID: got.UID},
+	}}, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("token of service account %s/%s bound to pod %s: %w", ns, sa, pod, err)
 	}
 	return tr.Status.Token, nil
 }

@@ -3,6 +3,7 @@ package lab
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -96,6 +97,9 @@ func (l *Lab) MakeFlannelNode(ctx context.Context, i int) (string, error) {
 func (l *Lab) flannelLeases(ctx context.Context, i int, mac string) ([]subnet.Lease, func(context.Context) error, error) {
 	name := fmt.Sprintf("h%d", i)
 	if l.Datastore == "kube" {
+		if l.kubeMode() != "annotations" {
+			return nil, nil, errors.New("a flannel node in Kubernetes mode publishes Node annotations: run the lab with KubeMode annotations")
+		}
 		cs, err := l.KubeClient()
 		if err != nil {
 			return nil, nil, err

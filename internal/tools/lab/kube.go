@@ -18,6 +18,7 @@ import (
 
 	"github.com/twillnet/twill/deploy"
 	"github.com/twillnet/twill/internal/tools/kubeapi"
+	"github.com/twillnet/twill/subnet/kube"
 )
 
 // KubePort is the lab's kube-apiserver port, on WorldAddr in the underlay.
@@ -128,11 +129,16 @@ func (l *Lab) startKube(ctx context.Context) error {
 			return fmt.Errorf("create Node h%d: %w", i, err)
 		}
 	}
-	saToken, err := kubeapi.ServiceAccountToken(ctx, cs, "kube-twill", "twill", 24*time.Hour)
-	if err != nil {
-		return err
-	}
+	// Each twilld holds a token of the manifest's ServiceAccount bound to a
+	// pod on its node, as the kubelet gives the DaemonSet's pods: the
+	// admission policy lets it write its own node's objects only. The pods
+	// stay Pending, since no kubelet runs.
 	for i := 1; i <= l.Hosts; i++ {
+		name := fmt.Sprintf("h%d", i)
+		saToken, err := kubeapi.PodBoundToken(ctx, cs, "kube-twill", "twill", "twill-"+name, name, 24*time.Hour)
+		if err != nil {
+			return err
+		}
 		if err := os.MkdirAll(l.hostDir(i), 0o755); err != nil {
 			return err
 		}
@@ -140,7 +146,34 @@ func (l *Lab) startKube(ctx context.Context) error {
 			return err
 		}
 	}
+	if l.kubeMode() == "nodenetwork" {
+		// The garbage collector deletes a Node's NodeNetwork with the Node.
+		admin := filepath.Join(l.Dir, "kube", "admin.kubeconfig")
+		if err := srv.WriteKubeconfig(admin, token); err != nil {
+			return err
+		}
+		if err := l.spawn("kube-controller-manager", l.Topology().UnderlayNS(), l.kubeControllerManager(),
+			"--kubeconfig="+admin, "--controllers=garbagecollector", "--leader-elect=false",
+			"--secure-port=0", "--use-service-account-credentials=false"); err != nil {
+			return err
+		}
+		l.say("kube-controller-manager running its garbage collector")
+	}
 	return nil
+}
+
+// kubeMode is twilld's --kube-mode in the lab.
+func (l *Lab) kubeMode() string {
+	if l.KubeMode == "" {
+		return "nodenetwork"
+	}
+	return l.KubeMode
+}
+
+// kubeControllerManager is the kube-controller-manager binary: `make tools`
+// builds it beside kube-apiserver.
+func (l *Lab) kubeControllerManager() string {
+	return filepath.Join(filepath.Dir(l.KubeAPIServer), "kube-controller-manager")
 }
 
 func (l *Lab) kubeconfig(i int) string { return filepath.Join(l.hostDir(i), "kubeconfig") }
@@ -164,8 +197,32 @@ func (l *Lab) StartKubeAPI(ctx context.Context) error {
 	return kubeapi.WaitReady(ctx, srv.URL(), DialInNS(l.Topology().UnderlayNS()), 90*time.Second)
 }
 
-// kubeStatus prints the Nodes as twill sees them.
+// kubeStatus prints the Nodes, or the NodeNetwork records, as twill sees them.
 func (l *Lab) kubeStatus(ctx context.Context, w io.Writer) error {
+	if l.kubeMode() == "nodenetwork" {
+		rc, err := kube.NewRecordClient(l.KubeServer().Config(l.KubeAdminToken, DialInNS(l.Topology().UnderlayNS())))
+		if err != nil {
+			return err
+		}
+		recs, err := rc.List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(w, "NodeNetwork records (kube-apiserver %s):\n", l.KubeServer().URL())
+		for _, r := range recs.Items {
+			s := r.Spec
+			line := "  " + r.Name + "  backend " + s.BackendType
+			if s.Subnet != "" {
+				line += fmt.Sprintf("  subnet %s  public-ip %s  %s", s.Subnet, s.PublicIP, s.BackendData)
+			}
+			if s.IPv6Subnet != "" {
+				line += fmt.Sprintf("  ipv6-subnet %s  public-ipv6 %s  %s", s.IPv6Subnet, s.PublicIPv6, s.BackendV6Data)
+			}
+			fmt.Fprintln(w, line)
+		}
+		fmt.Fprintln(w)
+		return nil
+	}
 	cs, err := l.KubeClient()
 	if err != nil {
 		return err

@@ -67,6 +67,10 @@ type Options struct {
 	// KubeAnnotationPrefix is the prefix of the Node annotations in
 	// Kubernetes mode ("": twill.io); flannel's is flannel.alpha.coreos.com.
 	KubeAnnotationPrefix string `json:",omitempty"`
+	// KubeMode is twilld's --kube-mode: "" or "nodenetwork" (NodeNetwork
+	// records; the lab runs kube-controller-manager's garbage collector,
+	// which deletes a Node's record with the Node), or "annotations".
+	KubeMode string `json:",omitempty"`
 }
 
 // State is what `lab up` leaves in <dir>/lab.json for status, check and down.
@@ -297,6 +301,15 @@ func (l *Lab) preflight(ctx context.Context) error {
 		if _, err := os.Stat(l.KubeAPIServer); err != nil {
 			return fmt.Errorf("kube-apiserver not found at %s: run `make tools` (or pass --kube-apiserver)", l.KubeAPIServer)
 		}
+		switch l.KubeMode {
+		case "", "nodenetwork":
+			if _, err := os.Stat(l.kubeControllerManager()); err != nil {
+				return fmt.Errorf("kube-controller-manager not found beside kube-apiserver (%s): run `make tools`", l.kubeControllerManager())
+			}
+		case "annotations":
+		default:
+			return fmt.Errorf("--kube-mode %q: want nodenetwork or annotations", l.KubeMode)
+		}
 	default:
 		return fmt.Errorf("--datastore %q: want etcd or kube", l.Datastore)
 	}
@@ -352,7 +365,7 @@ func (l *Lab) StartDaemon(i int, extra ...string) error {
 		"--http-addr", "127.0.0.1:9867",
 	}
 	if l.Datastore == "kube" {
-		args = append(args, "--kube-subnet-mgr", "--kubeconfig", l.kubeconfig(i), "--net-config", filepath.Join(l.Dir, "net-conf.json"))
+		args = append(args, "--kube-subnet-mgr", "--kube-mode", l.kubeMode(), "--kubeconfig", l.kubeconfig(i), "--net-config", filepath.Join(l.Dir, "net-conf.json"))
 		if l.KubeAnnotationPrefix != "" {
 			args = append(args, "--kube-annotation-prefix", l.KubeAnnotationPrefix)
 		}

@@ -20,9 +20,6 @@ import (
 	"testing"
 	"time"
 
-	authenticationv1 "k8s.io/api/authentication/v1"
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/twillnet/twill/internal/tools/kubeapi"
@@ -404,23 +401,18 @@ func tail(path string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// BoundServiceAccountToken returns a one-hour token of an existing service
-// account bound to a Pod, as the kubelet projects it into the pod: the API
-// server adds the Pod's node (authentication.kubernetes.io/node-name) to the
-// token's user info, and the token dies with the Pod.
-func (k *KubeAPI) BoundServiceAccountToken(t testing.TB, ns, name string, pod *corev1.Pod) string {
+// PodBoundToken returns a one-hour token of an existing service account
+// bound to a Pod on node (kubeapi.PodBoundToken: the Pod is made, Pending,
+// when missing), as the kubelet gives a DaemonSet pod on that node.
+func (k *KubeAPI) PodBoundToken(t testing.TB, ns, sa, pod, node string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	exp := int64(3600)
-	tr, err := k.AdminClient(t).CoreV1().ServiceAccounts(ns).CreateToken(ctx, name, &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
-		ExpirationSeconds: &exp,
-		BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID},
-	}}, metav1.CreateOptions{})
+	token, err := kubeapi.PodBoundToken(ctx, k.AdminClient(t), ns, sa, pod, node, time.Hour)
 	if err != nil {
-		t.Fatalf("token of service account %s/%s bound to pod %s: %v", ns, name, pod.Name, err)
+		t.Fatal(err)
 	}
-	return tr.Status.Token
+	return token
 }
 
 // StartControllerManager runs the real kube-controller-manager (from `make
