@@ -33,6 +33,7 @@ import (
 	"github.com/twillnet/twill/internal/daemon/masq"
 	"github.com/twillnet/twill/subnet"
 	"github.com/twillnet/twill/subnet/etcd"
+	"github.com/twillnet/twill/subnet/kube"
 )
 
 // Config is everything twilld is told on its command line.
@@ -103,6 +104,12 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 	defer store.Close()
 
 	met := newMetrics()
+	if ks, ok := store.(*kubeStore); ok {
+		ks.events = func(resource string) { met.kubeEvents.WithLabelValues(resource).Inc() }
+		for _, r := range []string{kube.ResourceNodes, kube.Resource} {
+			met.kubeEvents.WithLabelValues(r)
+		}
+	}
 	hl := &health{notReady: "waiting for the network config"}
 	addr, stopHTTP, err := serveHTTP(ctx, c.HTTPAddr, hl, met)
 	if err != nil {

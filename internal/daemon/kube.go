@@ -29,6 +29,7 @@ type kubeStore struct {
 	c        Config
 	log      *slog.Logger
 	notReady func(string) // from Config: /readyz says why twilld still waits
+	events   func(string) // counts the informers' objects by resource (metrics)
 	reach    *reachability
 }
 
@@ -189,5 +190,6 @@ func (s *kubeStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, _ subnet
 		SetNodeCondition: s.c.SetNodeCondition,
 		Log:              s.log,
 		Waiting:          s.notReady,
+		Event:            s.events,
 	}, cfg, attrs)
 }

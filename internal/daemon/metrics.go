@@ -24,6 +24,7 @@ type metrics struct {
 	envFileWrites prometheus.Counter
 	lastReconcile prometheus.Gauge
 	lastDuration  prometheus.Gauge
+	kubeEvents    *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -69,9 +70,13 @@ func newMetrics() *metrics {
 		envFileWrites: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "twill_subnet_file_writes_total", Help: "Writes of the subnet env file.",
 		}),
+		kubeEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "twill_kube_watch_events_total",
+			Help: "Kubernetes mode: objects twilld's informers received (listed, added, updated or deleted), by resource: nodes (every Node with --kube-mode=annotations, the own Node alone with nodenetwork) and nodenetworks.",
+		}, []string{"resource"}),
 	}
 	m.reg.MustRegister(m.ready, m.peers, m.peersSkipped, m.repairs, m.reconciles, m.incrementals, m.reconcileTime,
-		m.envFileWrites, m.lastReconcile, m.lastDuration,
+		m.envFileWrites, m.lastReconcile, m.lastDuration, m.kubeEvents,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.reconciles.WithLabelValues("ok")
 	m.reconciles.WithLabelValues("error")

@@ -53,7 +53,14 @@ type Options struct {
 	// Waiting, when set, is called with the reason each time Acquire finds
 	// the lease not ready yet (for a readiness endpoint).
 	Waiting func(reason string)
+	// Event, when set, is called for every object an informer delivers
+	// (listed, added, updated or deleted) with its resource: ResourceNodes
+	// or Resource (nodenetworks). It counts what the watches cost.
+	Event func(resource string)
 }
+
+// ResourceNodes is the Nodes' resource name, as Options.Event reports it.
+const ResourceNodes = "nodes"
 
 // Manager is the Kubernetes lease manager of one node: the lease is the
 // Node's podCIDRs (one per family the network config enables). In the
@@ -70,6 +77,7 @@ type Manager struct {
 	setCond bool
 	log     *slog.Logger
 	waiting func(string)
+	event   func(string)
 	cfg     *subnet.Config
 	attrs   subnet.LeaseAttrs // what this node publishes, for the enabled families only
 	want    written           // the annotations that publish attrs
@@ -129,7 +137,7 @@ func NewManager(o Options, cfg *subnet.Config, attrs subnet.LeaseAttrs) (*Manage
 	cache := subnet.NewCache()
 	return &Manager{
 		client: o.Client, records: o.Records, node: o.NodeName, prefix: o.AnnotationPrefix, keys: Keys(o.AnnotationPrefix),
-		setCond: o.SetNodeCondition, log: o.Log.With("node", o.NodeName), waiting: o.Waiting,
+		setCond: o.SetNodeCondition, log: o.Log.With("node", o.NodeName), waiting: o.Waiting, event: o.Event,
 		cfg: cfg, attrs: attrs, want: writtenFor(attrs),
 		retryMin: 200 * time.Millisecond, retryMax: 5 * time.Second,
 		skipped: map[string]string{},

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -86,11 +87,30 @@ func (c *recordCluster) clients(t *testing.T, token string) (NodeClient, RecordC
 
 // recordManager is a nodenetwork-mode manager of a node with the given public
 // address, using a twilld's clients.
-func recordManager(t *testing.T, nodes NodeClient, records RecordClient, name, ip string) (*Manager, *logRecorder) {
+func recordManager(t *testing.T, nodes NodeClient, records RecordClient, name, ip string) (*Manager, *logRecorder, *eventCounts) {
 	t.Helper()
-	m, rec := newManagerFor(t, nodes, name, Options{Records: records}, testConfig(t), vxlanAttrs(ip))
+	ev := &eventCounts{n: map[string]int{}}
+	m, rec := newManagerFor(t, nodes, name, Options{Records: records, Event: ev.add}, testConfig(t), vxlanAttrs(ip))
 	m.retryMax = 200 * time.Millisecond
-	return m, rec
+	return m, rec, ev
+}
+
+// eventCounts counts the objects a manager's informers deliver, by resource.
+type eventCounts struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (e *eventCounts) add(resource string) {
+	e.mu.Lock()
+	e.n[resource]++
+	e.mu.Unlock()
+}
+
+func (e *eventCounts) get(resource string) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.n[resource]
 }
 
 // waitPolicy waits until the admission policy denies a twilld's write to
@@ -119,8 +139,8 @@ func TestNodeNetworkOnAPIServer(t *testing.T) {
 	nodesB, recordsB := c.twilldOn(t, "b")
 	waitPolicy(t, recordsA, "b")
 
-	ma, _ := recordManager(t, nodesA, recordsA, "a", "192.0.2.1")
-	mb, recB := recordManager(t, nodesB, recordsB, "b", "192.0.2.2")
+	ma, _, evA := recordManager(t, nodesA, recordsA, "a", "192.0.2.1")
+	mb, recB, _ := recordManager(t, nodesB, recordsB, "b", "192.0.2.2")
 	for _, m := range []*Manager{ma, mb} {
 		if _, err := m.Acquire(ctx); err != nil {
 			t.Fatal(err)
@@ -148,6 +168,29 @@ func TestNodeNetworkOnAPIServer(t *testing.T) {
 	if got := nodeOwner(ra.OwnerReferences); got != nodeA.UID {
 		t.Errorf("record a: Node owner %q, want Node a's UID %q (%+v)", got, nodeA.UID, ra.OwnerReferences)
 	}
+
+	t.Run("other Nodes' status writes reach no twilld", func(t *testing.T) {
+		// The kubelets' status writes were every watcher's cost in the
+		// annotations mode. Twenty heartbeats of b's, then one of a's as a
+		// fence: a's twilld receives a's alone, and no record.
+		nodes0, records0 := evA.get(ResourceNodes), evA.get(Resource)
+		heartbeat := func(name string, i int) {
+			t.Helper()
+			patch := fmt.Appendf(nil, `{"status":{"conditions":[{"type":"Ready","status":"True","reason":"KubeletReady","lastHeartbeatTime":"2026-12-02T00:%02d:00Z"}]}}`, i)
+			if _, err := c.admin.CoreV1().Nodes().Patch(ctx, name, types.StrategicMergePatchType, patch, metav1.PatchOptions{}, "status"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i := range 20 {
+			heartbeat("b", i)
+		}
+		heartbeat("a", 0)
+		waitFor(t, "a's twilld to see its own Node's heartbeat", 10*time.Second, func() bool { return evA.get(ResourceNodes) > nodes0 })
+		time.Sleep(200 * time.Millisecond) // room for a stray event to arrive
+		if n, r := evA.get(ResourceNodes)-nodes0, evA.get(Resource)-records0; n != 1 || r != 0 {
+			t.Errorf("a's twilld received %d Node and %d NodeNetwork events for 20 status writes of b's and 1 of a's; want 1 and 0", n, r)
+		}
+	})
 
 	t.Run("another node's objects are refused", func(t *testing.T) {
 		rb, err := recordsA.Get(ctx, "b", metav1.GetOptions{})

@@ -133,21 +133,25 @@ func (m *Manager) runRecords(ctx context.Context) error {
 	recInf := m.recordInformer()
 	queue := workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[recordItem]())
 	nodeKey := recordItem{name: m.node}
+	onNode := func() { m.counted(ResourceNodes); queue.Add(nodeKey) }
 	if _, err := nodeInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { queue.Add(nodeKey) },
-		UpdateFunc: func(any, any) { queue.Add(nodeKey) },
-		DeleteFunc: func(any) { queue.Add(nodeKey) },
+		AddFunc:    func(any) { onNode() },
+		UpdateFunc: func(any, any) { onNode() },
+		DeleteFunc: func(any) { onNode() },
 	}); err != nil {
 		return fmt.Errorf("kube lease manager: own Node informer: %w", err)
 	}
 	enqueue := func(obj any) {
+		m.counted(Resource)
 		if key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj); err == nil {
 			queue.Add(recordItem{record: true, name: key})
 		}
 	}
 	if _, err := recInf.AddEventHandler(cache.ResourceEventHandlerDetailedFuncs{
 		AddFunc: func(obj any, isInInitialList bool) {
-			if !isInInitialList {
+			if isInInitialList {
+				m.counted(Resource)
+			} else {
 				enqueue(obj)
 			}
 		},

@@ -48,13 +48,15 @@ func (m *Manager) Run(ctx context.Context) error {
 	}
 	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerDetailedFuncs{
 		AddFunc: func(obj any, isInInitialList bool) {
+			m.counted(ResourceNodes)
 			// syncAll reads the whole first listing from the cache.
 			if !isInInitialList {
 				enqueue(obj)
 			}
 		},
-		UpdateFunc: func(_, obj any) { enqueue(obj) },
+		UpdateFunc: func(_, obj any) { m.counted(ResourceNodes); enqueue(obj) },
 		DeleteFunc: func(obj any) {
+			m.counted(ResourceNodes)
 			// A deletion missed while the watch was down comes from the
 			// relist as a tombstone; its key is the Node's name all the same.
 			if ts, ok := obj.(cache.DeletedFinalStateUnknown); ok {
@@ -259,5 +261,12 @@ func (m *Manager) ownProblem(reason string) {
 	m.mu.Unlock()
 	if reason != "" && reason != last {
 		m.log.Warn("own Node", "problem", reason)
+	}
+}
+
+// counted reports an object an informer delivered (Options.Event).
+func (m *Manager) counted(resource string) {
+	if m.event != nil {
+		m.event(resource)
 	}
 }
