@@ -20,6 +20,7 @@ import (
 	"github.com/twillnet/twill/internal/version"
 	"github.com/twillnet/twill/subnet"
 	"github.com/twillnet/twill/subnet/etcd"
+	"github.com/twillnet/twill/subnet/kube"
 )
 
 func main() {
@@ -62,7 +63,10 @@ func run(args []string) error {
 	fs.BoolVar(&c.KubeSubnetMgr, "kube-subnet-mgr", false, "take the subnet from the Kubernetes Node's podCIDR instead of etcd")
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig file (default: the in-cluster config)")
 	fs.StringVar(&c.NetConfig, "net-config", "/etc/twill/net-conf.json", "network config file, in Kubernetes mode")
-	fs.StringVar(&c.KubeMode, "kube-mode", daemon.KubeModeNodeNetwork, "in Kubernetes mode, where nodes publish their leases: nodenetwork (a NodeNetwork record per node; each twilld watches the records and its own Node) or annotations (Node annotations, as flannel; each twilld watches every Node)")
+	fs.Func("kube-mode", "in Kubernetes mode, where nodes publish their leases: nodenetwork (the default: a NodeNetwork record per node; each twilld watches the records and its own Node) or annotations (Node annotations, as flannel; each twilld watches every Node, and keeps its record too where it may)", func(s string) error {
+		c.KubeMode = kube.Mode(s)
+		return nil
+	})
 	fs.StringVar(&c.KubeAnnotationPrefix, "kube-annotation-prefix", "twill.io", "prefix of twill's Node annotations (--kube-mode=annotations; the overwrite and node-public-ip annotations in both modes)")
 	fs.BoolVar(&c.SetNodeCondition, "set-node-condition", true, "in Kubernetes mode, set the Node's NetworkUnavailable condition to False once the datapath is up")
 	fs.StringVar(&c.NodeName, "node-name", os.Getenv("NODE_NAME"), "node name stored with the lease, for operators (default: $NODE_NAME or the host name)")

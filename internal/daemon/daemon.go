@@ -65,20 +65,9 @@ type Config struct {
 	Kubeconfig           string // "" = in-cluster config
 	NetConfig            string // net-conf.json file
 	KubeAnnotationPrefix string
-	SetNodeCondition     bool   // NetworkUnavailable=False once the datapath is up
-	KubeMode             string // KubeModeNodeNetwork ("" too) or KubeModeAnnotations
+	SetNodeCondition     bool      // NetworkUnavailable=False once the datapath is up
+	KubeMode             kube.Mode // "" means kube.ModeNodeNetwork
 }
-
-// The two ways of the Kubernetes mode to publish a node's lease and learn
-// its peers' (--kube-mode).
-const (
-	// KubeModeNodeNetwork: a NodeNetwork record per node, each twilld
-	// writing its own and watching all records, reading only its own Node.
-	KubeModeNodeNetwork = "nodenetwork"
-	// KubeModeAnnotations: annotations on the Nodes, each twilld writing
-	// its own Node's and watching every Node (flannel's way).
-	KubeModeAnnotations = "annotations"
-)
 
 // Run runs twilld until ctx ends. On a clean stop the lease is kept (pods go
 // on running and a restart finds the same subnet) unless ReleaseOnExit is set.

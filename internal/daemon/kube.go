@@ -25,7 +25,7 @@ import (
 // the network config a file (a ConfigMap in the DaemonSet).
 type kubeStore struct {
 	client   kube.NodeClient
-	records  kube.RecordClient // nil in the annotations mode
+	records  kube.RecordClient
 	c        Config
 	log      *slog.Logger
 	notReady func(string) // from Config: /readyz says why twilld still waits
@@ -39,10 +39,10 @@ func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
 	}
 	switch c.KubeMode {
 	case "":
-		c.KubeMode = KubeModeNodeNetwork
-	case KubeModeNodeNetwork, KubeModeAnnotations:
+		c.KubeMode = kube.ModeNodeNetwork
+	case kube.ModeNodeNetwork, kube.ModeAnnotations:
 	default:
-		return nil, fmt.Errorf("--kube-mode %q: want %s or %s", c.KubeMode, KubeModeNodeNetwork, KubeModeAnnotations)
+		return nil, fmt.Errorf("--kube-mode %q: want %s or %s", c.KubeMode, kube.ModeNodeNetwork, kube.ModeAnnotations)
 	}
 	var rc *rest.Config
 	var err error
@@ -61,12 +61,13 @@ func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
 	if err != nil {
 		return nil, fmt.Errorf("Kubernetes client: %w", err)
 	}
-	s := &kubeStore{client: client, c: c, log: log, reach: reach}
-	if c.KubeMode == KubeModeNodeNetwork {
-		if s.records, err = kube.NewRecordClient(rc); err != nil {
-			return nil, fmt.Errorf("Kubernetes client: %w", err)
-		}
+	// Both modes write the node's record: the annotations mode beside its
+	// annotations, for nodes already switched to the nodenetwork mode.
+	records, err := kube.NewRecordClient(rc)
+	if err != nil {
+		return nil, fmt.Errorf("Kubernetes client: %w", err)
 	}
+	s := &kubeStore{client: client, records: records, c: c, log: log, reach: reach}
 	log.Info("Kubernetes mode", "kubeMode", c.KubeMode)
 	return s, nil
 }
@@ -89,7 +90,7 @@ func (s *kubeStore) nodePublicIPs(ctx context.Context) (v4, v6 netip.Addr, err e
 func (s *kubeStore) Published(ctx context.Context, _ *subnet.Config, _ subnet.LeaseAttrs) (subnet.LeaseAttrs, bool) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if s.records != nil {
+	if s.c.KubeMode == kube.ModeNodeNetwork {
 		r, err := s.records.Get(ctx, s.c.NodeName, metav1.GetOptions{})
 		if err != nil {
 			s.log.Debug("read the NodeNetwork record published before", "err", err)
@@ -184,6 +185,7 @@ func (s *kubeStore) Config(ctx context.Context, notReady func(string)) (*subnet.
 func (s *kubeStore) Leases(cfg *subnet.Config, attrs subnet.LeaseAttrs, _ subnet.Lease) (leaseManager, error) {
 	return kube.NewManager(kube.Options{
 		Client:           s.client,
+		Mode:             s.c.KubeMode,
 		Records:          s.records,
 		NodeName:         s.c.NodeName,
 		AnnotationPrefix: s.c.KubeAnnotationPrefix,

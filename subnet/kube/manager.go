@@ -35,12 +35,14 @@ type Options struct {
 	// Client talks to the API server (NewNodeClient). It needs nodes get,
 	// list and watch, and nodes/status patch; nothing else.
 	Client NodeClient
-	// Records, when set, selects the nodenetwork mode: the node publishes
-	// its lease in its NodeNetwork record and learns its peers from theirs,
-	// reading only its own Node (NewRecordClient; nodenetworks get, list,
-	// watch, create, update and delete). Nil selects the annotations mode:
-	// the lease is published in annotations of the own Node and the peers
-	// are read from every Node.
+	// Mode is where the node publishes its lease and learns its peers':
+	// ModeAnnotations ("" too) or ModeNodeNetwork.
+	Mode Mode
+	// Records reads and writes NodeNetwork records (NewRecordClient;
+	// nodenetworks get, list, watch, create, update and delete). The
+	// nodenetwork mode needs it. In the annotations mode it is optional:
+	// when set, the node also keeps its own record, so that nodes already
+	// in the nodenetwork mode find it during a switch of modes.
 	Records RecordClient
 	// NodeName is the Node this twilld runs on (--node-name, NODE_NAME).
 	NodeName string
@@ -59,6 +61,18 @@ type Options struct {
 	Event func(resource string)
 }
 
+// Mode is how nodes publish their leases in the Kubernetes mode.
+type Mode string
+
+const (
+	// ModeNodeNetwork: a NodeNetwork record per node; each twilld writes
+	// its own and watches every record and its own Node alone.
+	ModeNodeNetwork Mode = "nodenetwork"
+	// ModeAnnotations: annotations on the Nodes, flannel's way; each
+	// twilld writes its own Node's and watches every Node.
+	ModeAnnotations Mode = "annotations"
+)
+
 // ResourceNodes is the Nodes' resource name, as Options.Event reports it.
 const ResourceNodes = "nodes"
 
@@ -70,17 +84,19 @@ const ResourceNodes = "nodes"
 // Node informer.
 type Manager struct {
 	client  NodeClient
-	records RecordClient // nil in the annotations mode
-	node    string
-	prefix  string
-	keys    AnnotationKeys
-	setCond bool
-	log     *slog.Logger
-	waiting func(string)
-	event   func(string)
-	cfg     *subnet.Config
-	attrs   subnet.LeaseAttrs // what this node publishes, for the enabled families only
-	want    written           // the annotations that publish attrs
+	records RecordClient // nil: no records (the annotations mode without them)
+	// watchRecords is the nodenetwork mode: peers come from the records.
+	watchRecords bool
+	node         string
+	prefix       string
+	keys         AnnotationKeys
+	setCond      bool
+	log          *slog.Logger
+	waiting      func(string)
+	event        func(string)
+	cfg          *subnet.Config
+	attrs        subnet.LeaseAttrs // what this node publishes, for the enabled families only
+	want         written           // the annotations that publish attrs
 
 	// retryMin and retryMax bound Acquire's polling of the own Node.
 	retryMin, retryMax time.Duration
@@ -90,6 +106,15 @@ type Manager struct {
 	acquired bool
 	released bool
 	skipped  map[string]string // node -> why it is not a peer, to log each reason once
+
+	// mirrored is what the annotations mode last wrote in the own record,
+	// so that it writes again only when the lease or the Node changes.
+	mirrored struct {
+		spec NodeNetworkSpec
+		uid  types.UID
+		ok   bool
+	}
+	mirrorErr string // the last failure to write it, logged once
 
 	// cache holds the peers by node name, never the own node; changed is
 	// the daemon's subscription to it.
@@ -124,6 +149,17 @@ func NewManager(o Options, cfg *subnet.Config, attrs subnet.LeaseAttrs) (*Manage
 	if err != nil {
 		return nil, fmt.Errorf("kube lease manager: %w", err)
 	}
+	switch o.Mode {
+	case "":
+		o.Mode = ModeAnnotations
+	case ModeAnnotations:
+	case ModeNodeNetwork:
+		if o.Records == nil {
+			return nil, errors.New("kube lease manager: the nodenetwork mode needs a NodeNetwork client")
+		}
+	default:
+		return nil, fmt.Errorf("kube lease manager: mode %q: want %s or %s", o.Mode, ModeNodeNetwork, ModeAnnotations)
+	}
 	if o.AnnotationPrefix == "" {
 		o.AnnotationPrefix = DefaultAnnotationPrefix
 	}
@@ -136,7 +172,7 @@ func NewManager(o Options, cfg *subnet.Config, attrs subnet.LeaseAttrs) (*Manage
 	attrs.NodeName = o.NodeName
 	cache := subnet.NewCache()
 	return &Manager{
-		client: o.Client, records: o.Records, node: o.NodeName, prefix: o.AnnotationPrefix, keys: Keys(o.AnnotationPrefix),
+		client: o.Client, records: o.Records, watchRecords: o.Mode == ModeNodeNetwork, node: o.NodeName, prefix: o.AnnotationPrefix, keys: Keys(o.AnnotationPrefix),
 		setCond: o.SetNodeCondition, log: o.Log.With("node", o.NodeName), waiting: o.Waiting, event: o.Event,
 		cfg: cfg, attrs: attrs, want: writtenFor(attrs),
 		retryMin: 200 * time.Millisecond, retryMax: 5 * time.Second,
@@ -230,8 +266,11 @@ func (m *Manager) tryAcquire(ctx context.Context) (subnet.Lease, string) {
 	if err != nil {
 		return subnet.Lease{}, err.Error()
 	}
-	if m.records != nil {
+	if m.watchRecords {
 		if err := m.publishRecord(ctx, recordSpec(l), node.UID); err != nil {
+			return subnet.Lease{}, err.Error()
+		}
+		if err := m.keepAnnotations(ctx, own); err != nil {
 			return subnet.Lease{}, err.Error()
 		}
 		return l, ""
@@ -241,6 +280,7 @@ func (m *Manager) tryAcquire(ctx context.Context) (subnet.Lease, string) {
 			return subnet.Lease{}, err.Error()
 		}
 	}
+	m.mirrorRecord(ctx, l, node.UID)
 	return l, ""
 }
 
@@ -372,7 +412,8 @@ func (m *Manager) Changed() <-chan struct{} { return m.changed }
 // Release removes what the node publishes, so peers drop it: its
 // NodeNetwork record, or in the annotations mode the annotations twilld
 // writes (backend type, and backend data and public address of each family)
-// from the own Node; an operator's overwrite annotations stay. The podCIDRs
+// from the own Node, and the record it kept beside them; an operator's
+// overwrite annotations stay. The podCIDRs
 // are the cluster's and stay too. Call it after Run has returned
 // (--release-on-exit); a running Run would publish again otherwise, so
 // Release also stops that.
@@ -380,13 +421,22 @@ func (m *Manager) Release(ctx context.Context) error {
 	m.mu.Lock()
 	m.released = true
 	m.mu.Unlock()
-	release := func() error { return m.patchAnnotations(ctx, m.keys.patch(written{})) }
-	if m.records != nil {
-		release = func() error {
-			if err := m.records.Delete(ctx, m.node, metav1.DeleteOptions{}); err != nil {
-				return fmt.Errorf("delete NodeNetwork %s: %w", m.node, err)
+	deleteRecord := func() error {
+		if err := m.records.Delete(ctx, m.node, metav1.DeleteOptions{}); err != nil {
+			return fmt.Errorf("delete NodeNetwork %s: %w", m.node, err)
+		}
+		return nil
+	}
+	release := deleteRecord
+	if !m.watchRecords {
+		release = func() error { return m.patchAnnotations(ctx, m.keys.patch(written{})) }
+		m.mu.Lock()
+		mirrored := m.mirrored.ok
+		m.mu.Unlock()
+		if mirrored {
+			if err := deleteRecord(); err != nil && !apierrors.IsNotFound(err) {
+				m.log.Warn("release: the node's NodeNetwork record stays", "err", err)
 			}
-			return nil
 		}
 	}
 	bo := retry.Backoff{Min: m.retryMin, Max: m.retryMax}

@@ -1,6 +1,7 @@
 package kube
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -89,8 +90,14 @@ func (c *recordCluster) clients(t *testing.T, token string) (NodeClient, RecordC
 // address, using a twilld's clients.
 func recordManager(t *testing.T, nodes NodeClient, records RecordClient, name, ip string) (*Manager, *logRecorder, *eventCounts) {
 	t.Helper()
+	return modeManager(t, ModeNodeNetwork, nodes, records, name, ip)
+}
+
+// modeManager is a manager of a mode, using a twilld's clients.
+func modeManager(t *testing.T, mode Mode, nodes NodeClient, records RecordClient, name, ip string) (*Manager, *logRecorder, *eventCounts) {
+	t.Helper()
 	ev := &eventCounts{n: map[string]int{}}
-	m, rec := newManagerFor(t, nodes, name, Options{Records: records, Event: ev.add}, testConfig(t), vxlanAttrs(ip))
+	m, rec := newManagerFor(t, nodes, name, Options{Mode: mode, Records: records, Event: ev.add}, testConfig(t), vxlanAttrs(ip))
 	m.retryMax = 200 * time.Millisecond
 	return m, rec, ev
 }
@@ -298,4 +305,79 @@ func wantForbidden(t *testing.T, what string, err error, msg string) {
 	if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), msg) {
 		t.Errorf("%s: %v; want Forbidden by twill's policy (%q)", what, err, msg)
 	}
+}
+
+// TestSwitchToNodeNetworkMode switches a cluster from the annotations mode to
+// the nodenetwork mode node by node, as a DaemonSet rolls the change out,
+// and checks that every pair of nodes reaches each other at every step: the
+// annotations mode keeps each node's record beside its annotations, and a
+// node switched keeps its old annotations current for the others.
+func TestSwitchToNodeNetworkMode(t *testing.T) {
+	c := newRecordCluster(t)
+	ctx := ctxT(t)
+	names := []string{"s1", "s2", "s3"}
+	type twilld struct {
+		nodes   NodeClient
+		records RecordClient
+		stop    context.CancelFunc
+		m       *Manager
+	}
+	ds := map[string]*twilld{}
+	for i, n := range names {
+		c.node(t, n, fmt.Sprintf("10.244.%d.0/24", i+1))
+		d := &twilld{}
+		d.nodes, d.records = c.twilldOn(t, n)
+		ds[n] = d
+	}
+	waitPolicy(t, ds["s1"].records, "s2")
+	start := func(i int, mode Mode, ip string) {
+		t.Helper()
+		d := ds[names[i]]
+		if d.stop != nil {
+			d.stop()
+		}
+		d.m, _, _ = modeManager(t, mode, d.nodes, d.records, names[i], ip)
+		if _, err := d.m.Acquire(ctx); err != nil {
+			t.Fatal(err)
+		}
+		runCtx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { d.m.Run(runCtx); close(done) }()
+		d.stop = func() { cancel(); <-done }
+		t.Cleanup(d.stop)
+	}
+	allSeeAll := func(step string, ips []string) {
+		t.Helper()
+		for i, n := range names {
+			want := map[string]string{}
+			for j, p := range names {
+				if j != i {
+					want[p] = fmt.Sprintf("10.244.%d.0/24 %s", j+1, ips[j])
+				}
+			}
+			waitFor(t, step+": "+n+" to see every other node", 10*time.Second, func() bool {
+				got, synced := peerMap(ds[n].m)
+				return synced && fmt.Sprint(got) == fmt.Sprint(want)
+			})
+		}
+	}
+	ips := []string{"192.0.2.1", "192.0.2.2", "192.0.2.3"}
+	for i := range names {
+		start(i, ModeAnnotations, ips[i])
+	}
+	allSeeAll("all in the annotations mode", ips)
+	for i := range names {
+		if _, err := c.records.Get(ctx, names[i], metav1.GetOptions{}); err != nil {
+			t.Fatalf("the annotations mode keeps no record of %s: %v", names[i], err)
+		}
+	}
+	// s1 switches, and comes back with another address: the others, still
+	// in the annotations mode, follow its annotations, which it keeps current.
+	ips[0] = "192.0.2.11"
+	start(0, ModeNodeNetwork, ips[0])
+	allSeeAll("s1 switched", ips)
+	start(1, ModeNodeNetwork, ips[1])
+	allSeeAll("s2 switched", ips)
+	start(2, ModeNodeNetwork, ips[2])
+	allSeeAll("all switched", ips)
 }

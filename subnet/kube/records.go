@@ -93,6 +93,49 @@ func (m *Manager) publishRecord(ctx context.Context, spec NodeNetworkSpec, uid t
 	return nil
 }
 
+// mirrorRecord is the annotations mode's record: when a NodeNetwork client
+// is set, the node keeps its record beside its annotations, so that nodes
+// switched to the nodenetwork mode reach it while a DaemonSet rolls the
+// switch out. It writes when the lease or the Node's UID differ from what it
+// last wrote, and never fails the caller: a cluster without the CRD, or
+// without the rights, only gets a warning, once per kind of failure.
+func (m *Manager) mirrorRecord(ctx context.Context, l subnet.Lease, uid types.UID) {
+	if m.records == nil || uid == "" {
+		return
+	}
+	spec := recordSpec(l)
+	m.mu.Lock()
+	done := m.mirrored.ok && m.mirrored.uid == uid && sameSpec(m.mirrored.spec, spec)
+	m.mu.Unlock()
+	if done {
+		return
+	}
+	err := m.publishRecord(ctx, spec, uid)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err != nil {
+		if m.mirrorErr != err.Error() {
+			m.mirrorErr = err.Error()
+			m.log.Warn("annotations mode: could not keep the node's NodeNetwork record beside its annotations (nodes in the nodenetwork mode will not see this node)", "err", err)
+		}
+		return
+	}
+	m.mirrored.spec, m.mirrored.uid, m.mirrored.ok, m.mirrorErr = spec, uid, true, ""
+}
+
+// keepAnnotations is the nodenetwork mode's care for the annotations a
+// node wrote before it was switched from the annotations mode: while they
+// are there, nodes still in the annotations mode read them, so they are kept
+// current. They are never added, and removing them (once no node is in the
+// annotations mode) makes them go for good.
+func (m *Manager) keepAnnotations(ctx context.Context, node *cachedNode) error {
+	if node.annotations().backendType == "" || m.published(node) {
+		return nil
+	}
+	m.log.Info("updating the annotations this node wrote in the annotations mode, for the nodes still in that mode")
+	return m.publish(ctx)
+}
+
 // recordErr adds what to do to the errors an operator can fix.
 func recordErr(err error) error {
 	switch {
@@ -268,6 +311,9 @@ func (m *Manager) syncOwnRecord(ctx context.Context) error {
 			m.setOwn(l)
 			moved = true
 		}
+	}
+	if err := m.keepAnnotations(ctx, node); err != nil {
+		return err
 	}
 	want := recordSpec(m.Own())
 	obj, ok, _ := m.recStore.GetByKey(m.node)

@@ -33,7 +33,7 @@ func (m *Manager) Run(ctx context.Context) error {
 	}
 	// client-go's reflector logs through the context's logger: ours.
 	ctx = klog.NewContext(ctx, logr.FromSlogHandler(m.log.Handler()))
-	if m.records != nil {
+	if m.watchRecords {
 		return m.runRecords(ctx)
 	}
 
@@ -91,7 +91,7 @@ func (m *Manager) Run(ctx context.Context) error {
 }
 
 // nodeInformer is an informer of every Node, slimmed by SlimNode before it
-// is cached. It is built from the NodeClient rather than with client-go's
+// is cached (the own Node keeps its UID). It is built from the NodeClient rather than with client-go's
 // informer factory, which would link a typed client of every API group, and
 // it has no index: the factory's namespace index is of no use for Nodes.
 func (m *Manager) nodeInformer() cache.SharedIndexInformer {
@@ -107,7 +107,18 @@ func (m *Manager) nodeInformer() cache.SharedIndexInformer {
 	// (WatchList) unless the client says it cannot, as fakes do.
 	inf := cache.NewSharedIndexInformerWithOptions(cache.ToListWatcherWithWatchListSemantics(lw, m.client),
 		&corev1.Node{}, cache.SharedIndexInformerOptions{})
-	if err := inf.SetTransform(SlimNode(m.prefix)); err != nil {
+	k := m.keys
+	if err := inf.SetTransform(func(obj any) (any, error) {
+		n, ok := obj.(*corev1.Node)
+		if !ok {
+			return obj, nil
+		}
+		c := slim(n, k)
+		if n.Name == m.node {
+			c.UID = n.UID // the own record's ownerReference names it
+		}
+		return c, nil
+	}); err != nil {
 		panic(err) // only if the informer had started
 	}
 	return inf
@@ -246,6 +257,7 @@ func (m *Manager) syncOwn(ctx context.Context, node *cachedNode) error {
 		m.log.Warn("own lease changed with the Node", slog.Group("old", leaseLog(old)...), slog.Group("new", leaseLog(l)...))
 		m.setOwn(l)
 	}
+	m.mirrorRecord(ctx, m.Own(), node.UID)
 	return nil
 }
 
