@@ -381,3 +381,48 @@ func TestSwitchToNodeNetworkMode(t *testing.T) {
 	start(2, ModeNodeNetwork, ips[2])
 	allSeeAll("all switched", ips)
 }
+
+// TestNodeNetworkWithoutCRD: a twilld in the nodenetwork mode on a cluster
+// whose manifest predates the CRD waits, not ready, and says what to do;
+// once the manifest is applied it goes on by itself.
+func TestNodeNetworkWithoutCRD(t *testing.T) {
+	api := testenv.StartKubeAPI(t, testenv.KubeAPIOptions{})
+	ctx := ctxT(t)
+	admin := api.AdminClient(t)
+	if _, err := admin.CoreV1().Nodes().Create(ctx, node("a", "10.244.1.0/24", nil), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	nodes, err := NewNodeClient(api.AdminConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	records, err := NewRecordClient(api.AdminConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reasons waitReasons
+	m, _ := newManagerFor(t, nodes, "a", Options{Mode: ModeNodeNetwork, Records: records, Waiting: reasons.record}, testConfig(t), vxlanAttrs("192.0.2.1"))
+	acquired := make(chan error, 1)
+	go func() { _, err := m.Acquire(ctx); acquired <- err }()
+	waitFor(t, "Acquire to say the CRD is missing", 20*time.Second,
+		reasons.seen("the NodeNetwork CustomResourceDefinition is not installed: apply deploy/kube-twill.yaml, or run twilld with --kube-mode=annotations", 2))
+	select {
+	case err := <-acquired:
+		t.Fatalf("Acquire returned without the CRD: %v", err)
+	default:
+	}
+	if _, err := kubeapi.Apply(ctx, api.AdminConfig(), deploy.KubeManifest, false); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-acquired:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Acquire still waiting 30 s after the CRD was applied")
+	}
+	if _, err := records.Get(ctx, "a", metav1.GetOptions{}); err != nil {
+		t.Fatalf("record after Acquire: %v", err)
+	}
+}
