@@ -1,11 +1,16 @@
 package deploy
 
 import (
+	"bytes"
 	"encoding/json"
+	"errors"
+	"io"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/containernetworking/cni/libcni"
+	"k8s.io/apimachinery/pkg/util/yaml"
 
 	"github.com/twillnet/twill/plugin"
 )
@@ -63,5 +68,52 @@ func TestShippedConflists(t *testing.T) {
 	}
 	if !slices.Equal(chains[0], chains[1]) || !slices.Equal(chains[0], []string{"twill", "portmap"}) {
 		t.Errorf("plugin chains %v, want twill then portmap in both", chains)
+	}
+}
+
+// The admission policy names twill's ServiceAccount by its user name: it
+// must be the manifest's ServiceAccount, the one the ClusterRoleBinding
+// binds and the DaemonSet runs as, or the policy would guard nothing.
+func TestPolicyNamesTheServiceAccount(t *testing.T) {
+	dec := yaml.NewYAMLOrJSONDecoder(bytes.NewReader(KubeManifest), 4096)
+	var sa, bound, runs, policy string
+	for {
+		var obj struct {
+			Kind     string `json:"kind"`
+			Metadata struct {
+				Name, Namespace string
+			} `json:"metadata"`
+			Subjects []struct{ Kind, Name, Namespace string } `json:"subjects"`
+			Spec     struct {
+				MatchConditions []struct{ Expression string } `json:"matchConditions"`
+				Template        struct {
+					Spec struct {
+						ServiceAccountName string `json:"serviceAccountName"`
+					} `json:"spec"`
+				} `json:"template"`
+			} `json:"spec"`
+		}
+		if err := dec.Decode(&obj); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		switch obj.Kind {
+		case "ServiceAccount":
+			sa = "system:serviceaccount:" + obj.Metadata.Namespace + ":" + obj.Metadata.Name
+		case "ClusterRoleBinding":
+			for _, s := range obj.Subjects {
+				bound = "system:serviceaccount:" + s.Namespace + ":" + s.Name
+			}
+		case "DaemonSet":
+			runs = "system:serviceaccount:" + obj.Metadata.Namespace + ":" + obj.Spec.Template.Spec.ServiceAccountName
+		case "ValidatingAdmissionPolicy":
+			for _, c := range obj.Spec.MatchConditions {
+				policy += c.Expression
+			}
+		}
+	}
+	if sa == "" || bound != sa || runs != sa || !strings.Contains(policy, "'"+sa+"'") {
+		t.Errorf("ServiceAccount %q, bound %q, DaemonSet runs as %q, policy matches %q: all must name the same", sa, bound, runs, policy)
 	}
 }
