@@ -199,7 +199,12 @@ func (m *Manager) runRecords(ctx context.Context) error {
 			}
 		},
 		UpdateFunc: func(_, obj any) { enqueue(obj) },
-		DeleteFunc: enqueue,
+		DeleteFunc: func(obj any) {
+			if ts, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				m.log.Debug("record deletion learnt from a relist", "peer", ts.Key)
+			}
+			enqueue(obj)
+		},
 	}); err != nil {
 		return fmt.Errorf("kube lease manager: NodeNetwork informer: %w", err)
 	}

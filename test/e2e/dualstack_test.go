@@ -100,7 +100,8 @@ func wantFamilyEntries(t *testing.T, l *lab.Lab, i int, v6 bool) familyEntries {
 	return e
 }
 
-// annotationPrefix is the prefix of the lab's Node annotations.
+// annotationPrefix is the prefix of the lab's Node annotations (in the
+// annotations mode).
 func annotationPrefix(l *lab.Lab) string {
 	if l.KubeAnnotationPrefix != "" {
 		return l.KubeAnnotationPrefix
@@ -116,13 +117,25 @@ func subnetsPrefix(l *lab.Lab) string {
 	return "/twill.io/network/subnets/"
 }
 
-// labLeases maps each public address of the lab's leases (etcd's, or the
-// Nodes' annotations in Kubernetes mode) to the VTEP MAC published for its
-// family.
+// labLeases maps each public address of the lab's leases (etcd's, or in
+// Kubernetes mode the NodeNetwork records or the Nodes' annotations, as
+// the lab's mode publishes them) to the VTEP MAC published for its family.
 func labLeases(t *testing.T, l *lab.Lab) map[netip.Addr]string {
 	t.Helper()
 	var all []subnet.LeaseAttrs
-	if l.Datastore == "kube" {
+	if nodeNetworkMode(l) {
+		recs, err := recordClient(t, l).List(ctxFor(t, 30*time.Second), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range recs.Items {
+			l, ok, err := kube.RecordToLease(&recs.Items[i])
+			if err != nil || !ok {
+				t.Fatalf("record %s: %v (a lease: %v)", recs.Items[i].Name, err, ok)
+			}
+			all = append(all, l.Attrs)
+		}
+	} else if l.Datastore == "kube" {
 		cs, err := l.KubeClient()
 		if err != nil {
 			t.Fatal(err)
