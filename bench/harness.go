@@ -86,6 +86,13 @@ type Config struct {
 	// last start at the largest size (vxlan, and wireguard), for its resync
 	// passes and idle CPU (0: not).
 	ResyncWindow time.Duration
+	// KubeModes are the --kube-mode values section 3 measures, in order
+	// ("annotations", "nodenetwork").
+	KubeModes []string
+	// KubeChurn is how long section 3 writes the peer Nodes' status as
+	// kubelets do (KubeNodes per 5 minutes), and how long it watches twilld
+	// without writes beside it, in each mode (0: not).
+	KubeChurn time.Duration
 }
 
 // Harness runs the sections and collects the report.
@@ -101,7 +108,7 @@ type Harness struct {
 var sectionTitles = []struct{ id, title string }{
 	{"1", "Convergence, etcd mode: cold start of twilld with N peer leases in etcd"},
 	{"2", "Change latency with 5,000 peers: etcd write returned -> kernel matches"},
-	{"3", "Kubernetes mode: twilld --kube-subnet-mgr with realistic Nodes in a real kube-apiserver"},
+	{"3", "Kubernetes mode: twilld --kube-subnet-mgr with realistic Nodes in a real kube-apiserver, --kube-mode annotations and nodenetwork"},
 	{"4", "CNI: twill -> bridge + host-local vs bridge + host-local alone, same config"},
 	{"5", "Datapath, 2 lab hosts: pod to pod across hosts vs host to host on the underlay"},
 	{"6", "Steady state: twilld idle with 1,000 peers"},

@@ -9,12 +9,16 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/metadata"
 	"k8s.io/client-go/rest"
 
 	"github.com/twillnet/twill/backend/vxlan"
@@ -28,18 +32,39 @@ import (
 
 // kubeMode is the set-up of section 3: the lab's topology with one host, the
 // real etcd and the real kube-apiserver (bin/tools) serving in the underlay
-// namespace, realistic peer Nodes in it (bench/kubenode), the own Node with
-// a podCIDR, and twilld in the host namespace in Kubernetes mode with the
-// ServiceAccount and RBAC of deploy/kube-twill.yaml.
+// namespace, realistic peer Nodes in it (bench/kubenode), for the
+// nodenetwork mode the peers' NodeNetwork records too, the own Node with a
+// podCIDR, and twilld in the host namespace in Kubernetes mode with the
+// ServiceAccount, RBAC and admission policy of deploy/kube-twill.yaml and a
+// token bound to a pod on its node.
 type kubeMode struct {
 	benchHost
-	etcd  *etcdServer
-	srv   kubeapi.Server
-	api   *Proc
-	admin kubernetes.Interface // protobuf, no client-side rate limit
-	json  kubernetes.Interface // JSON only, to weigh a Node as JSON
-	nodes int                  // peer Nodes (series 0) now in the API server
+	etcd    *etcdServer
+	srv     kubeapi.Server
+	api     *Proc
+	admin   kubernetes.Interface // protobuf, no client-side rate limit
+	json    kubernetes.Interface // JSON only, to weigh a Node as JSON
+	meta    metadata.Interface   // the Nodes' metadata (UIDs for ownerReferences)
+	cfg     *rest.Config         // the cluster admin's
+	records kube.RecordClient    // NodeNetworks, as the cluster admin, no client-side rate limit
+	nodes   int                  // peer Nodes (series 0) now in the API server
+	recs    int                  // peer NodeNetwork records (series 0) now in the API server
+	// mode is twilld's --kube-mode at its next start: kubeAnnotations or
+	// kubeNodeNetwork.
+	mode string
+	// beats counts the status heartbeats written so far, so that the churn
+	// of one mode goes on with the Nodes the previous one did not write.
+	beats int
+	// plainWrite is what one Node status write weighs on a plain watch of
+	// Nodes, in bytes (kubeWatchBytes).
+	plainWrite float64
 }
+
+// twilld's --kube-mode values.
+const (
+	kubeAnnotations = "annotations"
+	kubeNodeNetwork = "nodenetwork"
+)
 
 // ownPodCIDR is the own Node's podCIDR: inside benchNetwork, apart from the
 // peers' (10.64.0.0 on) and the added ones' (10.200.0.0 on).
@@ -80,6 +105,7 @@ func newKubeMode(ctx context.Context, h *Harness) (k *kubeMode, err error) {
 		return k, fmt.Errorf("%w (see %s)", err, k.api.Log)
 	}
 	cfg := k.srv.Config(token, dial)
+	k.cfg = cfg
 	jcfg := rest.CopyConfig(cfg)
 	jcfg.AcceptContentTypes, jcfg.ContentType = "application/json", "application/json"
 	if k.json, err = kubernetes.NewForConfig(jcfg); err != nil {
@@ -91,11 +117,26 @@ func newKubeMode(ctx context.Context, h *Harness) (k *kubeMode, err error) {
 	if k.admin, err = kubernetes.NewForConfig(fast); err != nil {
 		return k, err
 	}
+	if k.meta, err = metadata.NewForConfig(fast); err != nil {
+		return k, err
+	}
+	if k.records, err = kube.NewRecordClient(fast); err != nil {
+		return k, err
+	}
 	// twilld runs with exactly the permissions the manifest grants.
 	if _, err := kubeapi.Apply(ctx, cfg, deploy.KubeManifest, false); err != nil {
 		return k, err
 	}
-	saToken, err := kubeapi.ServiceAccountToken(ctx, k.admin, "kube-twill", "twill", 24*time.Hour)
+	// The own Node as the kubelet and the node IPAM controller leave it;
+	// twilld publishes its annotations (or its record) at every start.
+	own := kubenode.Spec{Name: benchNode, Index: 65535, InternalIP: k.topo.HostAddr(1).String(), PodCIDR: ownPodCIDR}
+	if err := kubenode.Register(ctx, k.admin, own); err != nil {
+		return k, err
+	}
+	// A token bound to a (Pending) pod on the own node, as the kubelet
+	// projects one into the DaemonSet's pod: the manifest's admission
+	// policy lets it write that node's record and status only.
+	saToken, err := kubeapi.PodBoundToken(ctx, k.admin, "kube-twill", "twill", "twill-"+benchNode, benchNode, 24*time.Hour)
 	if err != nil {
 		return k, err
 	}
@@ -104,12 +145,6 @@ func newKubeMode(ctx context.Context, h *Harness) (k *kubeMode, err error) {
 	}
 	conf := fmt.Sprintf(`{"Network":%q,"SubnetLen":24,"Backend":{"Type":"vxlan"}}`, benchNetwork)
 	if err := os.WriteFile(k.netConf(), []byte(conf), 0o644); err != nil {
-		return k, err
-	}
-	// The own Node as the kubelet and the node IPAM controller leave it;
-	// twilld publishes its annotations at every start.
-	own := kubenode.Spec{Name: benchNode, Index: 65535, InternalIP: k.topo.HostAddr(1).String(), PodCIDR: ownPodCIDR}
-	if err := kubenode.Register(ctx, k.admin, own); err != nil {
 		return k, err
 	}
 	return k, nil
@@ -145,6 +180,100 @@ func peerNode(series, i int) kubenode.Spec {
 	}
 }
 
+// peerRecord is the NodeNetwork record twilld on the Node of fake peer i of a
+// series would publish (the same lease as peerNode's annotations), owned by
+// that Node (uid).
+func peerRecord(series, i int, uid types.UID) *kube.NodeNetwork {
+	p := peerAt(series, i)
+	data, _ := json.Marshal(vxlan.Data{VNI: 1, VtepMAC: p.MAC})
+	name := peerNode(series, i).Name
+	return &kube.NodeNetwork{
+		ObjectMeta: metav1.ObjectMeta{Name: name, OwnerReferences: []metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: name, UID: uid}}},
+		Spec: kube.NodeNetworkSpec{BackendType: subnet.BackendVXLAN, Subnet: p.Subnet.String(), PublicIP: p.PublicIP.String(),
+			BackendData: data},
+	}
+}
+
+// addRecords creates the NodeNetwork records of the peer Nodes of series 0
+// until there are n, each owned by its Node, with kubeWorkers clients.
+func (k *kubeMode) addRecords(ctx context.Context, n int) error {
+	if n > k.nodes {
+		return fmt.Errorf("%d records for %d peer Nodes", n, k.nodes)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
+	defer cancel()
+	// The CustomResourceDefinition is served a moment after it is applied.
+	err := lab.Poll(ctx, 30*time.Second, 100*time.Millisecond, "the NodeNetwork resource", func() error {
+		_, err := k.records.List(ctx, metav1.ListOptions{Limit: 1})
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	uids := map[string]types.UID{}
+	opts := metav1.ListOptions{Limit: 1000}
+	for {
+		l, err := k.meta.Resource(corev1.SchemeGroupVersion.WithResource("nodes")).List(ctx, opts)
+		if err != nil {
+			return fmt.Errorf("list the Nodes' metadata: %w", err)
+		}
+		for _, m := range l.Items {
+			uids[m.Name] = m.UID
+		}
+		if opts.Continue = l.Continue; opts.Continue == "" {
+			break
+		}
+	}
+	from := k.recs
+	err = parallel(ctx, n-from, kubeWorkers, func(ctx context.Context, j int) error {
+		i := from + j
+		name := peerNode(0, i).Name
+		uid, ok := uids[name]
+		if !ok {
+			return fmt.Errorf("no Node %s for its record", name)
+		}
+		if _, err := k.records.Create(ctx, peerRecord(0, i, uid), metav1.CreateOptions{FieldManager: kube.FieldManager}); err != nil {
+			return fmt.Errorf("create NodeNetwork %s: %w", name, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	k.recs = n
+	return nil
+}
+
+// parallel runs f(ctx, 0) .. f(ctx, n-1) on w goroutines and returns the
+// first error; the others stop at their next item.
+func parallel(ctx context.Context, n, w int, f func(context.Context, int) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	var once sync.Once
+	var firstErr error
+	for range max(w, 1) {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				i := int(next.Add(1)) - 1
+				if i >= n {
+					return
+				}
+				if err := f(ctx, i); err != nil {
+					once.Do(func() { firstErr = err; cancel() })
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	return ctx.Err()
+}
+
 // addNodes creates peer Nodes of series 0 until there are n.
 func (k *kubeMode) addNodes(ctx context.Context, n int) error {
 	if n < k.nodes {
@@ -164,17 +293,26 @@ func (k *kubeMode) addNodes(ctx context.Context, n int) error {
 // startTwilld starts twilld in Kubernetes mode in the host namespace, as the
 // DaemonSet runs it (but forked directly, see startInNSEnv).
 func (k *kubeMode) startTwilld(extra ...string) error {
-	return k.start([]string{"--kube-subnet-mgr", "--kubeconfig", k.kubeconfig(), "--net-config", k.netConf()}, extra...)
+	return k.start([]string{"--kube-subnet-mgr", "--kube-mode", k.mode, "--kubeconfig", k.kubeconfig(), "--net-config", k.netConf()}, extra...)
 }
 
 // reset stops twilld and returns the host and its Node to a fresh node's
-// state: no device, no twill routes, no env file, and a Node without twill's
+// state: no device, no twill routes, no env file, a Node without twill's
 // annotations and NetworkUnavailable condition (as the kubelet and the node
-// IPAM controller leave it). The peer Nodes stay.
+// IPAM controller leave it), and no NodeNetwork record of the node. The
+// peer Nodes and records stay.
 func (k *kubeMode) reset(ctx context.Context) error {
 	errs := k.resetHost(ctx)
 	if err := k.resetOwnNode(ctx); err != nil {
 		errs = append(errs, err)
+	}
+	if k.records != nil {
+		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := k.records.Delete(dctx, benchNode, metav1.DeleteOptions{})
+		cancel()
+		if err != nil && !apierrors.IsNotFound(err) {
+			errs = append(errs, fmt.Errorf("reset NodeNetwork %s: %w", benchNode, err))
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -232,6 +370,12 @@ type kubeColdStart struct {
 	// was read): the heap in use, the heap the runtime holds from the
 	// kernel (obtained minus released), and everything it obtained.
 	HeapInuseMiB, HeapHeldMiB, GoSysMiB float64
+	// ReadMiB is what twilld read (rchar: its API server connection, and
+	// the files it read) from the fork to the last entry.
+	ReadMiB float64
+	// Objects are what its informers had delivered 0.5 s after the last
+	// entry (twill_kube_watch_events_total), by resource.
+	Objects map[string]float64
 }
 
 func (k *kubeMode) coldStart(ctx context.Context, n int, extra ...string) (*kubeColdStart, error) {
@@ -258,9 +402,11 @@ func (k *kubeMode) coldStart(ctx context.Context, n int, extra ...string) (*kube
 		return nil, err
 	}
 	p := k.twilld
+	read, _ := readBytes(p.Pid())
 	api1, _ := usage(k.api.Pid())
 	etcd1, _ := usage(k.etcd.proc.Pid())
-	r := &kubeColdStart{coldStart: *cs, APICPU: api1.CPUSeconds - api0.CPUSeconds, EtcdCPU: etcd1.CPUSeconds - etcd0.CPUSeconds}
+	r := &kubeColdStart{coldStart: *cs, APICPU: api1.CPUSeconds - api0.CPUSeconds, EtcdCPU: etcd1.CPUSeconds - etcd0.CPUSeconds,
+		ReadMiB: read / (1 << 20), Objects: map[string]float64{}}
 	// The peak may come after the last entry (the second pass, the
 	// NetworkUnavailable patch): look again a moment later.
 	if err := sleep(ctx, 500*time.Millisecond); err != nil {
@@ -276,12 +422,19 @@ func (k *kubeMode) coldStart(ctx context.Context, n int, extra ...string) (*kube
 		r.HeapInuseMiB = mib("go_memstats_heap_inuse_bytes")
 		r.HeapHeldMiB = mib("go_memstats_heap_sys_bytes") - mib("go_memstats_heap_released_bytes")
 		r.GoSysMiB = mib("go_memstats_sys_bytes")
+		for _, res := range []string{kube.ResourceNodes, kube.Resource} {
+			r.Objects[res] = promValue(m, "twill_kube_watch_events_total", map[string]string{"resource": res})
+		}
 	}
 	if err := verifyHost(ctx, k.topo, n, false); err != nil {
 		return nil, err
 	}
 	r.Phases = logPhases(p.Log, p.Started, false)
-	if d, ok := logFirst(p.Log, p.Started, "nodes listed"); ok {
+	if k.mode == kubeNodeNetwork {
+		if d, ok := logFirst(p.Log, p.Started, "NodeNetwork records listed"); ok {
+			r.Phases["records listed (informers synced)"] = d
+		}
+	} else if d, ok := logFirst(p.Log, p.Started, "nodes listed"); ok {
 		r.Phases["Nodes listed (informer synced)"] = d
 	}
 	ok = true

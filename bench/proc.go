@@ -182,3 +182,20 @@ func ipCmd(ctx context.Context, args ...string) (string, error) {
 
 // sleep waits d or until ctx ends.
 func sleep(ctx context.Context, d time.Duration) error { return retry.Sleep(ctx, d) }
+
+// readBytes is rchar of /proc/<pid>/io: the bytes the process has read
+// through read(2) and its kin since it started, from files and from sockets
+// alike (a Go program reads its TCP connections with read(2); netlink
+// replies, received with recvmsg(2), are not counted).
+func readBytes(pid int) (float64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "rchar:"); ok {
+			return strconv.ParseFloat(strings.TrimSpace(v), 64)
+		}
+	}
+	return 0, errors.New("no rchar in /proc/pid/io")
+}

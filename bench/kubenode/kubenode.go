@@ -195,6 +195,67 @@ func publishReady(ctx context.Context, cs kubernetes.Interface, name string, ann
 	return nil
 }
 
+// kubeletConditions are the conditions the kubelet itself reports (the
+// others of a Realistic Node are the node problem detector's): their
+// heartbeats are what its periodic status update changes.
+var kubeletConditions = []corev1.NodeConditionType{
+	corev1.NodeMemoryPressure, corev1.NodeDiskPressure, corev1.NodePIDPressure, corev1.NodeReady,
+}
+
+// conditionOrder is the order of a Realistic Node's conditions, with
+// NetworkUnavailable last when published (the strategic merge patch that
+// adds it appends it to the list).
+func conditionOrder(published bool) []corev1.NodeConditionType {
+	var order []corev1.NodeConditionType
+	for _, c := range Realistic(Spec{}).Status.Conditions {
+		order = append(order, c.Type)
+	}
+	if published {
+		order = append(order, corev1.NodeNetworkUnavailable)
+	}
+	return order
+}
+
+// HeartbeatPatch returns the patch the kubelet sends through nodes/status on
+// its periodic status update when nothing but time has passed (every
+// nodeStatusReportFrequency, 5 minutes by default, with node leases): a
+// strategic merge patch, as the kubelet computes it from the old and the
+// new Node, that moves the lastHeartbeatTime of its four conditions to at
+// and lists the order of all of the Node's conditions
+// ($setElementOrder). published says whether the Node carries twilld's
+// NetworkUnavailable condition (Create with annotations).
+func HeartbeatPatch(published bool, at time.Time) []byte {
+	type key struct {
+		Type corev1.NodeConditionType `json:"type"`
+	}
+	type beat struct {
+		LastHeartbeatTime metav1.Time              `json:"lastHeartbeatTime"`
+		Type              corev1.NodeConditionType `json:"type"`
+	}
+	var order []key
+	for _, t := range conditionOrder(published) {
+		order = append(order, key{t})
+	}
+	var beats []beat
+	for _, t := range kubeletConditions {
+		beats = append(beats, beat{metav1.NewTime(at), t})
+	}
+	patch, _ := json.Marshal(map[string]any{"status": map[string]any{
+		"$setElementOrder/conditions": order,
+		"conditions":                  beats,
+	}})
+	return patch
+}
+
+// Heartbeat sends a HeartbeatPatch for Node name as the kubelet does
+// (field manager "kubelet", subresource status).
+func Heartbeat(ctx context.Context, cs kubernetes.Interface, name string, patch []byte) error {
+	if _, err := cs.CoreV1().Nodes().Patch(ctx, name, types.StrategicMergePatchType, patch, metav1.PatchOptions{FieldManager: Kubelet}, "status"); err != nil {
+		return fmt.Errorf("status heartbeat of Node %s: %w", name, err)
+	}
+	return nil
+}
+
 // Create registers a Node (Register) and, when s has annotations, publishes
 // them with the NetworkUnavailable condition as twilld (fieldManager) would.
 func Create(ctx context.Context, cs kubernetes.Interface, s Spec, fieldManager string) error {

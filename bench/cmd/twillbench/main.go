@@ -58,6 +58,8 @@ func run(args []string) error {
 	fs.IntVar(&c.MasqSamples, "masq-samples", 20, "change latency figure: samples with --ip-masq in each rules mode (iptables, nftables), and of each kind of rules check (0: skip)")
 	fs.IntVar(&c.KubeNodes, "kube-nodes", 5000, "realistic peer Nodes in the kube-apiserver for the Kubernetes-mode figures")
 	fs.IntVar(&c.KubeSamples, "kube-samples", 20, "Nodes added and removed one by one in the Kubernetes-mode figures (0: skip)")
+	kubeModes := fs.String("kube-modes", "annotations,nodenetwork", "Kubernetes-mode figures: twilld's --kube-mode values to measure, in order")
+	fs.DurationVar(&c.KubeChurn, "kube-churn", 60*time.Second, "Kubernetes-mode figures: write the peer Nodes' status as kubelets do (--kube-nodes per 5 min) for this long, and watch twilld as long without writes, in each mode (0: skip)")
 	fs.IntVar(&c.CNIPods, "cni-pods", 100, "pods per CNI phase")
 	fs.IntVar(&c.CNIParallel, "cni-parallel", 10, "concurrent CNI operations in the parallel phases")
 	fs.IntVar(&c.CNIRounds, "cni-rounds", 4, "rounds of the CNI comparison (sides alternate)")
@@ -76,7 +78,7 @@ func run(args []string) error {
 	if *quick {
 		sizes = "100,1000"
 		c.Runs, c.ChangePeers, c.ChangeSamples, c.MasqSamples = 2, 1000, 10, 5
-		c.KubeNodes, c.KubeSamples = 500, 5
+		c.KubeNodes, c.KubeSamples, c.KubeChurn = 500, 5, 20*time.Second
 		c.CNIPods, c.CNIRounds, c.SteadyDuration = 20, 1, 10*time.Second
 		c.IperfSeconds, c.IperfRepeats, c.PingCount = 2, 1, 50
 		c.ResyncWindow = 12 * time.Second
@@ -90,6 +92,17 @@ func run(args []string) error {
 	}
 	if c.KubeNodes < 1 || c.KubeNodes > 65000 || c.KubeSamples < 0 || c.KubeSamples > 65000 {
 		return fmt.Errorf("--kube-nodes %d, --kube-samples %d: want 1 to 65000 Nodes and 0 to 65000 samples", c.KubeNodes, c.KubeSamples)
+	}
+	for _, m := range strings.Split(*kubeModes, ",") {
+		switch m = strings.TrimSpace(m); m {
+		case "annotations", "nodenetwork":
+			c.KubeModes = append(c.KubeModes, m)
+		default:
+			return fmt.Errorf("--kube-modes: %q is not annotations or nodenetwork", m)
+		}
+	}
+	if c.KubeChurn < 0 {
+		return fmt.Errorf("--kube-churn %s: want 0 or more", c.KubeChurn)
 	}
 	steady, err := bench.ParseRulesMode(*steadyMasq)
 	if err != nil {
