@@ -284,7 +284,7 @@ func fatNode() *corev1.Node {
 	n.Spec.Taints = []corev1.Taint{{Key: "node.kubernetes.io/not-ready", Effect: corev1.TaintEffectNoSchedule}}
 	n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.0.2.7"}}
 	n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
-	n.Status.Images = []corev1.ContainerImage{{Names: []string{"registry.k8s.io/pause:3.10"}, SizeBytes: 320000}}
+	n.Status.Images = []corev1.ContainerImage{{Names: []string{"pause:3.10"}, SizeBytes: 320000}}
 	n.Status.NodeInfo.KubeletVersion = "v1.37.2"
 	return n
 }
