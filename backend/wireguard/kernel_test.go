@@ -123,13 +123,20 @@ func newBackend(t *testing.T, nd *node, cfg subnet.BackendConfig, side string) *
 var wgConfig = subnet.BackendConfig{Type: subnet.BackendWireGuard, ListenPort: 51820, ListenPortV6: 51821, Mode: "separate"}
 
 // ping sends a few echoes from the node's namespace; bounded.
+// ping reports whether one of up to 5 pings (1 s each) gets its answer: the
+// first packet to a peer waits for the handshake, which wireguard-go on a
+// loaded machine (`make test` runs packages side by side) may take over a
+// second to finish.
 func (n *node) ping(t *testing.T, to string) error {
 	var err error
 	n.in(t, func() error {
-		var out []byte
-		out, err = exec.Command("ping", "-c", "2", "-i", "0.2", "-W", "1", to).CombinedOutput()
-		if err != nil {
-			err = fmt.Errorf("ping %s: %w\n%s", to, err, out)
+		for range 5 {
+			var out []byte
+			out, err = exec.Command("ping", "-c", "1", "-W", "1", to).CombinedOutput()
+			if err == nil {
+				return nil
+			}
+			err = fmt.Errorf("ping %s, 5 tries: %w\n%s", to, err, out)
 		}
 		return nil
 	})
