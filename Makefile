@@ -29,7 +29,9 @@ TOOLS_MOD := hack/tools/go.mod hack/tools/go.sum
 TOOLS_GO  := cd hack/tools && CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD)
 CNI_PLUGINS := bridge host-local loopback portmap
 
-tools: $(TOOLS_BIN)/etcd $(TOOLS_BIN)/etcdctl $(TOOLS_BIN)/kube-apiserver $(TOOLS_BIN)/kube-controller-manager $(TOOLS_BIN)/crictl $(TOOLS_BIN)/pause containerd2 cni-plugins ## build etcd, etcdctl, kube-apiserver, kube-controller-manager, crictl, containerd 2, the test pods' pause program and the reference CNI plugins
+KUBE_CMDS := kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet
+
+tools: $(TOOLS_BIN)/etcd $(TOOLS_BIN)/etcdctl $(addprefix $(TOOLS_BIN)/,$(KUBE_CMDS)) $(TOOLS_BIN)/crictl $(TOOLS_BIN)/pause containerd2 cni-plugins ## build etcd, etcdctl, Kubernetes (kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubelet), crictl, containerd 2, the test pods' pause program and the reference CNI plugins
 
 cni-plugins: $(addprefix $(CNI_BIN)/,$(CNI_PLUGINS)) ## build only the reference CNI plugins (what the lab needs)
 
@@ -37,10 +39,18 @@ $(TOOLS_BIN)/etcd: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ go.etcd.io/etcd/server/v3
 $(TOOLS_BIN)/etcdctl: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ go.etcd.io/etcd/etcdctl/v3
-$(TOOLS_BIN)/kube-apiserver: $(TOOLS_MOD)
-	$(TOOLS_GO) -o ../../$@ k8s.io/kubernetes/cmd/kube-apiserver
-$(TOOLS_BIN)/kube-controller-manager: $(TOOLS_MOD)
-	$(TOOLS_GO) -o ../../$@ k8s.io/kubernetes/cmd/kube-controller-manager
+# The version the Kubernetes programs report (the kubelet's is checked
+# against the API server's): the pinned k8s.io/kubernetes, e.g. v1.37.2.
+$(addprefix $(TOOLS_BIN)/,$(KUBE_CMDS)): $(TOOLS_BIN)/%: $(TOOLS_MOD)
+	v=$$(cd hack/tools && $(GO) list -m -f '{{.Version}}' k8s.io/kubernetes) && \
+	$(TOOLS_GO) -ldflags "-X k8s.io/component-base/version.gitVersion=$$v \
+		-X k8s.io/component-base/version.gitMajor=$$(echo $$v | cut -d. -f1 | tr -d v) \
+		-X k8s.io/component-base/version.gitMinor=$$(echo $$v | cut -d. -f2)" \
+		-o ../../$@ k8s.io/kubernetes/cmd/$*
+# wireguard-go, static, for twill's image (not on the tests' PATH: the lab
+# and the tests use the machine's, Debian's).
+$(BIN)/image/wireguard-go: $(TOOLS_MOD)
+	$(TOOLS_GO) -o ../../$@ golang.zx2c4.com/wireguard
 $(TOOLS_BIN)/crictl: $(TOOLS_MOD)
 	$(TOOLS_GO) -o ../../$@ sigs.k8s.io/cri-tools/cmd/crictl
 # The sandbox program of the containerd test's pods (nothing can be pulled here).
