@@ -339,6 +339,9 @@ type plane struct {
 	known    map[netip.Prefix]knownLease // its peer leases, unfiltered
 	epoch    uint64                      // counts calls of changes
 	filter   *subnet.PeerFilter          // its admitted peers; nil when a lease was skipped
+
+	bridge     bridgeNetfilter // br_netfilter's state at the last full pass
+	bridgeSeen bool
 }
 
 func (p *plane) family() string { return subnet.FamilyName(p.v6) }
@@ -402,6 +405,9 @@ func (d *daemon) pass(ctx context.Context, full bool) {
 			d.log.Error("write subnet env file", "err", err)
 		}
 		d.met.leaseAcquired.Inc()
+	}
+	if full {
+		d.checkBridges()
 	}
 	peers, synced := d.mgr.Peers()
 	good := d.ensureRules(ctx, own, full || !synced) && synced

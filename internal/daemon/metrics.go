@@ -25,6 +25,7 @@ type metrics struct {
 	lastReconcile prometheus.Gauge
 	lastDuration  prometheus.Gauge
 	kubeEvents    *prometheus.CounterVec
+	brNetfilter   *prometheus.GaugeVec
 }
 
 func newMetrics() *metrics {
@@ -70,13 +71,17 @@ func newMetrics() *metrics {
 		envFileWrites: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "twill_subnet_file_writes_total", Help: "Writes of the subnet env file.",
 		}),
+		brNetfilter: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "twill_br_netfilter",
+			Help: "1 when traffic a bridge forwards between pods passes netfilter (iptables, nftables) in this IP family: br_netfilter loaded and net.bridge.bridge-nf-call-iptables (ip6tables) = 1; 0 otherwise, when kube-proxy's Services break between pods of one node. Read at every full pass.",
+		}, []string{"family"}),
 		kubeEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "twill_kube_watch_events_total",
 			Help: "Kubernetes mode: objects twilld's informers received (listed, added, updated or deleted), by resource: nodes (every Node with --kube-mode=annotations, the own Node alone with nodenetwork) and nodenetworks.",
 		}, []string{"resource"}),
 	}
 	m.reg.MustRegister(m.ready, m.peers, m.peersSkipped, m.repairs, m.reconciles, m.incrementals, m.reconcileTime,
-		m.envFileWrites, m.lastReconcile, m.lastDuration, m.kubeEvents,
+		m.envFileWrites, m.lastReconcile, m.lastDuration, m.kubeEvents, m.brNetfilter,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.reconciles.WithLabelValues("ok")
 	m.reconciles.WithLabelValues("error")

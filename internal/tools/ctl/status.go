@@ -93,6 +93,13 @@ func status(ctx context.Context, args []string, out, errOut io.Writer) error {
 		repairs = append(repairs, fmt.Sprintf("%s %s %v", f.labels["family"], f.labels["kind"], f.value))
 	}
 	fmt.Fprintf(tw, "repairs\t%s\n", strings.Join(repairs, ", "))
+	for _, f := range m.all("twill_br_netfilter") {
+		state := "on"
+		if f.value != 1 {
+			state = "OFF: Services between pods of this node may fail (twilld's log says why and how to fix it)"
+		}
+		fmt.Fprintf(tw, "br_netfilter\t%s (%s)\n", state, f.labels["family"])
+	}
 	if fams["twill_datastore_up"] != nil {
 		up := "unreachable"
 		if m.value("twill_datastore_up", nil) == 1 {
