@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"regexp"
 	"strings"
 	"syscall"
 	"time"
@@ -51,7 +52,26 @@ func run(args []string) error {
 	fs.StringVar(&c.Etcd.KeyFile, "etcd-keyfile", "", "client key for etcd")
 	fs.StringVar(&c.Etcd.Username, "etcd-username", "", "etcd user name")
 	fs.StringVar(&c.Etcd.Password, "etcd-password", "", "etcd password (or ETCD_PASSWORD in the environment)")
-	fs.StringVar(&c.Iface, "iface", "", "interface (name, or an IPv4 or IPv6 address of it) for peer traffic (default: the default route's)")
+	fs.Func("iface", "interface for peer traffic: a name, or an IPv4 or IPv6 address of it; repeat it to try each in order, the first that exists with an address of every family of the network wins (default: the default route's)", func(s string) error {
+		c.Iface.Names = append(c.Iface.Names, s)
+		return nil
+	})
+	fs.Func("iface-regex", "regular expression matched against every interface's addresses, then names; repeatable, tried in order after every --iface", func(s string) error {
+		re, err := regexp.Compile(s)
+		if err != nil {
+			return fmt.Errorf("not a regular expression: %w", err)
+		}
+		c.Iface.Regexes = append(c.Iface.Regexes, re)
+		return nil
+	})
+	fs.Func("iface-can-reach", "an address: the interface the kernel routes it through is used (ip route get), tried after --iface and --iface-regex", func(s string) error {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return fmt.Errorf("not an IP address: %q", s)
+		}
+		c.Iface.CanReach = a.Unmap()
+		return nil
+	})
 	fs.StringVar(&c.SubnetFile, "subnet-file", subnet.DefaultEnvFile, "where to write the subnet env file")
 	fs.StringVar(&c.FlannelSubnetFile, "flannel-subnet-file", "", "also write the subnet env file in flannel's format (FLANNEL_ keys) here, e.g. /run/flannel/subnet.env while flannel's CNI plugin is still installed")
 	fs.BoolVar(&c.IPMasq, "ip-masq", false, "masquerade pod traffic leaving the cluster network")

@@ -40,9 +40,9 @@ import (
 type Config struct {
 	Etcd       etcd.ClientOptions
 	EtcdPrefix string
-	Iface      string     // name or address; "" = the default route's interface
-	PublicIP   netip.Addr // what peers reach this node at over IPv4; zero = the interface's address
-	PublicIPv6 netip.Addr // the same over IPv6 (--public-ipv6)
+	Iface      iface.Selector // --iface, --iface-regex, --iface-can-reach
+	PublicIP   netip.Addr     // what peers reach this node at over IPv4; zero = the interface's address
+	PublicIPv6 netip.Addr     // the same over IPv6 (--public-ipv6)
 	// PeerPublicIPs, when not empty, are the only networks peers' public IPs
 	// may be in (--public-ip-cidr, both families); other leases are skipped.
 	PeerPublicIPs []netip.Prefix

@@ -1,7 +1,8 @@
 // Package iface finds the underlay interface twilld sends peer traffic
-// through: named by the operator (by name or by one of its addresses), or the
-// interface of the default route; and the node's address on it of each IP
-// family the network uses.
+// through: chosen by the operator (names or addresses, regular expressions,
+// or an address to reach, as flannel's --iface, --iface-regex and
+// --iface-can-reach), or the interface of the default route; and the node's
+// address on it of each IP family the network uses.
 package iface
 
 import (
@@ -10,6 +11,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"regexp"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -33,33 +36,158 @@ func (i Interface) Get(v6 bool) dataplane.ExternalInterface {
 	return i.V4
 }
 
-// Resolve returns the external interface for spec: an interface name, an
-// address of one (IPv4 or IPv6), or "" for the interface of the default
-// route (IPv4's when v4 is asked for, else IPv6's). For each family asked
-// for it takes the first global address of that family (the one spec
-// names, for its family); link-local, tentative and deprecated IPv6
-// addresses are passed over. An interface without an address of a family
-// asked for is an error that says so.
-func Resolve(ctx context.Context, h *netlink.Handle, spec string, v4, v6 bool) (Interface, error) {
-	var out Interface
-	var link netlink.Link
-	var want netip.Addr
-	var err error
-	switch addr, perr := netip.ParseAddr(spec); {
-	case spec == "":
-		if link, err = defaultRouteLink(ctx, h, v6 && !v4); err != nil {
-			return out, err
+// Selector says how to choose the external interface, with flannel's flags
+// and precedence: each of Names in order (an interface name, or an address
+// of one), then each of Regexes in order (the first interface with an
+// address it matches, else the first whose name it matches), then the
+// interface of the route to CanReach; the first candidate with a usable
+// address of every family asked for wins. With none of them set: the
+// interface of the default route.
+type Selector struct {
+	Names    []string         // --iface, repeatable
+	Regexes  []*regexp.Regexp // --iface-regex, repeatable
+	CanReach netip.Addr       // --iface-can-reach
+}
+
+// Empty reports whether the selector names nothing: the default route then.
+func (s Selector) Empty() bool {
+	return len(s.Names) == 0 && len(s.Regexes) == 0 && !s.CanReach.IsValid()
+}
+
+// Resolve returns the external interface sel chooses. For each family asked
+// for it takes the first global address of that family (the one a name
+// such as --iface 10.0.0.5 gives, for its family); link-local, tentative
+// and deprecated IPv6 addresses are passed over. When no candidate has a
+// usable address of every family asked for, the error lists each one tried
+// and why it was not taken.
+func Resolve(ctx context.Context, h *netlink.Handle, sel Selector, v4, v6 bool) (Interface, error) {
+	if sel.Empty() {
+		link, err := defaultRouteLink(ctx, h, v6 && !v4)
+		if err != nil {
+			return Interface{}, err
 		}
-	case perr == nil:
-		want = addr.Unmap()
-		if link, err = linkWithAddr(ctx, h, want); err != nil {
-			return out, err
+		return addresses(ctx, h, link, netip.Addr{}, v4, v6)
+	}
+	var tried []string
+	fail := func(what string, err error) { tried = append(tried, fmt.Sprintf("%s: %v", what, err)) }
+	for _, name := range sel.Names {
+		link, want, err := byNameOrAddr(ctx, h, name)
+		if err == nil {
+			var out Interface
+			if out, err = addresses(ctx, h, link, want, v4, v6); err == nil {
+				return out, nil
+			}
 		}
-	default:
-		if link, err = h.LinkByName(spec); err != nil {
-			return out, fmt.Errorf("interface %q: %w", spec, err)
+		fail("--iface "+name, err)
+	}
+	if len(sel.Regexes) > 0 {
+		links, err := netlinkx.Dump(ctx, "list interfaces", h.LinkList)
+		if err != nil {
+			return Interface{}, err
+		}
+		for _, re := range sel.Regexes {
+			out, err := byRegex(ctx, h, links, re, v4, v6)
+			if err == nil {
+				return out, nil
+			}
+			fail("--iface-regex "+re.String(), err)
 		}
 	}
+	if sel.CanReach.IsValid() {
+		link, src, err := routeTo(h, sel.CanReach)
+		if err == nil {
+			var out Interface
+			if out, err = addresses(ctx, h, link, src, v4, v6); err == nil {
+				return out, nil
+			}
+		}
+		fail("--iface-can-reach "+sel.CanReach.String(), err)
+	}
+	return Interface{}, fmt.Errorf("no interface to use for peer traffic; tried %s", strings.Join(tried, "; "))
+}
+
+// byNameOrAddr finds the interface an --iface value names: an address of
+// it (then also the address to use for its family), or its name.
+func byNameOrAddr(ctx context.Context, h *netlink.Handle, spec string) (netlink.Link, netip.Addr, error) {
+	if addr, err := netip.ParseAddr(spec); err == nil {
+		addr = addr.Unmap()
+		link, err := linkWithAddr(ctx, h, addr)
+		return link, addr, err
+	}
+	link, err := h.LinkByName(spec)
+	if err != nil {
+		return nil, netip.Addr{}, fmt.Errorf("no interface %q", spec)
+	}
+	return link, netip.Addr{}, nil
+}
+
+// byRegex returns the first interface, in the kernel's order, one of whose
+// addresses re matches, else the first whose name it matches, among those
+// with a usable address of every family asked for.
+func byRegex(ctx context.Context, h *netlink.Handle, links []netlink.Link, re *regexp.Regexp, v4, v6 bool) (Interface, error) {
+	var reasons []string
+	for _, byName := range []bool{false, true} {
+		for _, link := range links {
+			name := link.Attrs().Name
+			var want netip.Addr
+			if byName {
+				if !re.MatchString(name) {
+					continue
+				}
+			} else {
+				addrs, err := netlinkx.AddrList(ctx, h, link, netlink.FAMILY_ALL)
+				if err != nil {
+					return Interface{}, err
+				}
+				for _, a := range addrs {
+					if ip, ok := netip.AddrFromSlice(a.IP); ok && re.MatchString(ip.Unmap().String()) {
+						want = ip.Unmap()
+						break
+					}
+				}
+				if !want.IsValid() {
+					continue
+				}
+			}
+			out, err := addresses(ctx, h, link, want, v4, v6)
+			if err == nil {
+				return out, nil
+			}
+			reasons = append(reasons, err.Error())
+		}
+	}
+	if len(reasons) == 0 {
+		names := make([]string, 0, len(links))
+		for _, l := range links {
+			names = append(names, l.Attrs().Name)
+		}
+		return Interface{}, fmt.Errorf("matches no interface's address or name (interfaces: %s)", strings.Join(names, ", "))
+	}
+	return Interface{}, errors.New(strings.Join(reasons, "; "))
+}
+
+// routeTo returns the interface the kernel would send a packet to dst
+// through (ip route get), and the source address it would give it.
+func routeTo(h *netlink.Handle, dst netip.Addr) (netlink.Link, netip.Addr, error) {
+	routes, err := h.RouteGet(dst.AsSlice())
+	if err != nil {
+		return nil, netip.Addr{}, fmt.Errorf("no route: %w", err)
+	}
+	if len(routes) == 0 || routes[0].LinkIndex <= 0 {
+		return nil, netip.Addr{}, errors.New("no route through an interface")
+	}
+	link, err := h.LinkByIndex(routes[0].LinkIndex)
+	if err != nil {
+		return nil, netip.Addr{}, err
+	}
+	src, _ := netip.AddrFromSlice(routes[0].Src)
+	return link, src.Unmap(), nil
+}
+
+// addresses returns link seen by each family asked for, through want for
+// want's family when it is valid.
+func addresses(ctx context.Context, h *netlink.Handle, link netlink.Link, want netip.Addr, v4, v6 bool) (Interface, error) {
+	var out Interface
 	for _, fam := range []struct {
 		asked, v6 bool
 		to        *dataplane.ExternalInterface
@@ -71,6 +199,7 @@ func Resolve(ctx context.Context, h *netlink.Handle, spec string, v4, v6 bool) (
 		if want.IsValid() && want.Is6() == fam.v6 {
 			named = want
 		}
+		var err error
 		if *fam.to, err = address(ctx, h, link, fam.v6, named); err != nil {
 			return out, err
 		}
