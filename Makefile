@@ -13,13 +13,30 @@ FUZZTIME  ?= 5s
 
 export PATH := $(CURDIR)/$(TOOLS_BIN):$(PATH)
 
-.PHONY: help build test lint tools cni-plugins deps demo clean
+.PHONY: help build image test lint tools cni-plugins deps demo clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 build: ## build bin/twilld, bin/twillctl and bin/twill
 	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $(BIN)/ ./cmd/...
+
+# The images, built without Docker or a daemon (hack/tools/image): twill's
+# (deploy/Dockerfile's contents: the three programs and a static wireguard-go,
+# on no base) and the test pods' (test/workload). Each is a `docker save`
+# tarball for `ctr -n k8s.io images import`; the same files give the same
+# digest. Tag twill's with e.g. `make image IMAGE_TAG=v0.1.0`.
+IMAGE_DIR := $(BIN)/image
+IMAGE_TAG ?= dev
+image: build $(IMAGE_DIR)/wireguard-go ## build the images bin/image/twill.tar (twill:dev, or IMAGE_TAG=...) and bin/image/twill-test-workload.tar, without Docker
+	CGO_ENABLED=0 $(GO) build $(GOFLAGS_BUILD) -o $(IMAGE_DIR)/workload ./test/workload
+	$(TOOLS_GO) -o ../../$(TOOLS_BIN)/twill-image ./image
+	$(TOOLS_BIN)/twill-image -o $(IMAGE_DIR)/twill.tar -tag twill:$(IMAGE_TAG) -arch $$($(GO) env GOARCH) \
+		-entrypoint /twilld -env PATH=/usr/local/bin:/usr/bin:/bin \
+		$(BIN)/twilld=/twilld $(BIN)/twillctl=/twillctl $(BIN)/twill=/twill \
+		$(IMAGE_DIR)/wireguard-go=/usr/local/bin/wireguard-go
+	$(TOOLS_BIN)/twill-image -o $(IMAGE_DIR)/twill-test-workload.tar -tag twill-test/workload:1 -arch $$($(GO) env GOARCH) \
+		-entrypoint /workload $(IMAGE_DIR)/workload=/workload
 
 # The tools are the real programs the tests run: etcd, etcdctl, kube-apiserver, crictl
 # and the reference CNI plugins. They come from hack/tools/go.mod so the product's go.mod stays
@@ -82,7 +99,7 @@ deps: ## install the Debian packages the demo and tests use (iproute2, iptables,
 demo: deps build cni-plugins ## run the lab: 3 hosts, 2 pods each, every pod pings every other (needs root)
 	$(BIN)/twillctl lab run --hosts 3 --pods-per-host 2
 
-test: deps tools build ## run every test: unit, fuzz seeds, and the root/namespace integration tests
+test: deps tools build image ## run every test: unit, fuzz seeds, and the root/namespace integration tests
 	cd bench && $(GO) vet ./...  # the bench module is its own; it must keep building
 	TWILL_REQUIRE_ALL=1 $(GO) test -count=1 -timeout 30m $(TESTFLAGS) ./...
 
@@ -93,6 +110,7 @@ lint: ## gofmt and go vet (twill's module and the bench module)
 
 clean: ## remove built programs (keeps bin/tools unless you delete it)
 	rm -f $(BIN)/twilld $(BIN)/twillctl $(BIN)/twill
+	rm -rf $(IMAGE_DIR)
 
 # Benchmarks (issue 6). Runs as root in namespaces named twbench-*, about 10
 # minutes on 2 cores; `make bench BENCHFLAGS=--quick` for a short try, or

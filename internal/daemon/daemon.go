@@ -702,7 +702,12 @@ func (d *daemon) removeOtherRules(ctx context.Context) {
 		}
 		ipt, err := masq.NewIPTables(v6)
 		if err != nil {
-			continue // not installed: nothing of it to remove
+			// No iptables program here (twill's image has none): chains an
+			// earlier run wrote may be left; say how to remove them.
+			d.log.Warn("iptables chains of an earlier run may be left (TWILL-POSTRTG, TWILL-FWD), and there is no iptables here to remove them; "+
+				"remove them on the node with its iptables (Documentation/kubernetes.md, \"Upgrading from an image with iptables\")",
+				"family", subnet.FamilyName(v6), "err", err)
+			continue
 		}
 		switch removed, err := masq.Cleanup(ctx, ipt); {
 		case err != nil && ctx.Err() == nil:
