@@ -45,9 +45,14 @@ type Containerd struct {
 
 	containerd, ctr string // the programs
 	config, log     string
-	proc            *exec.Cmd
-	done            chan struct{}
-	answered        bool // it has started and answered once
+	// mountNS is the mount namespace (a path such as /proc/<pid>/ns/mnt)
+	// containerd runs in, "" for the test's own; cniBinPath and cniConfPath
+	// are the CNI directories as containerd sees them there.
+	mountNS                 string
+	cniBinPath, cniConfPath string
+	proc                    *exec.Cmd
+	done                    chan struct{}
+	answered                bool // it has started and answered once
 }
 
 // containerdBinaries returns the paths of containerd and ctr in binDir, or,
@@ -84,8 +89,31 @@ func containerdBinaries(t testing.TB, binDir string) (containerd, ctr string) {
 // of pods still running) is stopped when the test ends.
 func StartContainerd(t testing.TB, netns, dir, binDir string) *Containerd {
 	t.Helper()
+	return StartContainerdWith(t, ContainerdOptions{NetNS: netns, Dir: dir, BinDir: binDir})
+}
+
+// ContainerdOptions are StartContainerdWith's: StartContainerd's arguments,
+// and optionally a mount namespace of the node's own.
+type ContainerdOptions struct {
+	NetNS  string // the network namespace (name under /run/netns)
+	Dir    string // everything of this runtime's
+	BinDir string // "" for Debian's programs, else containerd, ctr and shim there
+
+	// MountNS, when set, is the node's mount namespace (a path such as
+	// /proc/<pid>/ns/mnt, see StartKubeNode) that containerd runs in. Its
+	// configuration then names /opt/cni/bin and /etc/cni/net.d as they are
+	// in that namespace, and CNIBinDir and CNIConfDir must be the folders
+	// of the test's own namespace that are bind-mounted there.
+	MountNS               string
+	CNIBinDir, CNIConfDir string
+}
+
+// StartContainerdWith is StartContainerd with options.
+func StartContainerdWith(t testing.TB, o ContainerdOptions) *Containerd {
+	t.Helper()
 	RequireRoot(t)
-	containerd, ctr := containerdBinaries(t, binDir)
+	containerd, ctr := containerdBinaries(t, o.BinDir)
+	dir, netns := o.Dir, o.NetNS
 	c := &Containerd{
 		containerd:   containerd,
 		ctr:          ctr,
@@ -97,6 +125,15 @@ func StartContainerd(t testing.TB, netns, dir, binDir string) *Containerd {
 		CgroupParent: "/" + netns,
 		config:       filepath.Join(dir, "containerd.toml"),
 		log:          filepath.Join(dir, "containerd.log"),
+	}
+	c.cniBinPath, c.cniConfPath = c.CNIBinDir, c.CNIConfDir
+	if o.MountNS != "" {
+		if o.CNIBinDir == "" || o.CNIConfDir == "" {
+			t.Fatal("StartContainerdWith: MountNS needs CNIBinDir and CNIConfDir")
+		}
+		c.mountNS = o.MountNS
+		c.CNIBinDir, c.CNIConfDir = o.CNIBinDir, o.CNIConfDir
+		c.cniBinPath, c.cniConfPath = "/opt/cni/bin", "/etc/cni/net.d"
 	}
 	for _, d := range []string{c.CNIBinDir, c.CNIConfDir, filepath.Join(dir, "pod-logs")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
@@ -152,8 +189,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = ` + q(c.CNIBinDir) + `
-    conf_dir = ` + q(c.CNIConfDir) + `
+    bin_dir = ` + q(c.cniBinPath) + `
+    conf_dir = ` + q(c.cniConfPath) + `
     max_conf_num = 1
 `
 }
@@ -165,7 +202,11 @@ func (c *Containerd) Start(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+c.NetNS, c.containerd, "--config", c.config)
+	nsArgs := []string{"--net=/run/netns/" + c.NetNS}
+	if c.mountNS != "" {
+		nsArgs = append([]string{"--mount=" + c.mountNS}, nsArgs...)
+	}
+	cmd := exec.Command("nsenter", append(nsArgs, c.containerd, "--config", c.config)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// containerd looks its shim up in PATH: the one beside it comes first.
 	cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(c.containerd)+":"+os.Getenv("PATH"))
