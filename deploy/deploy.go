@@ -18,6 +18,12 @@ import (
 //go:embed kube-twill.yaml
 var KubeManifest []byte
 
+// MonitoringManifest is monitoring.yaml: the scraper's RBAC and the
+// PodMonitor of the Prometheus Operator.
+//
+//go:embed monitoring.yaml
+var MonitoringManifest []byte
+
 // CNIConfList is 10-twill.conflist, the conflist for nodes that run twilld
 // outside Kubernetes (etcd mode, deploy/systemd).
 //

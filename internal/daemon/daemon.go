@@ -57,8 +57,15 @@ type Config struct {
 	LeaseTTL         time.Duration
 	ResyncInterval   time.Duration
 	HTTPAddr         string
-	ReleaseOnExit    bool
-	NodeName         string
+	// SecureMetricsAddr, when set, serves /metrics a second time there,
+	// over TLS (SecureMetricsCertFile and KeyFile, or a self-signed
+	// certificate), to bearer tokens the Kubernetes API server accepts
+	// and allows to get /metrics.
+	SecureMetricsAddr     string
+	SecureMetricsCertFile string
+	SecureMetricsKeyFile  string
+	ReleaseOnExit         bool
+	NodeName              string
 
 	// Kubernetes mode: the lease is the Node's podCIDR.
 	KubeSubnetMgr        bool
@@ -160,6 +167,26 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 			attrs.PublicIP = public
 		}
 		log.Info("using interface", "family", subnet.FamilyName(v6), "iface", e.Name, "addr", e.Addr, "public-ip", public, "mtu", e.MTU)
+	}
+	if c.SecureMetricsAddr != "" {
+		if !c.KubeSubnetMgr && c.Kubeconfig == "" {
+			return errors.New("--secure-metrics-addr checks tokens with the Kubernetes API server: it needs --kube-subnet-mgr or --kubeconfig")
+		}
+		rc, err := kubeRESTConfig(c)
+		if err != nil {
+			return err
+		}
+		rv, err := newReviewer(rc, log)
+		if err != nil {
+			return err
+		}
+		addr, stop, err := serveSecureMetrics(c.SecureMetricsAddr, c.SecureMetricsCertFile, c.SecureMetricsKeyFile, c.NodeName,
+			[]netip.Addr{attrs.PublicIP, attrs.PublicIPv6, ext.V4.Addr, ext.V6.Addr}, rv, met)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		log.Info("serving /metrics over TLS to tokens allowed to get it", "addr", addr.String())
 	}
 	// What the node published before (its lease, its Node), so that a
 	// device made again after a reboot carries the MAC peers know. Read

@@ -33,17 +33,9 @@ type kubeStore struct {
 	reach    *reachability
 }
 
-func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
-	if c.NodeName == "" {
-		return nil, errors.New("--kube-subnet-mgr needs the node name: --node-name or NODE_NAME")
-	}
-	switch c.KubeMode {
-	case "":
-		c.KubeMode = kube.ModeNodeNetwork
-	case kube.ModeNodeNetwork, kube.ModeAnnotations:
-	default:
-		return nil, fmt.Errorf("--kube-mode %q: want %s or %s", c.KubeMode, kube.ModeNodeNetwork, kube.ModeAnnotations)
-	}
+// kubeRESTConfig is the client config of the Kubernetes API server:
+// --kubeconfig, or the pod's in-cluster config.
+func kubeRESTConfig(c Config) (*rest.Config, error) {
 	var rc *rest.Config
 	var err error
 	if c.Kubeconfig != "" {
@@ -55,6 +47,24 @@ func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
 		return nil, fmt.Errorf("Kubernetes client config: %w", err)
 	}
 	rc.UserAgent = "twilld/" + version.Version
+	return rc, nil
+}
+
+func newKubeStore(c Config, log *slog.Logger) (*kubeStore, error) {
+	if c.NodeName == "" {
+		return nil, errors.New("--kube-subnet-mgr needs the node name: --node-name or NODE_NAME")
+	}
+	switch c.KubeMode {
+	case "":
+		c.KubeMode = kube.ModeNodeNetwork
+	case kube.ModeNodeNetwork, kube.ModeAnnotations:
+	default:
+		return nil, fmt.Errorf("--kube-mode %q: want %s or %s", c.KubeMode, kube.ModeNodeNetwork, kube.ModeAnnotations)
+	}
+	rc, err := kubeRESTConfig(c)
+	if err != nil {
+		return nil, err
+	}
 	reach := &reachability{}
 	rc.Wrap(func(rt http.RoundTripper) http.RoundTripper { return observed{next: rt, reach: reach} })
 	client, err := kube.NewNodeClient(rc)
