@@ -24,6 +24,12 @@ var KubeManifest []byte
 //go:embed monitoring.yaml
 var MonitoringManifest []byte
 
+// GrafanaDashboard is grafana/twill-dashboard.json, a dashboard of twilld's
+// metrics.
+//
+//go:embed grafana/twill-dashboard.json
+var GrafanaDashboard []byte
+
 // CNIConfList is 10-twill.conflist, the conflist for nodes that run twilld
 // outside Kubernetes (etcd mode, deploy/systemd).
 //
