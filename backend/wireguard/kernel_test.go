@@ -105,6 +105,15 @@ func twoNodes(t *testing.T, cfg subnet.BackendConfig) (*node, *node) {
 		})
 		t.Cleanup(func() {
 			nd.in(t, func() error { return nd.be.Cleanup(context.Background()) })
+			// wireguard-go exits after its device is gone, and removes its
+			// control socket then: the next test's device has the same name.
+			sock := "/var/run/wireguard/" + nd.be.Device() + ".sock"
+			for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+				if _, err := os.Stat(sock); err != nil {
+					return
+				}
+			}
+			t.Errorf("wireguard-go of %s still runs 10 s after its device was removed", nd.be.Device())
 		})
 		return nd
 	}
@@ -123,20 +132,20 @@ func newBackend(t *testing.T, nd *node, cfg subnet.BackendConfig, side string) *
 var wgConfig = subnet.BackendConfig{Type: subnet.BackendWireGuard, ListenPort: 51820, ListenPortV6: 51821, Mode: "separate"}
 
 // ping sends a few echoes from the node's namespace; bounded.
-// ping reports whether one of up to 5 pings (1 s each) gets its answer: the
+// ping reports whether one of up to 10 pings (1 s each) gets its answer: the
 // first packet to a peer waits for the handshake, which wireguard-go on a
 // loaded machine (`make test` runs packages side by side) may take over a
 // second to finish.
 func (n *node) ping(t *testing.T, to string) error {
 	var err error
 	n.in(t, func() error {
-		for range 5 {
+		for range 10 {
 			var out []byte
 			out, err = exec.Command("ping", "-c", "1", "-W", "1", to).CombinedOutput()
 			if err == nil {
 				return nil
 			}
-			err = fmt.Errorf("ping %s, 5 tries: %w\n%s", to, err, out)
+			err = fmt.Errorf("ping %s, 10 tries: %w\n%s", to, err, out)
 		}
 		return nil
 	})
