@@ -40,33 +40,8 @@ const kubeClusterCIDR = "10.244.0.0/16"
 // to 24 s on a 2-core VM.
 func TestKubeletNodes(t *testing.T) {
 	start := time.Now()
-	c := newCluster(t, 2)
-	u := c.topo.UnderlayNS()
-	api := testenv.StartKubeAPI(t, testenv.KubeAPIOptions{
-		Host:    lab.WorldAddr.String(),
-		Port:    lab.KubePort,
-		EtcdURL: c.etcdURL,
-		Wrap:    []string{"nsenter", "--net=/run/netns/" + u},
-		Dial:    lab.DialInNS(u),
-		// The API server keeps the kubernetes Service's endpoints (its
-		// advertised address, the underlay's, reachable from the nodes),
-		// which pods reach through kube-proxy.
-		Args: []string{"--endpoint-reconciler-type=lease"},
-	})
-	api.StartClusterControllers(t, testenv.ClusterControllersOptions{ClusterCIDR: kubeClusterCIDR})
-	api.StartScheduler(t)
-	cs := api.AdminClient(t)
-
-	nodes := map[string]*testenv.KubeNode{}
-	for _, i := range c.topo.HostNumbers() {
-		name := fmt.Sprintf("h%d", i)
-		nodes[name] = testenv.StartKubeNode(t, testenv.KubeNodeOptions{
-			Name:   name,
-			NetNS:  c.topo.HostNS(i),
-			NodeIP: c.topo.HostAddr(i).String(),
-			API:    api,
-		})
-	}
+	k := startKubeletCluster(t, 2)
+	c, api, cs, nodes := k.c, k.api, k.cs, k.nodes
 	t.Logf("control plane and nodes started in %v", time.Since(start).Round(time.Millisecond))
 
 	// Both Nodes register and get a podCIDR; they are NotReady: no conflist.

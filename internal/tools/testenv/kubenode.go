@@ -21,9 +21,10 @@ import (
 // /etc/cni/net.d, /run/twill, /run/xtables.lock) resolve in the mount
 // namespace of the container runtime, and the kubelet writes to fixed paths
 // (/var/lib/kubelet, /var/log/pods, /var/log/containers,
-// /usr/libexec/kubernetes). Two nodes on one machine must each have their
-// own, so in the node's namespace each of those paths is a bind mount of a
-// folder of the node's under the test's temporary directory (NodeMounts).
+// /usr/libexec/kubernetes), as do the CNI plugins (/var/lib/cni). Two nodes
+// on one machine must each have their own, so in the node's namespace each
+// of those paths is a bind mount of a folder of the node's under the test's
+// temporary directory (NodeMounts).
 // /sys and /proc stay the machine's: runc needs the cgroup hierarchies as
 // they are. The namespace is a slave of the test's: namespaces and mounts
 // made later by the test (a lab host's netns) show in it, and nothing
@@ -42,6 +43,10 @@ var NodeMounts = []string{
 	"/var/log/pods",
 	"/var/log/containers",
 	"/usr/libexec/kubernetes",
+	// The CNI plugins' state: host-local's leases (/var/lib/cni/networks)
+	// and twill's attachment files (/var/lib/cni/twill), per node as on a
+	// real machine (else two nodes share one store, and it outlives them).
+	"/var/lib/cni",
 }
 
 // KubeNodeOptions are one node's.
