@@ -267,8 +267,13 @@ func Run(ctx context.Context, c Config, log *slog.Logger) error {
 		}
 		if err := enable(); err != nil {
 			// A container without a writable /proc/sys cannot; the host usually
-			// has it on already (kubelet and kube-proxy want it too).
-			log.Error("forwarding is off and cannot be turned on; pods on other nodes are unreachable until it is", "family", subnet.FamilyName(p.v6), "err", err)
+			// has it on already (kubelet and kube-proxy want it too), and the
+			// bridge plugin turns it on at the node's first pod (the
+			// delegate's isDefaultGateway, as in twill's conflist): seen on a
+			// fresh node under the DaemonSet, whose pods then talked.
+			log.Warn("forwarding is off and twilld cannot turn it on; traffic between pods of different nodes needs it: "+
+				"the bridge plugin turns it on when the node's first pod is added (isDefaultGateway), or set it on the node (sysctl net.ipv4.ip_forward=1, net.ipv6.conf.all.forwarding=1)",
+				"family", subnet.FamilyName(p.v6), "err", err)
 		}
 	}
 	if c.IPMasq {
