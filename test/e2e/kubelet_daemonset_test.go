@@ -22,6 +22,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
@@ -95,9 +96,11 @@ func (k *kubeletCluster) nodeNames() []string {
 // (--ip-masq, nftables rules: the image has no iptables); a pod-to-pod
 // ping every 50 ms loses nothing while the twilld pod of one node is
 // deleted and recreated, which keeps the node's NodeNetwork as it was, and
-// a pod started on that node afterwards reaches the other's; and deleting
-// the pods releases their addresses and veths. 45 to 75 s on a 2-core VM
-// (the longer under load).
+// a pod started on that node afterwards reaches the other's; deleting the
+// pods releases their addresses and veths; and a pod created on a node
+// whose twilld is gone (its env file too) waits with twill's error in its
+// events (FailedCreatePodSandBox) and starts once twilld is back. 65 to
+// 80 s on a 2-core VM (the longer under load).
 func TestKubeletRunsTheDaemonSet(t *testing.T) {
 	start := time.Now()
 	at := func(what string) { t.Logf("%s at %v", what, time.Since(start).Round(time.Millisecond)) }
@@ -455,6 +458,174 @@ func TestKubeletRunsTheDaemonSet(t *testing.T) {
 		})
 	}
 	at("pods deleted, addresses and veths released")
+
+	// A pod created on a node whose twilld is gone (the plugin and the
+	// conflist still installed, the env file not written) waits, with
+	// twill's error in its events, and starts once twilld is back.
+	podWaitsForTwilld(t, k, podCIDRs, at)
+}
+
+// The env file twilld writes and the plugin reads (the conflist names no
+// other), and what the plugin says while it is missing: STATUS's message
+// (code 50), which containerd 2 would pass on as the node's NetworkReady
+// condition (containerd 1.6, here, does not ask), and ADD's (code 11, "try
+// again later").
+const (
+	twillEnvFile       = "/run/twill/subnet.env"
+	twillStatusMissing = "twill: not ready: subnet env file " + twillEnvFile + " does not exist yet; is twilld running on this node?"
+	twillAddMissing    = "twill: subnet env file " + twillEnvFile + " does not exist yet; is twilld running on this node?"
+)
+
+// podWaitsForTwilld keeps twill's DaemonSet off h1 (a node affinity patched
+// in), removes h1's env file as a node without twilld has none, creates a
+// pod on h1 and checks what its events say while it waits; then restores
+// the DaemonSet and checks that the pod starts with an address of h1's
+// podCIDR.
+func podWaitsForTwilld(t *testing.T, k *kubeletCluster, podCIDRs map[string]netip.Prefix, at func(string)) {
+	t.Helper()
+	ctx := t.Context()
+	cs := k.cs
+	const ds, node, podName = "twill", "h1", "waits-for-twilld"
+	offH1 := `{"spec":{"template":{"spec":{"affinity":{"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":` +
+		`{"nodeSelectorTerms":[{"matchExpressions":[{"key":"kubernetes.io/hostname","operator":"NotIn","values":["` + node + `"]}]}]}}}}}}}`
+	if _, err := cs.AppsV1().DaemonSets("kube-twill").Patch(ctx, ds, types.StrategicMergePatchType, []byte(offH1), metav1.PatchOptions{}); err != nil {
+		t.Fatalf("patch DaemonSet %s off %s: %v", ds, node, err)
+	}
+	waitForDiag(t, "no twill pod left on "+node, 60*time.Second, func() error {
+		list, err := cs.CoreV1().Pods("kube-twill").List(ctx, metav1.ListOptions{LabelSelector: "app=twill", FieldSelector: "spec.nodeName=" + node})
+		if err != nil {
+			return err
+		}
+		if len(list.Items) > 0 {
+			return fmt.Errorf("%s: %s", list.Items[0].Name, list.Items[0].Status.Phase)
+		}
+		return nil
+	}, func() { describePods(t, k, "kube-twill", "app=twill") })
+	n := k.nodes[node]
+	if err := os.Remove(n.HostPath(twillEnvFile)); err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"/opt/cni/bin/twill", "/etc/cni/net.d/10-twill.conflist"} {
+		if _, err := os.Stat(n.HostPath(f)); err != nil {
+			t.Fatalf("node %s: %v (the plugin and the conflist stay installed without twilld)", node, err)
+		}
+	}
+	at("twilld gone from " + node + ", its env file removed")
+
+	// The Node stays Ready (containerd 1.6 reports its network ready once
+	// it loaded a conflist, and never asks the plugin's STATUS), so the
+	// kubelet goes on creating sandboxes on it.
+	if no, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{}); err == nil {
+		if c := nodeCondition(no, corev1.NodeReady); c != nil {
+			t.Logf("node %s without twilld: Ready=%s (%s: %s)", node, c.Status, c.Reason, c.Message)
+		}
+	}
+
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: podName, Namespace: "default"},
+		Spec: corev1.PodSpec{
+			// Bound to h1 as the scheduler would (and would keep off
+			// the node if it were NotReady).
+			NodeName:                      node,
+			TerminationGracePeriodSeconds: new(int64(1)),
+			Containers: []corev1.Container{{
+				Name:            "serve",
+				Image:           "twill-test/workload:1",
+				ImagePullPolicy: corev1.PullNever,
+				Args:            []string{"serve"},
+				ReadinessProbe: &corev1.Probe{
+					ProbeHandler:  corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt32(8080)}},
+					PeriodSeconds: 1,
+				},
+			}},
+		},
+	}
+	if _, err := cs.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("create pod %s: %v", podName, err)
+	}
+	created := time.Now()
+	podEvents := func() ([]corev1.Event, error) {
+		list, err := cs.CoreV1().Events("default").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + podName})
+		if err != nil {
+			return nil, err
+		}
+		return list.Items, nil
+	}
+	var twillEvent corev1.Event
+	waitForDiag(t, "an event of pod "+podName+" saying why it has no sandbox", 60*time.Second, func() error {
+		events, err := podEvents()
+		if err != nil {
+			return err
+		}
+		var seen []string
+		for _, e := range events {
+			if e.Reason == "FailedCreatePodSandBox" || e.Reason == "NetworkNotReady" {
+				twillEvent = e
+				return nil
+			}
+			seen = append(seen, e.Reason+": "+e.Message)
+		}
+		return fmt.Errorf("events %q", seen)
+	}, func() { describePods(t, k, "default", "") })
+	t.Logf("pod %s: event %s %s (x%d, from %s): %s", podName, twillEvent.Type, twillEvent.Reason, twillEvent.Count, twillEvent.Source.Component, twillEvent.Message)
+	// The kubelet creates the sandbox and the plugin's ADD fails with code
+	// 11 (FailedCreatePodSandBox); were the node's network not ready (a
+	// runtime that asks STATUS again), the kubelet would not try and say so
+	// instead (NetworkNotReady, with STATUS's message).
+	switch twillEvent.Reason {
+	case "NetworkNotReady":
+		if !strings.Contains(twillEvent.Message, twillStatusMissing) {
+			t.Errorf("event %s: %q does not contain %q", twillEvent.Reason, twillEvent.Message, twillStatusMissing)
+		}
+	case "FailedCreatePodSandBox":
+		if !strings.Contains(twillEvent.Message, twillAddMissing) {
+			t.Errorf("event %s: %q does not contain %q", twillEvent.Reason, twillEvent.Message, twillAddMissing)
+		}
+	}
+	// It keeps waiting.
+	time.Sleep(3 * time.Second)
+	p, err := cs.CoreV1().Pods("default").Get(ctx, podName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Status.Phase != corev1.PodPending || p.Status.PodIP != "" {
+		t.Errorf("pod %s without twilld on %s: %s, IP %q, want Pending without an address", podName, node, p.Status.Phase, p.Status.PodIP)
+	}
+	describePod(t, k, p)
+	if t.Failed() {
+		t.FailNow()
+	}
+	at("pod " + podName + " waits on " + node + " with twill's error in its events")
+
+	// twilld back on h1: the pod starts, with an address of h1's podCIDR.
+	if _, err := cs.AppsV1().DaemonSets("kube-twill").Patch(ctx, ds, types.JSONPatchType,
+		[]byte(`[{"op":"remove","path":"/spec/template/spec/affinity"}]`), metav1.PatchOptions{}); err != nil {
+		t.Fatalf("restore DaemonSet %s: %v", ds, err)
+	}
+	restored := time.Now()
+	waitPodsReady(t, k, "kube-twill", "app=twill", 120*time.Second)
+	at("twill's DaemonSet back on " + node)
+	waitForDiag(t, "pod "+podName+" running and ready", 90*time.Second, func() error {
+		p, err = cs.CoreV1().Pods("default").Get(ctx, podName, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if p.Status.Phase != corev1.PodRunning || !podReady(p) {
+			return fmt.Errorf("%s ready=%v %s", p.Status.Phase, podReady(p), podWaiting(p))
+		}
+		return nil
+	}, func() { describePods(t, k, "default", "") })
+	ip, err := netip.ParseAddr(p.Status.PodIP)
+	if err != nil || !podCIDRs[node].Contains(ip) {
+		t.Errorf("pod %s has address %q, not in %s's podCIDR %s", podName, p.Status.PodIP, node, podCIDRs[node])
+	}
+	t.Logf("pod %s running with %s, %v after it was created, %v after the DaemonSet was restored", podName, ip,
+		time.Since(created).Round(time.Millisecond), time.Since(restored).Round(time.Millisecond))
+	describePod(t, k, p)
+	if err := cs.CoreV1().Pods("default").Delete(ctx, podName, metav1.DeleteOptions{}); err != nil {
+		t.Error(err)
+	}
+	at("pod " + podName + " started once twilld was back")
 }
 
 func requireImage(t *testing.T, name string) string {
