@@ -34,18 +34,11 @@ func TestSecureMetricsOnAPIServer(t *testing.T) {
 	}
 	// monitoring.yaml but the PodMonitor, whose CRD belongs to the
 	// Prometheus Operator, and the token Secret, which a controller fills.
-	objs, err := kubeapi.Decode(deploy.MonitoringManifest)
+	rbac, err := kubeapi.Without(deploy.MonitoringManifest, "PodMonitor", "Secret")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rbac []string
-	for _, o := range objs {
-		if k := o.GetKind(); k != "PodMonitor" && k != "Secret" {
-			b, _ := o.MarshalJSON()
-			rbac = append(rbac, string(b))
-		}
-	}
-	if _, err := kubeapi.Apply(ctx, admin, []byte(strings.Join(rbac, "\n---\n")), false); err != nil {
+	if _, err := kubeapi.Apply(ctx, admin, rbac, false); err != nil {
 		t.Fatal(err)
 	}
 	cs := api.AdminClient(t)

@@ -36,18 +36,11 @@ func TestSecureMetricsFromAnotherNamespace(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := l.KubeServer().Config(l.KubeAdminToken, lab.DialInNS(l.Topology().UnderlayNS()))
-	objs, err := kubeapi.Decode(deploy.MonitoringManifest)
+	rbac, err := kubeapi.Without(deploy.MonitoringManifest, "PodMonitor", "Secret")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rbac []string
-	for _, o := range objs {
-		if k := o.GetKind(); k != "PodMonitor" && k != "Secret" {
-			b, _ := o.MarshalJSON()
-			rbac = append(rbac, string(b))
-		}
-	}
-	if _, err := kubeapi.Apply(ctx, cfg, []byte(strings.Join(rbac, "\n---\n")), false); err != nil {
+	if _, err := kubeapi.Apply(ctx, cfg, rbac, false); err != nil {
 		t.Fatal(err)
 	}
 	cs, err := l.KubeClient()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -99,4 +100,26 @@ func withCodec(cfg *rest.Config) *rest.Config {
 	c := rest.CopyConfig(cfg)
 	c.NegotiatedSerializer = serializer.NewCodecFactory(runtime.NewScheme()).WithoutConversion()
 	return c
+}
+
+// Without returns the objects of a manifest whose kind is none of kinds, as
+// a manifest of JSON documents (e.g. deploy/monitoring.yaml without its
+// PodMonitor, on a cluster without the Prometheus Operator).
+func Without(manifest []byte, kinds ...string) ([]byte, error) {
+	objs, err := Decode(manifest)
+	if err != nil {
+		return nil, err
+	}
+	var docs [][]byte
+	for _, o := range objs {
+		if slices.Contains(kinds, o.GetKind()) {
+			continue
+		}
+		b, err := o.MarshalJSON()
+		if err != nil {
+			return nil, err
+		}
+		docs = append(docs, b)
+	}
+	return bytes.Join(docs, []byte("\n---\n")), nil
 }
