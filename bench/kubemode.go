@@ -9,8 +9,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -225,7 +223,7 @@ func (k *kubeMode) addRecords(ctx context.Context, n int) error {
 		}
 	}
 	from := k.recs
-	err = parallel(ctx, n-from, kubeWorkers, func(ctx context.Context, j int) error {
+	err = kubenode.Parallel(ctx, n-from, kubeWorkers, func(ctx context.Context, j int) error {
 		i := from + j
 		name := peerNode(0, i).Name
 		uid, ok := uids[name]
@@ -242,36 +240,6 @@ func (k *kubeMode) addRecords(ctx context.Context, n int) error {
 	}
 	k.recs = n
 	return nil
-}
-
-// parallel runs f(ctx, 0) .. f(ctx, n-1) on w goroutines and returns the
-// first error; the others stop at their next item.
-func parallel(ctx context.Context, n, w int, f func(context.Context, int) error) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	var once sync.Once
-	var firstErr error
-	for range max(w, 1) {
-		wg.Go(func() {
-			for ctx.Err() == nil {
-				i := int(next.Add(1)) - 1
-				if i >= n {
-					return
-				}
-				if err := f(ctx, i); err != nil {
-					once.Do(func() { firstErr = err; cancel() })
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	if firstErr != nil {
-		return firstErr
-	}
-	return ctx.Err()
 }
 
 // addNodes creates peer Nodes of series 0 until there are n.

@@ -271,6 +271,12 @@ func Create(ctx context.Context, cs kubernetes.Interface, s Spec, fieldManager s
 // CreateAll creates Nodes spec(0) .. spec(n-1) with w concurrent workers and
 // returns the first error; the other workers stop at their next Node.
 func CreateAll(ctx context.Context, cs kubernetes.Interface, n, w int, spec func(i int) Spec, fieldManager string) error {
+	return Parallel(ctx, n, w, func(ctx context.Context, i int) error { return Create(ctx, cs, spec(i), fieldManager) })
+}
+
+// Parallel runs f(ctx, 0) .. f(ctx, n-1) on w goroutines and returns the
+// first error; the others stop at their next item.
+func Parallel(ctx context.Context, n, w int, f func(context.Context, int) error) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var next atomic.Int64
@@ -278,20 +284,18 @@ func CreateAll(ctx context.Context, cs kubernetes.Interface, n, w int, spec func
 	var once sync.Once
 	var firstErr error
 	for range max(w, 1) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for ctx.Err() == nil {
 				i := int(next.Add(1)) - 1
 				if i >= n {
 					return
 				}
-				if err := Create(ctx, cs, spec(i), fieldManager); err != nil {
+				if err := f(ctx, i); err != nil {
 					once.Do(func() { firstErr = err; cancel() })
 					return
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	if firstErr != nil {
