@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -66,6 +67,15 @@ func serveHTTP(ctx context.Context, addr string, h *health, m *metrics) (net.Add
 		return nil, nil, fmt.Errorf("listen for health and metrics on %s: %w", addr, err)
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	return ln.Addr(), serve(srv, ln), nil
+}
+
+// serve serves srv on ln (over TLS when srv has a TLSConfig) and returns
+// the function that shuts it down and waits for it.
+func serve(srv *http.Server, ln net.Listener) (stop func()) {
+	if srv.TLSConfig != nil {
+		ln = tls.NewListener(ln, srv.TLSConfig)
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -73,11 +83,10 @@ func serveHTTP(ctx context.Context, addr string, h *health, m *metrics) (net.Add
 			_ = err // the listener was closed under us; shutdown follows
 		}
 	}()
-	stop := func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		srv.Shutdown(sctx)
+		srv.Shutdown(ctx)
 		<-done
 	}
-	return ln.Addr(), stop, nil
 }

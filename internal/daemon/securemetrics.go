@@ -11,7 +11,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -211,20 +210,7 @@ func serveSecureMetrics(addr, certFile, keyFile, node string, ips []netip.Addr, 
 		ReadHeaderTimeout: 5 * time.Second,
 		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12},
 	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := srv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			_ = err // the listener was closed under us; shutdown follows
-		}
-	}()
-	stop := func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-		<-done
-	}
-	return ln.Addr(), stop, nil
+	return ln.Addr(), serve(srv, ln), nil
 }
 
 // selfSigned makes a one-year ECDSA certificate for the node.
