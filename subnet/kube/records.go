@@ -8,7 +8,6 @@ import (
 	"slices"
 	"sync"
 
-	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
@@ -334,34 +333,10 @@ func (m *Manager) syncOwnRecord(ctx context.Context) error {
 }
 
 // ownNodeInformer is an informer of the own Node alone (a field selector on
-// metadata.name), slimmed like the Node informer's objects but keeping the
-// UID, which the record's ownerReference names.
+// metadata.name), slimmed like the Node informer's objects, with the UID
+// the record's ownerReference names.
 func (m *Manager) ownNodeInformer() cache.SharedIndexInformer {
-	sel := fields.OneTermEqualSelector("metadata.name", m.node).String()
-	lw := &cache.ListWatch{
-		ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
-			opts.FieldSelector = sel
-			return m.client.List(ctx, opts)
-		},
-		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
-			opts.FieldSelector = sel
-			return m.client.Watch(ctx, opts)
-		},
-	}
-	inf := cache.NewSharedIndexInformerWithOptions(cache.ToListWatcherWithWatchListSemantics(lw, m.client),
-		&corev1.Node{}, cache.SharedIndexInformerOptions{})
-	k := m.keys
-	if err := inf.SetTransform(func(obj any) (any, error) {
-		if n, ok := obj.(*corev1.Node); ok {
-			c := slim(n, k)
-			c.UID = n.UID
-			return c, nil
-		}
-		return obj, nil
-	}); err != nil {
-		panic(err) // only if the informer had started
-	}
-	return inf
+	return m.nodeInformerOf(fields.OneTermEqualSelector("metadata.name", m.node).String())
 }
 
 // recordInformer is an informer of every NodeNetwork, slimmed by SlimRecord.
@@ -374,10 +349,5 @@ func (m *Manager) recordInformer() cache.SharedIndexInformer {
 			return m.records.Watch(ctx, opts)
 		},
 	}
-	inf := cache.NewSharedIndexInformerWithOptions(cache.ToListWatcherWithWatchListSemantics(lw, m.records),
-		&NodeNetwork{}, cache.SharedIndexInformerOptions{})
-	if err := inf.SetTransform(SlimRecord); err != nil {
-		panic(err)
-	}
-	return inf
+	return newInformer(lw, m.records, &NodeNetwork{}, SlimRecord)
 }

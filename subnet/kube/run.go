@@ -95,30 +95,46 @@ func (m *Manager) Run(ctx context.Context) error {
 // informer factory, which would link a typed client of every API group, and
 // it has no index: the factory's namespace index is of no use for Nodes.
 func (m *Manager) nodeInformer() cache.SharedIndexInformer {
+	return m.nodeInformerOf("")
+}
+
+// nodeInformerOf is an informer of the Nodes a field selector picks (""
+// for all), slimmed by slimNode.
+func (m *Manager) nodeInformerOf(fieldSelector string) cache.SharedIndexInformer {
 	lw := &cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
+			opts.FieldSelector = fieldSelector
 			return m.client.List(ctx, opts)
 		},
 		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+			opts.FieldSelector = fieldSelector
 			return m.client.Watch(ctx, opts)
 		},
 	}
-	// The reflector lists with a watch that streams the Nodes one by one
-	// (WatchList) unless the client says it cannot, as fakes do.
-	inf := cache.NewSharedIndexInformerWithOptions(cache.ToListWatcherWithWatchListSemantics(lw, m.client),
-		&corev1.Node{}, cache.SharedIndexInformerOptions{})
-	k := m.keys
-	if err := inf.SetTransform(func(obj any) (any, error) {
-		n, ok := obj.(*corev1.Node)
-		if !ok {
-			return obj, nil
-		}
-		c := slim(n, k)
-		if n.Name == m.node {
-			c.UID = n.UID // the own record's ownerReference names it
-		}
-		return c, nil
-	}); err != nil {
+	return newInformer(lw, m.client, &corev1.Node{}, m.slimNode)
+}
+
+// slimNode is the Node informers' transform: SlimNode's, keeping the own
+// Node's UID, which the own record's ownerReference names.
+func (m *Manager) slimNode(obj any) (any, error) {
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return obj, nil
+	}
+	c := slim(n, m.keys)
+	if n.Name == m.node {
+		c.UID = n.UID
+	}
+	return c, nil
+}
+
+// newInformer is an informer of lw's objects with a transform and no index.
+// The reflector lists with a watch that streams the objects one by one
+// (WatchList) unless client says it cannot, as fakes do.
+func newInformer(lw *cache.ListWatch, client any, obj runtime.Object, transform cache.TransformFunc) cache.SharedIndexInformer {
+	inf := cache.NewSharedIndexInformerWithOptions(cache.ToListWatcherWithWatchListSemantics(lw, client),
+		obj, cache.SharedIndexInformerOptions{})
+	if err := inf.SetTransform(transform); err != nil {
 		panic(err) // only if the informer had started
 	}
 	return inf
