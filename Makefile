@@ -99,6 +99,9 @@ deps: ## install the Debian packages the demo and tests use (iproute2, iptables,
 demo: deps build cni-plugins ## run the lab: 3 hosts, 2 pods each, every pod pings every other (needs root)
 	$(BIN)/twillctl lab run --hosts 3 --pods-per-host 2
 
+demo-kubelet: deps tools build image ## the same on real kubelets: 2 nodes (containerd, kubelet), deploy/kube-twill.yaml as shipped, pods that reach each other (needs root)
+	$(BIN)/twillctl lab run --kubelet
+
 test: deps tools build image ## run every test: unit, fuzz seeds, and the root/namespace integration tests
 	cd bench && $(GO) vet ./...  # the bench module is its own; it must keep building
 	cd deploy/helm && TWILL_REQUIRE_ALL=1 $(GO) test -count=1 ./...

@@ -479,14 +479,21 @@ func TestLabRunKube(t *testing.T) {
 			t.Fatalf("output has no line for h%d's record (%s):\n%s", i, re, out)
 		}
 	}
+	// No process of the lab (twilld, kube-apiserver, kube-controller-manager,
+	// etcd) is left.
+	checkLabGone(t, topo, dir)
+}
+
+// checkLabGone checks that a passed `lab run` left no namespace of the
+// topology, no folder dir and no process naming dir.
+func checkLabGone(t *testing.T, topo lab.Topology, dir string) {
+	t.Helper()
 	if up, err := topo.Exists(context.Background()); err != nil || up {
 		t.Errorf("the lab's namespaces are still there (%v)", err)
 	}
 	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("lab run passed but left its folder %s (%v)", dir, err)
 	}
-	// No process of the lab (twilld, kube-apiserver, kube-controller-manager,
-	// etcd) names the lab's folder any more.
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, p := range procs {
 		if b, err := os.ReadFile(p); err == nil && strings.Contains(string(b), dir) {

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/twillnet/twill/internal/tools/kubelab"
 	"github.com/twillnet/twill/internal/tools/lab"
 	"github.com/twillnet/twill/subnet"
 )
@@ -238,19 +239,11 @@ func testPublicIPChange(t *testing.T, backend string) {
 	requireMatrix(t, l)
 }
 
+// waitFor calls f every 100 ms until it returns nil, and fails the test
+// with f's last error after d.
 func waitFor(t *testing.T, what string, d time.Duration, f func() error) {
 	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s: %v", d, what, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	kubelab.WaitFor(t, what, d, f, nil)
 }
 
 func iptables(t *testing.T, netns string, args ...string) string {

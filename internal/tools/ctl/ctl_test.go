@@ -116,6 +116,28 @@ func TestUnknownCommand(t *testing.T) {
 	}
 }
 
+// `lab run --kubelet` runs the manifest's network: the flags that would
+// change it are refused before anything is made.
+func TestLabRunKubeletRefusesNetworkFlags(t *testing.T) {
+	for _, args := range [][]string{
+		{"--backend", "host-gw"},
+		{"--datastore", "etcd"},
+		{"--ip-family", "dual"},
+		{"--pods-per-host", "1"},
+	} {
+		var out, errOut bytes.Buffer
+		err := Main(context.Background(), append([]string{"lab", "run", "--kubelet", "--dir", t.TempDir()}, args...), &out, &errOut)
+		if err == nil || !strings.Contains(err.Error(), "it does not take "+args[0]) {
+			t.Errorf("lab run --kubelet %v: err = %v", args, err)
+		}
+	}
+	var out, errOut bytes.Buffer
+	err := Main(context.Background(), []string{"lab", "up", "--kubelet"}, &out, &errOut)
+	if err == nil || !strings.Contains(errOut.String(), "flag provided but not defined: -kubelet") {
+		t.Errorf("lab up --kubelet: err = %v, %s", err, errOut.String())
+	}
+}
+
 func clientWithLease(id clientv3.LeaseID) clientv3.OpOption { return clientv3.WithLease(id) }
 
 func TestInstallIsAtomicCopy(t *testing.T) {

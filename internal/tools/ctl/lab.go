@@ -12,10 +12,13 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/twillnet/twill/internal/tools/embedetcd"
+	"github.com/twillnet/twill/internal/tools/kubelab"
 	"github.com/twillnet/twill/internal/tools/lab"
+	"github.com/twillnet/twill/internal/tools/testenv"
 	"github.com/twillnet/twill/subnet"
 )
 
@@ -59,26 +62,50 @@ func labUpFlags(fs *flag.FlagSet) *lab.Options {
 	return o
 }
 
-// newLab parses the flags of `lab up` and `lab run`.
-func newLab(name string, args []string, out, errOut io.Writer) (*lab.Lab, error) {
+// kubeletFlags are the lab flags `lab run --kubelet` takes: the cluster runs
+// deploy/kube-twill.yaml as shipped, so the network is the manifest's.
+var kubeletFlags = map[string]bool{"kubelet": true, "hosts": true, "prefix": true, "dir": true, "bin-dir": true}
+
+// newLab parses the flags of `lab up` and `lab run`; kubelet is whether
+// `lab run --kubelet` was asked for.
+func newLab(name string, args []string, out, errOut io.Writer) (l *lab.Lab, kubelet bool, err error) {
 	fs := newFlagSet(name, errOut)
 	dir := labFlags(fs)
 	o := labUpFlags(fs)
+	if name == "lab run" {
+		fs.BoolVar(&kubelet, "kubelet", false, "instead of running twilld by hand: a Kubernetes cluster of real kubelets and containerds (one node per host; `make tools` and `make image` build what it needs), deploy/kube-twill.yaml applied as shipped, and workload pods that reach each other; of the other flags it takes --hosts (default 2 with --kubelet), --prefix, --dir and --bin-dir")
+	}
 	if err := parseNoArgs(fs, args); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	o.Dir = *dir
+	if kubelet {
+		var others []string
+		fs.Visit(func(f *flag.Flag) {
+			if !kubeletFlags[f.Name] {
+				others = append(others, "--"+f.Name)
+			}
+		})
+		if len(others) > 0 {
+			return nil, false, fmt.Errorf("--kubelet runs the manifest's network (vxlan, IPv4, the Kubernetes datastore); it does not take %s", strings.Join(others, ", "))
+		}
+		hostsSet := false
+		fs.Visit(func(f *flag.Flag) { hostsSet = hostsSet || f.Name == "hosts" })
+		if !hostsSet {
+			o.Hosts = 2
+		}
+	}
 	if o.FromFlannel {
 		if o.Datastore != "etcd" || o.Backend != "vxlan" || o.IPFamily != "ipv4" || name != "lab run" {
-			return nil, errors.New("--from-flannel is for `lab run` with the etcd datastore, the vxlan backend and IPv4")
+			return nil, false, errors.New("--from-flannel is for `lab run` with the etcd datastore, the vxlan backend and IPv4")
 		}
 		o.EtcdPrefix = lab.FlannelPrefix
 	}
-	return lab.New(*o, out, logger(errOut)), nil
+	return lab.New(*o, out, logger(errOut)), kubelet, nil
 }
 
 func labUp(ctx context.Context, args []string, out, errOut io.Writer) error {
-	l, err := newLab("lab up", args, out, errOut)
+	l, _, err := newLab("lab up", args, out, errOut)
 	if err != nil {
 		return err
 	}
@@ -157,9 +184,12 @@ func labDown(ctx context.Context, args []string, out, errOut io.Writer) error {
 // labRun is up, status, check and down; the exit code says whether every pod
 // reached every other. On failure the logs are kept.
 func labRun(ctx context.Context, args []string, out, errOut io.Writer) (err error) {
-	l, err := newLab("lab run", args, out, errOut)
+	l, kubelet, err := newLab("lab run", args, out, errOut)
 	if err != nil {
 		return err
+	}
+	if kubelet {
+		return labRunKubelet(ctx, l, out)
 	}
 	start := time.Now()
 	defer func() {
@@ -259,4 +289,36 @@ func labEtcd(ctx context.Context, args []string, out, errOut io.Writer) error {
 	}
 	srv.Close()
 	return err
+}
+
+// labRunKubelet is `lab run --kubelet`: kubelab's guided run, with the
+// harness the kubelet tests use, in a session that undoes everything at the
+// end and keeps the programs' logs (under --dir) when something failed.
+func labRunKubelet(ctx context.Context, l *lab.Lab, out io.Writer) error {
+	if os.Geteuid() != 0 {
+		return errors.New("the lab needs root: it creates network and mount namespaces")
+	}
+	topo := l.Topology()
+	if exists, err := topo.Exists(ctx); err != nil {
+		return err
+	} else if exists {
+		return fmt.Errorf("a lab with namespace prefix %q already exists: run `twillctl lab down` first", l.Prefix)
+	}
+	if err := os.MkdirAll(l.Dir, 0o755); err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp(l.Dir, "kubelet-")
+	if err != nil {
+		return err
+	}
+	s := &testenv.Session{BinDir: l.BinDir, Dir: dir, Out: out}
+	err = s.Run(ctx, func(tb testenv.TB) { kubelab.Guided(tb, topo) })
+	if err != nil {
+		fmt.Fprintf(out, "logs kept in %s\n", dir)
+		return fmt.Errorf("lab run --kubelet failed:\n%w", err)
+	}
+	os.Remove(dir)
+	os.Remove(l.Dir) // if it holds nothing else
+	fmt.Fprintln(out, "lab removed")
+	return nil
 }

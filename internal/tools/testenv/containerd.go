@@ -16,7 +16,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"testing"
 	"time"
 )
 
@@ -58,7 +57,7 @@ type Containerd struct {
 // containerdBinaries returns the paths of containerd and ctr in binDir, or,
 // with binDir empty, Debian's (hack/install-deps.sh installs them). It
 // checks that containerd's shim and runc are there too.
-func containerdBinaries(t testing.TB, binDir string) (containerd, ctr string) {
+func containerdBinaries(t TB, binDir string) (containerd, ctr string) {
 	t.Helper()
 	for _, name := range []string{"runc", "nsenter"} {
 		if _, err := exec.LookPath(name); err != nil {
@@ -87,7 +86,7 @@ func containerdBinaries(t testing.TB, binDir string) (containerd, ctr string) {
 // CNI directories are made empty: the caller installs plugins and a conflist
 // the way the DaemonSet does. Everything it starts (containerd, the shims
 // of pods still running) is stopped when the test ends.
-func StartContainerd(t testing.TB, netns, dir, binDir string) *Containerd {
+func StartContainerd(t TB, netns, dir, binDir string) *Containerd {
 	t.Helper()
 	return StartContainerdWith(t, ContainerdOptions{NetNS: netns, Dir: dir, BinDir: binDir})
 }
@@ -109,7 +108,7 @@ type ContainerdOptions struct {
 }
 
 // StartContainerdWith is StartContainerd with options.
-func StartContainerdWith(t testing.TB, o ContainerdOptions) *Containerd {
+func StartContainerdWith(t TB, o ContainerdOptions) *Containerd {
 	t.Helper()
 	RequireRoot(t)
 	containerd, ctr := containerdBinaries(t, o.BinDir)
@@ -196,7 +195,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 }
 
 // Start starts containerd (again, after Stop) and waits until it answers.
-func (c *Containerd) Start(t testing.TB) {
+func (c *Containerd) Start(t TB) {
 	t.Helper()
 	logf, err := os.OpenFile(c.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
@@ -237,7 +236,7 @@ func (c *Containerd) Start(t testing.TB) {
 
 // Stop stops containerd with SIGTERM and waits for it. The shims, and so the
 // pods, keep running, as they do when a node's containerd restarts.
-func (c *Containerd) Stop(t testing.TB) {
+func (c *Containerd) Stop(t TB) {
 	t.Helper()
 	if c.proc == nil {
 		return
@@ -256,7 +255,7 @@ func (c *Containerd) Ctr(args ...string) (string, error) {
 // Crictl runs crictl (built by `make tools`) against this containerd's CRI,
 // as a kubelet would talk to it, and returns what it printed on stdout. The
 // error carries stderr, where crictl writes the runtime's errors.
-func (c *Containerd) Crictl(t testing.TB, args ...string) (string, error) {
+func (c *Containerd) Crictl(t TB, args ...string) (string, error) {
 	t.Helper()
 	return run(Tool(t, "crictl"), append([]string{"--config", c.crictlConfig()}, args...)...)
 }
@@ -264,7 +263,7 @@ func (c *Containerd) Crictl(t testing.TB, args ...string) (string, error) {
 func (c *Containerd) crictlConfig() string { return filepath.Join(c.Dir, "crictl.yaml") }
 
 // Version is what containerd says of its version.
-func (c *Containerd) Version(t testing.TB) string {
+func (c *Containerd) Version(t TB) string {
 	out, err := run(c.containerd, "--version")
 	if err != nil {
 		return err.Error()
@@ -289,7 +288,7 @@ func run(bin string, args ...string) (string, error) {
 // cleanup removes every pod sandbox through the CRI (so the CNI chain's DEL
 // runs and nothing is left in the node's namespace), stops containerd, and
 // kills any shim of this containerd still alive.
-func (c *Containerd) cleanup(t testing.TB) {
+func (c *Containerd) cleanup(t TB) {
 	if t.Failed() {
 		t.Logf("containerd log (%s), last lines:\n%s", c.log, tail(c.log, 40))
 	}

@@ -2,7 +2,6 @@ package testenv
 
 import (
 	"context"
-	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -12,7 +11,7 @@ import (
 
 // Etcd starts a real single-member etcd in this process for the test and
 // returns its client URL. It is stopped when the test ends.
-func Etcd(t testing.TB) string {
+func Etcd(t TB) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -25,7 +24,7 @@ func Etcd(t testing.TB) string {
 }
 
 // EtcdClient returns a client of endpoint, closed when the test ends.
-func EtcdClient(t testing.TB, endpoint string) *clientv3.Client {
+func EtcdClient(t TB, endpoint string) *clientv3.Client {
 	t.Helper()
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second})
 	if err != nil {

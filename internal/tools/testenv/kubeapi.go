@@ -17,13 +17,13 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/twillnet/twill/internal/tools/kubeapi"
 	"k8s.io/client-go/rest"
+
+	"github.com/twillnet/twill/internal/tools/kubeapi"
 )
 
 // KubeAPIOptions places and wires a test kube-apiserver. The zero value is a
@@ -98,7 +98,7 @@ type KubeAPI struct {
 const AdminUser = kubeapi.AdminUser
 
 // StartKubeAPI starts a kube-apiserver for the test and waits until it is ready.
-func StartKubeAPI(t testing.TB, o KubeAPIOptions) *KubeAPI {
+func StartKubeAPI(t TB, o KubeAPIOptions) *KubeAPI {
 	t.Helper()
 	bin := Tool(t, "kube-apiserver")
 	if o.Host == "" {
@@ -148,7 +148,7 @@ func StartKubeAPI(t testing.TB, o KubeAPIOptions) *KubeAPI {
 
 // Start (re)starts a stopped server with the same flags, certificates and
 // etcd, and waits until it is ready.
-func (k *KubeAPI) Start(t testing.TB) {
+func (k *KubeAPI) Start(t TB) {
 	t.Helper()
 	k.mu.Lock()
 	if k.cmd != nil {
@@ -183,7 +183,7 @@ func (k *KubeAPI) Start(t testing.TB) {
 
 // Stop terminates the server (SIGTERM, then SIGKILL after 10 s) and waits for
 // it to exit. Its etcd keeps running; Start brings it back.
-func (k *KubeAPI) Stop(t testing.TB) {
+func (k *KubeAPI) Stop(t TB) {
 	t.Helper()
 	k.stop()
 	t.Logf("kube-apiserver at %s stopped", k.URL)
@@ -277,7 +277,7 @@ func (k *KubeAPI) ConfigForToken(token string) *rest.Config {
 }
 
 // AdminClient is a clientset of the admin.
-func (k *KubeAPI) AdminClient(t testing.TB) kubernetes.Interface {
+func (k *KubeAPI) AdminClient(t TB) kubernetes.Interface {
 	t.Helper()
 	cs, err := kubernetes.NewForConfig(k.AdminConfig())
 	if err != nil {
@@ -293,7 +293,7 @@ func (k *KubeAPI) Kubeconfig(path, token string) error { return k.srv.WriteKubec
 
 // ServiceAccountToken returns a one-hour token of an existing service account,
 // issued through the TokenRequest API.
-func (k *KubeAPI) ServiceAccountToken(t testing.TB, ns, name string) string {
+func (k *KubeAPI) ServiceAccountToken(t TB, ns, name string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -305,7 +305,7 @@ func (k *KubeAPI) ServiceAccountToken(t testing.TB, ns, name string) string {
 }
 
 // startEtcdProcess runs bin/tools/etcd through Wrap, listening on Host.
-func startEtcdProcess(t testing.TB, o KubeAPIOptions, dir string) string {
+func startEtcdProcess(t TB, o KubeAPIOptions, dir string) string {
 	t.Helper()
 	bin := Tool(t, "etcd")
 	client := "http://" + net.JoinHostPort(o.Host, strconv.Itoa(freePort(t, o.Host)))
@@ -370,7 +370,7 @@ func terminateGroup(cmd *exec.Cmd, done <-chan struct{}, grace time.Duration) bo
 // freePort returns a port free on host, or, when host is not an address of
 // this namespace (a server run inside another namespace through Wrap), one
 // free on this namespace's loopback.
-func freePort(t testing.TB, host string) int {
+func freePort(t TB, host string) int {
 	t.Helper()
 	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
@@ -404,7 +404,7 @@ func tail(path string, n int) string {
 // PodBoundToken returns a one-hour token of an existing service account
 // bound to a Pod on node (kubeapi.PodBoundToken: the Pod is made, Pending,
 // when missing), as the kubelet gives a DaemonSet pod on that node.
-func (k *KubeAPI) PodBoundToken(t testing.TB, ns, sa, pod, node string) string {
+func (k *KubeAPI) PodBoundToken(t TB, ns, sa, pod, node string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -419,7 +419,7 @@ func (k *KubeAPI) PodBoundToken(t testing.TB, ns, sa, pod, node string) string {
 // tools`) against the server as its admin, with only the given controllers
 // (such as "garbagecollector"), no leader election and no serving port. It
 // is killed when the test ends; its log is printed if the test failed.
-func (k *KubeAPI) StartControllerManager(t testing.TB, controllers ...string) {
+func (k *KubeAPI) StartControllerManager(t TB, controllers ...string) {
 	t.Helper()
 	bin := Tool(t, "kube-controller-manager")
 	dir := t.TempDir()

@@ -4,7 +4,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"testing"
 	"time"
 )
 
@@ -15,7 +14,7 @@ import (
 // stopped when the test ends (its log printed if the test failed).
 
 // adminKubeconfig writes (once) the admin's kubeconfig in the API server's Dir.
-func (k *KubeAPI) adminKubeconfig(t testing.TB) string {
+func (k *KubeAPI) adminKubeconfig(t TB) string {
 	t.Helper()
 	path := filepath.Join(k.Dir, "admin.kubeconfig")
 	if err := k.Kubeconfig(path, k.adminToken); err != nil {
@@ -40,7 +39,7 @@ type ClusterControllersOptions struct {
 // node IPAM and lifecycle, garbage collector, namespace, service account
 // and its tokens, the root CA publisher, endpoints and EndpointSlices, ...)
 // and node CIDR allocation on.
-func (k *KubeAPI) StartClusterControllers(t testing.TB, o ClusterControllersOptions) {
+func (k *KubeAPI) StartClusterControllers(t TB, o ClusterControllersOptions) {
 	t.Helper()
 	bin := Tool(t, "kube-controller-manager")
 	if o.ClusterCIDR == "" {
@@ -83,7 +82,7 @@ func (k *KubeAPI) StartClusterControllers(t testing.TB, o ClusterControllersOpti
 }
 
 // StartScheduler runs kube-scheduler.
-func (k *KubeAPI) StartScheduler(t testing.TB) {
+func (k *KubeAPI) StartScheduler(t TB) {
 	t.Helper()
 	bin := Tool(t, "kube-scheduler")
 	dir := t.TempDir()
@@ -114,7 +113,7 @@ type KubeProxyOptions struct {
 // namespaces (so its rules land in the node's network namespace and it
 // takes the node's own /run/xtables.lock). It leaves the conntrack table's
 // size and timeouts alone (they are the machine's, not the namespace's).
-func (n *KubeNode) StartKubeProxy(t testing.TB, o KubeProxyOptions) {
+func (n *KubeNode) StartKubeProxy(t TB, o KubeProxyOptions) {
 	t.Helper()
 	bin := Tool(t, "kube-proxy")
 	if o.Mode == "" {

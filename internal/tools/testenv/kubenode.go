@@ -9,7 +9,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 )
 
@@ -114,7 +113,7 @@ func (n *KubeNode) Kubeconfig() string { return n.kubeconfig }
 // when the test ends, pass or fail, in this order: the kubelet, the pods and
 // containerd, the node's cgroups, the kernel settings the kubelet changed,
 // the mount namespace, the empty mount points made on the machine.
-func StartKubeNode(t testing.TB, o KubeNodeOptions) *KubeNode {
+func StartKubeNode(t TB, o KubeNodeOptions) *KubeNode {
 	t.Helper()
 	RequireRoot(t)
 	kubelet := Tool(t, "kubelet")
@@ -247,7 +246,7 @@ resolvConf: /etc/resolv.conf
 // startMountNS starts the process holding the node's mount namespace
 // (unshare --mount --propagation slave), bind-mounts the node's folders in
 // it, and kills it when the test ends.
-func (n *KubeNode) startMountNS(t testing.TB) {
+func (n *KubeNode) startMountNS(t TB) {
 	t.Helper()
 	cmd := exec.Command("unshare", "--mount", "--propagation", "slave", "sleep", "infinity")
 	if err := startProcess(cmd); err != nil {
@@ -285,7 +284,7 @@ func (n *KubeNode) startMountNS(t testing.TB) {
 // startLogged starts a program in its own process group with its output in
 // logPath, and stops it when the test ends (SIGTERM, SIGKILL after grace),
 // printing the log's end if the test failed.
-func startLogged(t testing.TB, name, logPath string, grace time.Duration, bin string, args ...string) *exec.Cmd {
+func startLogged(t TB, name, logPath string, grace time.Duration, bin string, args ...string) *exec.Cmd {
 	t.Helper()
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
@@ -320,7 +319,7 @@ var mountPoints struct {
 	created []string // in the order made
 }
 
-func acquireMountPoints(t testing.TB) {
+func acquireMountPoints(t TB) {
 	t.Helper()
 	mountPoints.Lock()
 	defer mountPoints.Unlock()
@@ -376,7 +375,7 @@ var savedKernel struct {
 	values map[string]string
 }
 
-func acquireKernelSettings(t testing.TB) {
+func acquireKernelSettings(t TB) {
 	t.Helper()
 	savedKernel.Lock()
 	defer savedKernel.Unlock()
@@ -394,7 +393,7 @@ func acquireKernelSettings(t testing.TB) {
 	}
 }
 
-func releaseKernelSettings(t testing.TB) {
+func releaseKernelSettings(t TB) {
 	savedKernel.Lock()
 	defer savedKernel.Unlock()
 	savedKernel.users--
@@ -432,7 +431,7 @@ func cgroupHierarchies() []string {
 // makeCgroupRoot makes the kubelet's cgroupRoot in every hierarchy (the
 // kubelet checks they all exist), with the cpuset's cpus and mems copied
 // from the root cpuset (a new v1 cpuset starts empty and takes no task).
-func makeCgroupRoot(t testing.TB, root string) {
+func makeCgroupRoot(t TB, root string) {
 	t.Helper()
 	for _, h := range cgroupHierarchies() {
 		d := filepath.Join(h, root)
@@ -456,7 +455,7 @@ func makeCgroupRoot(t testing.TB, root string) {
 // removeCgroupTree removes root and every cgroup under it in every
 // hierarchy, deepest first. Cgroups still holding a process (none should,
 // once the pods are stopped) are reported.
-func removeCgroupTree(t testing.TB, root string) {
+func removeCgroupTree(t TB, root string) {
 	for _, h := range cgroupHierarchies() {
 		top := filepath.Join(h, root)
 		var dirs []string
