@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 )
@@ -124,14 +123,16 @@ func StartKubeNode(t TB, o KubeNodeOptions) *KubeNode {
 		Name:       o.Name,
 		NetNS:      o.NetNS,
 		NodeIP:     o.NodeIP,
-		Dir:        t.TempDir(),
+		Dir:        filepath.Join(t.TempDir(), o.Name),
 		cgroupRoot: "/" + o.NetNS,
+	}
+	if err := os.Mkdir(n.Dir, 0o755); err != nil {
+		t.Fatal(err)
 	}
 	n.KubeletLog = filepath.Join(n.Dir, "kubelet.log")
 	n.kubeconfig = filepath.Join(n.Dir, "kubeconfig")
 
-	// The node's folders, and the mount points on the machine (made empty
-	// where missing, removed when the last node of the process is gone).
+	// The node's folders.
 	for _, m := range NodeMounts {
 		src := filepath.Join(n.Dir, mountFolder(m))
 		var err error
@@ -144,13 +145,11 @@ func StartKubeNode(t TB, o KubeNodeOptions) *KubeNode {
 			t.Fatal(err)
 		}
 	}
-	acquireMountPoints(t)
-	t.Cleanup(releaseMountPoints)
+	// The mount points, and the kernel settings the kubelet rewrites (see
+	// machine.go).
+	acquireMachine(t)
+	t.Cleanup(func() { releaseMachine(t) })
 	n.startMountNS(t)
-
-	// The kernel settings the kubelet rewrites (see kernelSettings).
-	acquireKernelSettings(t)
-	t.Cleanup(func() { releaseKernelSettings(t) })
 
 	// The kubelet's cgroup root, in every hierarchy; removed after
 	// containerd's cleanup (registered later, so it runs earlier) stopped
@@ -224,7 +223,8 @@ registerNode: true
 failSwapOn: false
 # false (the default): the kubelet sets kernel.panic, kernel.panic_on_oops
 # and vm.overcommit_memory itself (true would make it exit, since the
-# machine's differ); StartKubeNode restores them when the test ends.
+# machine's differ); they are restored after the machine's last node stops
+# (machine.go).
 protectKernelDefaults: false
 # Report status changes (NetworkReady) quickly.
 nodeStatusUpdateFrequency: 2s
@@ -307,104 +307,6 @@ func startLogged(t TB, name, logPath string, grace time.Duration, bin string, ar
 		}
 	})
 	return cmd
-}
-
-// The mount points of NodeMounts on the machine: each node's namespace
-// mounts onto them, so they must exist in the test's. Those missing are
-// made (empty) for the first node of the process and removed, if still
-// empty, after the last one is gone.
-var mountPoints struct {
-	sync.Mutex
-	users   int
-	created []string // in the order made
-}
-
-func acquireMountPoints(t TB) {
-	t.Helper()
-	mountPoints.Lock()
-	defer mountPoints.Unlock()
-	mountPoints.users++
-	for _, m := range NodeMounts {
-		if _, err := os.Stat(m); err == nil {
-			continue
-		}
-		// Make the missing parents one by one, to remove exactly those.
-		var missing []string
-		for p := m; ; p = filepath.Dir(p) {
-			if _, err := os.Stat(p); err == nil {
-				break
-			}
-			missing = append([]string{p}, missing...)
-		}
-		for _, p := range missing {
-			var err error
-			if p == m && m == "/run/xtables.lock" {
-				err = os.WriteFile(p, nil, 0o600)
-			} else {
-				err = os.Mkdir(p, 0o755)
-			}
-			if err != nil {
-				t.Fatalf("make mount point %s: %v", p, err)
-			}
-			mountPoints.created = append(mountPoints.created, p)
-		}
-	}
-}
-
-func releaseMountPoints() {
-	mountPoints.Lock()
-	defer mountPoints.Unlock()
-	mountPoints.users--
-	if mountPoints.users > 0 {
-		return
-	}
-	for i := len(mountPoints.created) - 1; i >= 0; i-- {
-		os.Remove(mountPoints.created[i]) // only if empty: nothing of the machine's is lost
-	}
-	mountPoints.created = nil
-}
-
-// kernelSettings are the sysctls a kubelet with protectKernelDefaults false
-// sets on the whole machine (they are not namespaced): saved before the
-// first node of the process starts, restored after the last one stopped.
-var kernelSettings = []string{"kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory"}
-
-var savedKernel struct {
-	sync.Mutex
-	users  int
-	values map[string]string
-}
-
-func acquireKernelSettings(t TB) {
-	t.Helper()
-	savedKernel.Lock()
-	defer savedKernel.Unlock()
-	savedKernel.users++
-	if savedKernel.users > 1 {
-		return
-	}
-	savedKernel.values = map[string]string{}
-	for _, k := range kernelSettings {
-		v, err := os.ReadFile("/proc/sys/" + k)
-		if err != nil {
-			t.Fatal(err)
-		}
-		savedKernel.values[k] = strings.TrimSpace(string(v))
-	}
-}
-
-func releaseKernelSettings(t TB) {
-	savedKernel.Lock()
-	defer savedKernel.Unlock()
-	savedKernel.users--
-	if savedKernel.users > 0 {
-		return
-	}
-	for _, k := range kernelSettings {
-		if err := os.WriteFile("/proc/sys/"+k, []byte(savedKernel.values[k]), 0o644); err != nil {
-			t.Errorf("restore %s to %s: %v", k, savedKernel.values[k], err)
-		}
-	}
 }
 
 // cgroupHierarchies are the directories of /sys/fs/cgroup that are
