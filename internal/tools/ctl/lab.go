@@ -81,7 +81,9 @@ func newLab(name string, args []string, out, errOut io.Writer) (l *lab.Lab, kube
 	o.Dir = *dir
 	if kubelet {
 		var others []string
+		hostsSet := false
 		fs.Visit(func(f *flag.Flag) {
+			hostsSet = hostsSet || f.Name == "hosts"
 			if !kubeletFlags[f.Name] {
 				others = append(others, "--"+f.Name)
 			}
@@ -89,8 +91,6 @@ func newLab(name string, args []string, out, errOut io.Writer) (l *lab.Lab, kube
 		if len(others) > 0 {
 			return nil, false, fmt.Errorf("--kubelet runs the manifest's network (vxlan, IPv4, the Kubernetes datastore); it does not take %s", strings.Join(others, ", "))
 		}
-		hostsSet := false
-		fs.Visit(func(f *flag.Flag) { hostsSet = hostsSet || f.Name == "hosts" })
 		if !hostsSet {
 			o.Hosts = 2
 		}

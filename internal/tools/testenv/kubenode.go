@@ -110,8 +110,9 @@ func (n *KubeNode) Kubeconfig() string { return n.kubeconfig }
 // pause image and a kubelet that registers the Node with the API server. It
 // does not wait for the Node (see the test). Everything is stopped and undone
 // when the test ends, pass or fail, in this order: the kubelet, the pods and
-// containerd, the node's cgroups, the kernel settings the kubelet changed,
-// the mount namespace, the empty mount points made on the machine.
+// containerd, the node's cgroups, the mount namespace; after the machine's
+// last node, the kernel settings the kubelet changed and the empty mount
+// points made on the machine (machine.go).
 func StartKubeNode(t TB, o KubeNodeOptions) *KubeNode {
 	t.Helper()
 	RequireRoot(t)
