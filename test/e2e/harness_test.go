@@ -34,6 +34,10 @@ import (
 
 var nsCounter atomic.Int32
 
+// nsPrefix is a namespace name prefix of the test's own: the test process
+// and a counter, so tests and test runs never share namespaces.
+func nsPrefix() string { return fmt.Sprintf("tw%d-%d-", os.Getpid()%100000, nsCounter.Add(1)) }
+
 // cluster is one test's hosts, etcd and daemons.
 type cluster struct {
 	t       *testing.T
@@ -51,7 +55,7 @@ func newCluster(t *testing.T, hosts int) *cluster {
 	testenv.Binary(t, "twilld")
 	c := &cluster{
 		t:       t,
-		topo:    lab.Topology{Prefix: fmt.Sprintf("tw%d-%d-", os.Getpid()%100000, nsCounter.Add(1)), Hosts: hosts},
+		topo:    lab.Topology{Prefix: nsPrefix(), Hosts: hosts},
 		dir:     t.TempDir(),
 		daemons: map[int]*proc{},
 	}

@@ -456,7 +456,7 @@ func TestLabRunKube(t *testing.T) {
 	testenv.Binary(t, "twilld")
 	testenv.Binary(t, "twill")
 	bin := testenv.Binary(t, "twillctl")
-	prefix := fmt.Sprintf("tw%d-%d-", os.Getpid()%100000, nsCounter.Add(1))
+	prefix := nsPrefix()
 	dir := filepath.Join(t.TempDir(), "lab")
 	topo := lab.Topology{Prefix: prefix, Hosts: 3}
 	t.Cleanup(func() { topo.Down(context.Background()) })

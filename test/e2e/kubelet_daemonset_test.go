@@ -31,7 +31,7 @@ import (
 // nodes, on namespaces of a prefix of the test's own.
 func startKubeletCluster(t *testing.T, hosts int) *kubelab.Cluster {
 	t.Helper()
-	return kubelab.Start(t, lab.Topology{Prefix: fmt.Sprintf("tw%d-%d-", os.Getpid()%100000, nsCounter.Add(1)), Hosts: hosts})
+	return kubelab.Start(t, lab.Topology{Prefix: nsPrefix(), Hosts: hosts})
 }
 
 // TestKubeletRunsTheDaemonSet deploys twill as users do, on real kubelets

@@ -380,7 +380,7 @@ func TestLabRunKubelet(t *testing.T) {
 	testenv.Image(t, "twill-test-workload.tar")
 	testenv.Image(t, "workload")
 	bin := testenv.Binary(t, "twillctl")
-	prefix := fmt.Sprintf("tw%d-%d-", os.Getpid()%100000, nsCounter.Add(1))
+	prefix := nsPrefix()
 	dir := filepath.Join(t.TempDir(), "lab")
 	topo := lab.Topology{Prefix: prefix, Hosts: 2}
 	t.Cleanup(func() { topo.Down(context.Background()) })

@@ -28,7 +28,7 @@ func newLab(t *testing.T, o lab.Options) *lab.Lab {
 	testenv.Binary(t, "twilld")
 	testenv.Binary(t, "twill")
 	o.Dir = t.TempDir()
-	o.Prefix = fmt.Sprintf("tw%d-%d-", os.Getpid()%100000, nsCounter.Add(1))
+	o.Prefix = nsPrefix()
 	o.BinDir = filepath.Join(testenv.RepoRoot(), "bin")
 	o.CNIBinDir = testenv.CNIBinDir(t)
 	if !o.Network.IsValid() {

@@ -131,7 +131,7 @@ func TestLabRunFromFlannel(t *testing.T) {
 	testenv.Binary(t, "twilld")
 	testenv.Binary(t, "twill")
 	bin := testenv.Binary(t, "twillctl")
-	prefix := fmt.Sprintf("tw%d-%d-", os.Getpid()%100000, nsCounter.Add(1))
+	prefix := nsPrefix()
 	ctx := ctxFor(t, 3*time.Minute)
 	out, err := exec.CommandContext(ctx, bin, "lab", "run", "--from-flannel", "--hosts", "3", "--dir", t.TempDir(), "--prefix", prefix,
 		"--cni-bin-dir", testenv.CNIBinDir(t)).CombinedOutput()

@@ -104,7 +104,7 @@ func TestEtcdTLSAndLeastPrivilege(t *testing.T) {
 	etcdBin, etcdctlBin := testenv.Tool(t, "etcd"), testenv.Tool(t, "etcdctl")
 	c := &cluster{
 		t:       t,
-		topo:    lab.Topology{Prefix: fmt.Sprintf("tw%d-%d-", os.Getpid()%100000, nsCounter.Add(1)), Hosts: 2},
+		topo:    lab.Topology{Prefix: nsPrefix(), Hosts: 2},
 		dir:     t.TempDir(),
 		daemons: map[int]*proc{},
 	}
